@@ -1,0 +1,167 @@
+"""open_clip state_dict <-> bioclip_jax params: a naming table plus three layout rules.
+
+Every flax leaf path maps to exactly one open_clip key:
+  visual/transformer/resblocks_3/attn/in_proj/kernel  <->  visual.transformer.resblocks.3.attn.in_proj_weight
+  text/ln_final/scale                                  <->  ln_final.weight   (text.ln_final.weight for custom_text)
+Layouts: Linear (out, in) <-> Dense kernel (in, out); Conv (O, I, H, W) <-> (H, W, I, O); everything else as is.
+Transposes are exact, so open_clip -> jax -> open_clip gives back the same bits.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from bioclip_jax.models.clip import CLIP
+from bioclip_jax.models.config import CLIPConfig
+
+_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
+# Metadata entries of OpenAI's original CLIP state dicts, not tensors of the network.
+_OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+class StateDictMismatch(ValueError):
+    """The weights do not fit the architecture: lists missing, unexpected and mis-shaped keys."""
+
+
+def torch_key(path: tuple[str, ...], custom_text: bool = False) -> str:
+    """open_clip state_dict key of a flax parameter path."""
+    parts = [p.replace("resblocks_", "resblocks.") for p in path]
+    if parts[0] == "text" and not custom_text:
+        parts = parts[1:]  # plain CLIP keeps the text tower at the top level
+    if parts[-2:] in (["in_proj", "kernel"], ["in_proj", "bias"]):
+        # torch.nn.MultiheadAttention stores the fused projection as in_proj_weight / in_proj_bias
+        parts[-2:] = ["in_proj_" + ("weight" if parts[-1] == "kernel" else "bias")]
+    else:
+        parts[-1] = _LEAF_NAMES.get(parts[-1], parts[-1])
+    return ".".join(parts)
+
+
+def _to_torch_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+    if path[-1] == "kernel" and value.ndim == 2:
+        return value.T
+    if path[-1] == "kernel" and value.ndim == 4:
+        return value.transpose(3, 2, 0, 1)  # (H, W, I, O) -> (O, I, H, W)
+    return value
+
+
+def _to_flax_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+    if path[-1] == "kernel" and value.ndim == 2:
+        return value.T
+    if path[-1] == "kernel" and value.ndim == 4:
+        return value.transpose(2, 3, 1, 0)  # (O, I, H, W) -> (H, W, I, O)
+    return value
+
+
+def param_shapes(config: CLIPConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Flat {flax path: shape} of a model's params, computed without allocating them."""
+    c = config
+    images = jax.ShapeDtypeStruct((1, c.vision.image_size, c.vision.image_size, 3), np.float32)
+    tokens = jax.ShapeDtypeStruct((1, c.text.context_length), np.int32)
+    shapes = jax.eval_shape(CLIP(c).init, jax.random.key(0), images, tokens)["params"]
+    return {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(shapes).items()}
+
+
+def expected_state_dict_shapes(config: CLIPConfig) -> dict[str, tuple[int, ...]]:
+    """open_clip key -> shape, as `open_clip.create_model(...).state_dict()` would have it."""
+    return {torch_key(path, config.custom_text): _torch_shape(path, shape)
+            for path, shape in param_shapes(config).items()}
+
+
+def clean_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Undoes the wrappers open_clip also undoes: DDP's `module.` prefix and OpenAI's metadata entries."""
+    keys = list(state_dict)
+    strip = bool(keys) and keys[0].startswith("module.")
+    out = {}
+    for key, value in state_dict.items():
+        if strip and key.startswith("module."):
+            key = key[len("module."):]
+        if key in _OPENAI_METADATA_KEYS:
+            continue
+        out[key] = value
+    return out
+
+
+def from_open_clip(state_dict: Mapping[str, np.ndarray], config: CLIPConfig) -> dict:
+    """open_clip state_dict (numpy arrays) -> nested flax params (numpy, float32 for float inputs)."""
+    state_dict = clean_state_dict(state_dict)
+    custom_text = config.custom_text
+    if not custom_text and any(k.startswith("text.") for k in state_dict):
+        custom_text = True  # a CustomTextCLIP checkpoint of a plain CLIP architecture: same tensors, other prefix
+    paths = param_shapes(config)
+    check_state_dict(state_dict, {torch_key(p, custom_text): _torch_shape(p, s) for p, s in paths.items()},
+                     config.name)
+    flat = {}
+    for path, shape in paths.items():
+        value = np.asarray(state_dict[torch_key(path, custom_text)])
+        if value.ndim == 1 and shape == ():  # old checkpoints store logit_scale as shape [1]
+            value = value.reshape(())
+        if np.issubdtype(value.dtype, np.floating) or value.dtype.name == "bfloat16":
+            value = value.astype(np.float32)  # params are float32; fp16/bf16 upcasts are exact
+        flat[path] = np.asarray(_to_flax_layout(path, value), order="C")
+    return traverse_util.unflatten_dict(flat)
+
+
+def to_open_clip(params: Mapping, config: CLIPConfig) -> dict[str, np.ndarray]:
+    """Nested flax params -> open_clip state_dict of contiguous numpy arrays (same dtype as the params)."""
+    flat = traverse_util.flatten_dict(dict(params))
+    return {torch_key(path, config.custom_text): np.asarray(_to_torch_layout(path, np.asarray(value)), order="C")
+            for path, value in flat.items()}
+
+
+def _torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    if path[-1] == "kernel" and len(shape) == 2:
+        return shape[::-1]
+    if path[-1] == "kernel" and len(shape) == 4:
+        return (shape[3], shape[2], shape[0], shape[1])
+    return shape
+
+
+def check_state_dict(state_dict: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]],
+                     model_name: str = "") -> None:
+    """Raises StateDictMismatch listing every missing, unexpected and mis-shaped key."""
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong = []
+    for key in expected:
+        if key in state_dict:
+            got = tuple(np.shape(state_dict[key]))
+            want = expected[key]
+            if got != want and not (want == () and got == (1,)):
+                wrong.append(f"{key}: got {got}, expected {want}")
+    if not (missing or unexpected or wrong):
+        return
+    what = f"model {model_name!r}" if model_name else "the model config"
+    lines = [f"the weights do not match {what}:"]
+    for title, items in (("missing keys", [f"{k} (expected shape {expected[k]})" for k in missing]),
+                         ("unexpected keys", unexpected), ("wrong shapes", wrong)):
+        if items:
+            shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+            lines.append(f"  {len(items)} {title}:\n    " + "\n    ".join(shown))
+    fits = fitting_architectures(state_dict)
+    if fits:
+        lines.append(f"  these weights fit: {', '.join(fits)}")
+    raise StateDictMismatch("\n".join(lines))
+
+
+def fitting_architectures(state_dict: Mapping[str, np.ndarray]) -> list[str]:
+    """The registered architectures whose shapes fit these weights, to help pick `model=`."""
+    from bioclip_jax.models.config import ALIASES, get_model_config, list_models
+
+    sd_shapes = {k: tuple(np.shape(v)) for k, v in clean_state_dict(state_dict).items()}
+    fits = []
+    for name in list_models():
+        if name in ALIASES:
+            continue
+        try:
+            expected = expected_state_dict_shapes(get_model_config(name))
+        except ValueError:
+            continue
+        if expected.keys() == sd_shapes.keys() and all(
+                sd_shapes[k] == s or (s == () and sd_shapes[k] == (1,)) for k, s in expected.items()):
+            fits.append(name)
+    return fits
+

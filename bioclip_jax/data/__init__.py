@@ -1,0 +1,1 @@
+"""Image preprocessing (and, as it lands, records, shard writers and Grain pipelines)."""

@@ -1,0 +1,1 @@
+"""Loading models and embedding images and texts (classifiers build on this)."""

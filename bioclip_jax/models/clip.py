@@ -1,0 +1,51 @@
+"""Two-tower CLIP: image and text encoders projected to one space, with a learned temperature stored as a log."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from bioclip_jax.models.config import CLIPConfig
+from bioclip_jax.models.text import TextTransformer
+from bioclip_jax.models.vision import VisionTransformer
+
+INIT_LOGIT_SCALE = math.log(1 / 0.07)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    # Matches torch.nn.functional.normalize (divide by max(norm, eps)).
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+class CLIP(nn.Module):
+    """params = {"visual": ..., "text": ..., "logit_scale": ()}. Call with `method="encode_image"` / `"encode_text"`."""
+
+    config: CLIPConfig
+    dtype: Any = jnp.float32  # compute dtype; params stay float32
+    attn_implementation: str | None = "xla"
+    remat: str | None = None
+
+    def setup(self):
+        c = self.config
+        common = dict(embed_dim=c.embed_dim, quick_gelu=c.quick_gelu, dtype=self.dtype,
+                      attn_implementation=self.attn_implementation, remat=self.remat)
+        self.visual = VisionTransformer(c.vision, **common)
+        self.text = TextTransformer(c.text, **common)
+        self.logit_scale = self.param("logit_scale", nn.initializers.constant(INIT_LOGIT_SCALE), ())
+
+    def encode_image(self, images: jax.Array, normalize: bool = False) -> jax.Array:
+        features = self.visual(images)
+        return l2_normalize(features) if normalize else features
+
+    def encode_text(self, tokens: jax.Array, normalize: bool = False) -> jax.Array:
+        features = self.text(tokens)
+        return l2_normalize(features) if normalize else features
+
+    def __call__(self, images: jax.Array, tokens: jax.Array):
+        """Returns (normalised image features, normalised text features, exp(logit_scale)), as open_clip's CLIP."""
+        return (self.encode_image(images, normalize=True), self.encode_text(tokens, normalize=True),
+                jnp.exp(self.logit_scale))

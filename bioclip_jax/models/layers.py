@@ -1,0 +1,140 @@
+"""Transformer building blocks shared by both towers, named after open_clip's modules.
+
+open_clip's `ResidualAttentionBlock` is pre-LN: x + attn(ln_1(x)); x + mlp(ln_2(x)). Parameter names (`ln_1`, `attn.in_proj`,
+`attn.out_proj`, `ln_2`, `mlp.c_fc`, `mlp.c_proj`) mirror its state_dict so the converter is a table.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+# PyTorch's LayerNorm default; Flax's is 1e-6, which would drift from open_clip's outputs.
+LN_EPS = 1e-5
+
+# Rematerialisation policies by name (what to keep from the forward pass; the rest is recomputed in the backward).
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "full": None,  # keep nothing but the block inputs
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs, recompute elementwise
+    "dots_all": jax.checkpoint_policies.checkpoint_dots,  # also keep batched matmuls (attention scores)
+}
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """OpenAI CLIP's activation, which BioCLIP's weights were trained with."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+def exact_gelu(x: jax.Array) -> jax.Array:
+    # torch.nn.GELU() is the erf form; jax.nn.gelu defaults to the tanh approximation.
+    return jax.nn.gelu(x, approximate=False)
+
+
+def normal(stddev: float) -> Callable:
+    return nn.initializers.normal(stddev=stddev)
+
+
+def layer_norm(name: str, dtype: Any) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, name=name)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> jax.Array:
+    """Softmax attention on [B, N, T, H] (heads before tokens: XLA's CPU batched matmuls are ~3x faster in this
+    layout than in [B, T, N, H]). Scores are softmaxed in float32 whatever the compute dtype."""
+    scores = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    if causal:
+        length = q.shape[2]
+        scores = jnp.where(jnp.tril(jnp.ones((length, length), bool)), scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bnts,bnsh->bnth", weights, v)
+
+
+class MultiHeadAttention(nn.Module):
+    """Self-attention with a fused QKV projection laid out like torch.nn.MultiheadAttention (q, k, v stacked)."""
+
+    heads: int
+    causal: bool = False
+    dtype: Any = jnp.float32
+    # "xla": plain XLA ops (any device); "cudnn": cuDNN flash attention (GPU, bf16/fp16); None: jax picks.
+    implementation: str | None = "xla"
+    out_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        batch, length, width = x.shape
+        head_dim = width // self.heads
+        qkv = nn.Dense(3 * width, dtype=self.dtype, kernel_init=normal(width ** -0.5), name="in_proj")(x)
+        qkv = qkv.reshape(batch, length, 3, self.heads, head_dim)
+        if self.implementation == "xla":
+            q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # [3, B, N, T, H]
+            out = attention(q, k, v, self.causal).transpose(0, 2, 1, 3)
+        else:
+            out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], is_causal=self.causal,
+                                               implementation=self.implementation)
+        return nn.Dense(width, dtype=self.dtype, kernel_init=normal(self.out_std),
+                        name="out_proj")(out.reshape(batch, length, width))
+
+
+class MLP(nn.Module):
+    hidden: int
+    quick_gelu: bool = False
+    dtype: Any = jnp.float32
+    out_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        width = x.shape[-1]
+        x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=normal((2 * width) ** -0.5), name="c_fc")(x)
+        x = quick_gelu(x) if self.quick_gelu else exact_gelu(x)
+        return nn.Dense(width, dtype=self.dtype, kernel_init=normal(self.out_std), name="c_proj")(x)
+
+
+class ResidualAttentionBlock(nn.Module):
+    heads: int
+    mlp_ratio: float = 4.0
+    quick_gelu: bool = False
+    causal: bool = False
+    dtype: Any = jnp.float32
+    attn_implementation: str | None = "xla"
+    out_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        width = x.shape[-1]
+        attn = MultiHeadAttention(self.heads, self.causal, self.dtype, self.attn_implementation, self.out_std,
+                                  name="attn")
+        x = x + attn(layer_norm("ln_1", self.dtype)(x))
+        mlp = MLP(int(width * self.mlp_ratio), self.quick_gelu, self.dtype, self.out_std, name="mlp")
+        return x + mlp(layer_norm("ln_2", self.dtype)(x))
+
+
+class Transformer(nn.Module):
+    """A stack of residual blocks named `resblocks_{i}` (open_clip: `transformer.resblocks.{i}`)."""
+
+    layers: int
+    heads: int
+    mlp_ratio: float = 4.0
+    quick_gelu: bool = False
+    causal: bool = False
+    dtype: Any = jnp.float32
+    attn_implementation: str | None = "xla"
+    remat: str | None = None  # a key of REMAT_POLICIES, or None for no rematerialisation
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        block_cls = ResidualAttentionBlock
+        if self.remat:
+            if self.remat not in REMAT_POLICIES:
+                raise ValueError(f"remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)} or None")
+            block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[self.remat], prevent_cse=True)
+        # CLIP's initialisation: residual-branch outputs shrink with depth so the stack starts near identity.
+        out_std = x.shape[-1] ** -0.5 * (2 * self.layers) ** -0.5
+        make_block = functools.partial(block_cls, self.heads, self.mlp_ratio, self.quick_gelu, self.causal,
+                                       self.dtype, self.attn_implementation, out_std)
+        for i in range(self.layers):
+            x = make_block(name=f"resblocks_{i}")(x)
+        return x

@@ -1,0 +1,67 @@
+"""Shared fixtures. open_clip (PyTorch) is the reference oracle; every model is randomly initialised, offline."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+
+
+@functools.lru_cache(maxsize=3)
+def open_clip_reference(name: str, seed: int = 0):
+    """(torch model in eval mode, its state_dict as numpy) for an open_clip architecture, with every tensor
+    perturbed so that LayerNorm weights, biases and logit_scale are not their trivial init values (a converter that
+    swapped or dropped them would otherwise pass)."""
+    import open_clip
+    import torch
+
+    torch.manual_seed(seed)
+    model = open_clip.create_model(name, pretrained=None)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for key, tensor in model.state_dict().items():
+            if tensor.is_floating_point():
+                tensor.add_(0.02 * torch.randn(tensor.shape, generator=generator))
+    model.eval()
+    state_dict = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    return model, state_dict
+
+
+@pytest.fixture(scope="session")
+def rng():
+    return np.random.default_rng(0)
+
+
+CAPTIONS = [
+    "a photo of Pica hudsonia.",
+    "a photo of black-billed magpie.",
+    "a photo of Animalia Chordata Aves Passeriformes Corvidae Pica hudsonia with common name black-billed magpie.",
+    "a photo of kingdom Animalia phylum Chordata class Aves order Passeriformes family Corvidae genus Pica "
+    "species hudsonia.",
+    "a photo of Plantae Tracheophyta Magnoliopsida Rosales Rosaceae Rosa canina with common name dog rose.",
+    "",
+]
+
+
+TINY_OPEN_CLIP_CFG = {
+    "embed_dim": 64, "quick_gelu": True,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_open_clip():
+    """(open_clip CLIP of the `tiny` architecture with perturbed weights, its numpy state_dict)."""
+    import open_clip
+    import torch
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**TINY_OPEN_CLIP_CFG)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.add_(0.05 * torch.randn(tensor.shape))
+    model.eval()
+    return model, {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}

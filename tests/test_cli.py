@@ -1,0 +1,45 @@
+"""The `bioclip-jax` command line: convert both ways, list models, the demo, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from bioclip_jax.cli import main
+
+
+def test_convert_both_directions(tmp_path, tiny_open_clip, capsys):
+    _, state_dict = tiny_open_clip
+    save_file(state_dict, str(tmp_path / "w.safetensors"))
+    assert main(["convert", str(tmp_path / "w.safetensors"), str(tmp_path / "jax"), "--model", "tiny"]) == 0
+    assert "wrote bioclip_jax model folder" in capsys.readouterr().out
+    assert json.loads((tmp_path / "jax" / "bioclip_jax_config.json").read_text())["model_cfg"]["quick_gelu"] is True
+    # The script form, in a separate process, back to open_clip.
+    done = subprocess.run([sys.executable, "tools/convert_checkpoint.py", str(tmp_path / "jax"), str(tmp_path / "oc")],
+                          capture_output=True, text=True, check=True)
+    assert "wrote open_clip model folder" in done.stdout
+    back = load_file(str(tmp_path / "oc" / "open_clip_model.safetensors"))
+    assert all(np.array_equal(back[k], v) for k, v in state_dict.items())
+    assert (tmp_path / "oc" / "open_clip_pytorch_model.bin").exists()
+
+
+def test_errors_are_one_line_with_exit_code_2(tmp_path, tiny_open_clip, capsys):
+    save_file(tiny_open_clip[1], str(tmp_path / "w.safetensors"))
+    assert main(["convert", str(tmp_path / "w.safetensors"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "bioclip-jax convert: error:" in err and "model='ViT-B-16-quickgelu'" in err and "Traceback" not in err
+    assert main(["convert", str(tmp_path / "w.safetensors"), str(tmp_path / "out"), "--model", "ViT-B-61"]) == 2
+    assert "unknown model 'ViT-B-61'" in capsys.readouterr().err
+
+
+def test_list_models_and_demo(capsys):
+    assert main(["list-models"]) == 0
+    listed = capsys.readouterr().out.split("\n")
+    assert "ViT-B-16-quickgelu" in listed and "bioclip -> ViT-B-16-quickgelu" in listed
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "Pica hudsonia" in out and "cosine similarity" in out

@@ -1,0 +1,225 @@
+"""Grain input pipelines (Dataset API): training (shuffled, augmented, endless) and evaluation (every example once).
+
+Training, per process:
+    source -> seeded shuffle -> repeat -> tag global position -> [process_index::process_count]
+           -> decode + RandomResizedCrop (uint8) -> batch -> caption of the step's text type -> tokenize -> prefetch
+The i-th host batch of every process belongs to global step i, and the global batch of step i is always the same set
+of examples (positions i*G .. (i+1)*G-1 of the shuffled stream) whatever the number of processes: a run on 2 hosts
+sees the same data as on 1. Images leave the pipeline as uint8 (4x less to move than float32) and are normalised on
+the device (`normalize_images`).
+
+Evaluation: resize + center crop exactly as open_clip (`Preprocess`), no shuffle, each process a strided slice, the
+last batches padded and masked so that every process runs the same number of batches and every example counts once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any, Iterator, Sequence
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from bioclip_jax.data import transforms
+from bioclip_jax.data.records import decode_record, find_shards
+from bioclip_jax.data.taxonomy import MIXED_TEXT_TYPES, TEXT_TYPES, Taxon, text_type_for_sample, text_type_for_step
+from bioclip_jax.tokenizer import tokenize
+
+NORMALIZATION = {"openai": (transforms.OPENAI_MEAN, transforms.OPENAI_STD),
+                 "imagenet": (transforms.IMAGENET_MEAN, transforms.IMAGENET_STD)}
+# "mixed": one of BioCLIP's five types per global batch, from the step; "mixed_per_sample": one per example.
+TEXT_TYPE_CHOICES = ("mixed", "mixed_per_sample") + TEXT_TYPES
+
+log = logging.getLogger(__name__)
+
+
+def open_source(data: Any):
+    """A random-access source: shard paths (folder, glob, list) -> ArrayRecordDataSource; else used as given
+    (anything with __len__ and __getitem__ returning record bytes or decoded record dicts, e.g. a TFDS source)."""
+    if isinstance(data, (str, os.PathLike)):
+        data = find_shards(data)
+    if isinstance(data, (list, tuple)) and data and isinstance(data[0], (str, os.PathLike)):
+        return grain.sources.ArrayRecordDataSource([str(p) for p in data])
+    if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
+        raise TypeError(f"expected shard paths or a random-access source, got {type(data).__name__}")
+    return data
+
+
+def _as_dict(element) -> dict:
+    return decode_record(element) if isinstance(element, bytes) else element
+
+
+# ----------------------------------------------------------------------------------------------------- augmentation
+def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
+                            scale: Sequence[float], ratio: Sequence[float]) -> tuple[int, int, int, int]:
+    """(left, top, w, h) as torchvision's RandomResizedCrop.get_params: 10 tries of area x log-uniform aspect, then a
+    center crop clamped to the ratio range."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def resized_crop(image: Image.Image, box: tuple[int, int, int, int], size: int) -> Image.Image:
+    """Crop (left, top, w, h), then resize to size x size with bicubic: torchvision's resized_crop on PIL images.
+    (PIL's resize(box=...) would differ: its filter reads pixels across the crop edge.)"""
+    left, top, w, h = box
+    return image.crop((left, top, left + w, top + h)).resize((size, size), Image.Resampling.BICUBIC)
+
+
+class TrainTransform(grain.transforms.RandomMap):
+    """Record -> {"image": uint8 [S, S, 3] (RandomResizedCrop, bicubic), "ranks", "common", "position"}."""
+
+    def __init__(self, image_size: int, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)):
+        self.image_size, self.scale, self.ratio = image_size, tuple(scale), tuple(ratio)
+
+    def random_map(self, element, rng: np.random.Generator) -> dict:
+        position, record = element
+        record = _as_dict(record)
+        image = decode_image(record)
+        box = random_resized_crop_box(image.width, image.height, rng, self.scale, self.ratio)
+        image = resized_crop(image, box, self.image_size)
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        return {"image": np.asarray(image, np.uint8), "ranks": tuple(record["ranks"]), "common": record["common"],
+                "position": position}
+
+
+def decode_image(record: dict) -> Image.Image:
+    import io
+
+    try:
+        image = Image.open(io.BytesIO(record["image"]))
+        image.load()
+        return image
+    except Exception as e:  # noqa: BLE001 - PIL raises many types; the record id is what the user needs
+        raise ValueError(f"record {record.get('id', '?')!r}: cannot decode image ({e})") from None
+
+
+class Captioner:
+    """Host batch of examples -> image batch + tokens of the captions of the step's text type."""
+
+    def __init__(self, text_type: str, seed: int, context_length: int = 77):
+        if text_type not in TEXT_TYPE_CHOICES:
+            raise ValueError(f"text_type={text_type!r}: expected one of {TEXT_TYPE_CHOICES}")
+        self.text_type, self.seed, self.context_length = text_type, seed, context_length
+
+    def __call__(self, step: int, examples: Sequence[dict]) -> dict:
+        if self.text_type == "mixed":
+            types = [text_type_for_step(step)] * len(examples)
+        elif self.text_type == "mixed_per_sample":
+            types = [text_type_for_sample(self.seed, e["position"], MIXED_TEXT_TYPES) for e in examples]
+        else:
+            types = [self.text_type] * len(examples)
+        captions = [Taxon.from_ranks(e["ranks"], e["common"]).text(t) for e, t in zip(examples, types)]
+        return {"image": np.stack([e["image"] for e in examples]),
+                "tokens": tokenize(captions, self.context_length)}
+
+
+def train_dataset(data: Any, *, global_batch_size: int, image_size: int, seed: int = 0, text_type: str = "mixed",
+                  scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3), context_length: int = 77, num_epochs: int | None = None,
+                  worker_count: int = 0, worker_buffer_size: int = 2, process_index: int | None = None,
+                  process_count: int | None = None) -> grain.IterDataset:
+    """This process's share of each global batch: {"image": uint8 [B, S, S, 3], "tokens": int32 [B, L]}, with
+    B = global_batch_size / process_count. Deterministic for a seed; its iterator state checkpoints exactly."""
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if global_batch_size % process_count:
+        raise ValueError(f"global batch size {global_batch_size} is not divisible by the number of processes "
+                         f"({process_count})")
+    source = open_source(data)
+    if len(source) == 0:
+        raise ValueError("the training data is empty")
+    captioner = Captioner(text_type, seed, context_length)
+    ds = (grain.MapDataset.source(source).seed(seed).shuffle().repeat(num_epochs)
+          .map_with_index(lambda position, record: (position, record))[process_index::process_count]
+          .random_map(TrainTransform(image_size, scale, ratio))
+          .batch(global_batch_size // process_count, drop_remainder=True, batch_fn=list)
+          .map_with_index(captioner))
+    iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if worker_count else 8, prefetch_buffer_size=
+                                                   0 if worker_count else 2 * global_batch_size))
+    if worker_count:
+        iter_ds = _multiprocess(iter_ds, grain.MultiprocessingOptions(num_workers=worker_count,
+                                                                      per_worker_buffer_size=worker_buffer_size))
+    return iter_ds
+
+
+def _multiprocess(iter_ds: grain.IterDataset, options: grain.MultiprocessingOptions) -> grain.IterDataset:
+    from absl import flags
+
+    # grain's mp_prefetch reads absl flags; in a library (no absl.app.run) they are unparsed: use their defaults.
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    return iter_ds.mp_prefetch(options)
+
+
+def normalize_images(images: jax.Array, normalization: str = "openai", dtype=jnp.float32) -> jax.Array:
+    """uint8 [..., 3] -> normalised float, on the device (inside the jitted step)."""
+    mean, std = (jnp.asarray(v, jnp.float32) for v in NORMALIZATION[normalization])
+    return ((images.astype(jnp.float32) / 255.0 - mean) / std).astype(dtype)
+
+
+# ------------------------------------------------------------------------------------------------------- evaluation
+class EvalTransform(grain.transforms.Map):
+    def __init__(self, preprocess: transforms.Preprocess):
+        self.preprocess = preprocess
+
+    def map(self, element) -> dict:
+        index, record = element
+        record = _as_dict(record)
+        return {"image": self.preprocess(decode_image(record)), "index": index, "id": record["id"],
+                "label": record.get("label", ""), "ranks": tuple(record["ranks"]), "common": record["common"]}
+
+
+def eval_batches(data: Any, *, batch_size: int, preprocess: transforms.Preprocess, worker_count: int = 0,
+                 process_index: int | None = None, process_count: int | None = None) -> Iterator[dict]:
+    """This process's evaluation batches: {"image" float32 [B, S, S, 3], "mask" bool [B], "index" int [B] (position
+    in the source, -1 for padding), "id", "label", "common" str [B], "ranks" str [B, 7]}. Every process yields the
+    same number of batches; over all processes, every example appears exactly once with mask True."""
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    source = open_source(data)
+    num_batches = math.ceil(math.ceil(len(source) / process_count) / batch_size)
+    ds = (grain.MapDataset.source(source).map_with_index(lambda i, r: (i, r))[process_index::process_count]
+          .map(EvalTransform(preprocess)).batch(batch_size, batch_fn=list))
+    iter_ds = ds.to_iter_dataset()
+    if worker_count:
+        iter_ds = _multiprocess(iter_ds, grain.MultiprocessingOptions(num_workers=worker_count))
+    batches = iter(iter_ds)
+    shape = (preprocess.size, preprocess.size, 3)
+    for _ in range(num_batches):
+        yield _pad_eval_batch(next(batches, []), batch_size, shape)
+
+
+def _pad_eval_batch(examples: list[dict], batch_size: int, image_shape) -> dict:
+    pad = batch_size - len(examples)
+    images = [e["image"] for e in examples] + [np.zeros(image_shape, np.float32)] * pad
+    strings = lambda key: np.array([e[key] for e in examples] + [""] * pad, dtype=object)
+    return {"image": np.stack(images), "mask": np.arange(batch_size) < len(examples),
+            "index": np.array([e["index"] for e in examples] + [-1] * pad, np.int64),
+            "id": strings("id"), "label": strings("label"), "common": strings("common"),
+            "ranks": np.array([list(e["ranks"]) for e in examples] + [[""] * 7] * pad, dtype=object).reshape(-1, 7)}
+
+
+# ------------------------------------------------------------------------------------------------ host -> device
+def to_global(batch: dict, sharding: jax.sharding.Sharding, keys: Sequence[str] = ("image", "tokens")) -> dict:
+    """This process's numeric arrays -> global jax.Arrays sharded along the batch (`make_array_from_process_local_data`)."""
+    return {k: jax.make_array_from_process_local_data(sharding, batch[k]) for k in keys if k in batch}

@@ -1,0 +1,91 @@
+"""Taxa and BioCLIP's text types.
+
+The strings follow BioCLIP's TreeOfLife-10M writer (Imageomics/bioclip scripts/evobio10m/make_wds.py, naming.py):
+ranks kingdom..genus are capitalised, the species epithet is lower case, missing ranks are dropped, and the common
+name falls back to the scientific name, then to the taxonomic name. Training mixes sci/com/taxon/sci_com/taxon_com,
+one type per global batch chosen from the step (as BioCLIP's `--text-type random`), or one per sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+RANKS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
+TEXT_TYPES = ("sci", "com", "taxon", "sci_com", "taxon_com", "taxonTag", "taxonTag_com")
+MIXED_TEXT_TYPES = ("sci", "com", "taxon", "sci_com", "taxon_com")  # what BioCLIP samples from in training
+
+
+@dataclasses.dataclass(frozen=True)
+class Taxon:
+    """Seven ranks (species = the epithet alone, e.g. "hudsonia") and an optional English common name."""
+
+    kingdom: str = ""
+    phylum: str = ""
+    cls: str = ""
+    order: str = ""
+    family: str = ""
+    genus: str = ""
+    species: str = ""
+    common_name: str = ""
+
+    @classmethod
+    def from_ranks(cls, ranks, common_name: str = "") -> "Taxon":
+        ranks = list(ranks)
+        if len(ranks) != 7:
+            raise ValueError(f"expected 7 ranks (kingdom..species epithet), got {len(ranks)}: {ranks}")
+        return cls(*[(r or "").strip() for r in ranks], common_name=(common_name or "").strip())
+
+    @property
+    def ranks(self) -> tuple[str, ...]:
+        """The seven ranks as BioCLIP writes them ('' where missing)."""
+        upper = [r.capitalize() for r in (self.kingdom, self.phylum, self.cls, self.order, self.family, self.genus)]
+        return (*upper, self.species.lower())
+
+    def at_rank(self, rank: str) -> tuple[str, ...]:
+        """The lineage down to `rank` (kingdom..rank): the label of this taxon at that rank."""
+        return self.ranks[:RANKS.index(rank) + 1]
+
+    @property
+    def taxonomic_name(self) -> str:
+        return " ".join(r for r in self.ranks if r)
+
+    @property
+    def scientific_name(self) -> str:
+        _, _, _, _, _, genus, species = self.ranks
+        return " ".join(p for p in (genus, species) if p).capitalize()
+
+    @property
+    def common(self) -> str:
+        """Common name with BioCLIP's fallbacks, so it is never empty for a non-empty taxon."""
+        return self.common_name or self.scientific_name or self.taxonomic_name
+
+    @property
+    def tagged(self) -> str:
+        return " ".join(f"{rank} {value}" for rank, value in zip(RANKS, self.ranks) if value)
+
+    @property
+    def empty(self) -> bool:
+        return not any(self.ranks)
+
+    def text(self, text_type: str) -> str:
+        """The caption of one text type, e.g. text("taxon_com")."""
+        names = {
+            "sci": self.scientific_name, "com": self.common, "taxon": self.taxonomic_name, "taxonTag": self.tagged,
+            "sci_com": f"{self.scientific_name} with common name {self.common}",
+            "taxon_com": f"{self.taxonomic_name} with common name {self.common}",
+            "taxonTag_com": f"{self.tagged} with common name {self.common}",
+        }
+        if text_type not in names:
+            raise ValueError(f"unknown text type {text_type!r}; expected one of {TEXT_TYPES}")
+        return f"a photo of {names[text_type]}."
+
+
+def text_type_for_step(step: int, choices: tuple[str, ...] = MIXED_TEXT_TYPES) -> str:
+    """BioCLIP's mixed text type: one type per global batch, drawn from a RNG seeded with the step."""
+    return random.Random(step).choice(choices)
+
+
+def text_type_for_sample(seed: int, index: int, choices: tuple[str, ...] = MIXED_TEXT_TYPES) -> str:
+    """Per-sample mixing: a type drawn independently for every example (by its global index)."""
+    return random.Random(f"{seed}/{index}").choice(choices)

@@ -136,9 +136,10 @@ def test_two_processes_see_the_same_global_batches(shards):
     single, _ = _take(_train(shards, global_batch_size=8), 4)
     hosts = [_take(_train(shards, global_batch_size=8, process_index=p, process_count=2), 4)[0] for p in range(2)]
     for step in range(4):
-        together = sorted(x.tobytes() for p in range(2) for x in hosts[p][step]["tokens"])
         assert hosts[0][step]["image"].shape[0] == 4
-        assert together == sorted(x.tobytes() for x in single[step]["tokens"])
+        for key in ("tokens", "image"):  # the same examples, with the same crops
+            together = sorted(x.tobytes() for p in range(2) for x in hosts[p][step][key])
+            assert together == sorted(x.tobytes() for x in single[step][key])
 
 
 def test_bad_configurations_are_named(shards):

@@ -85,14 +85,18 @@ def resized_crop(image: Image.Image, box: tuple[int, int, int, int], size: int) 
     return image.crop((left, top, left + w, top + h)).resize((size, size), Image.Resampling.BICUBIC)
 
 
-class TrainTransform(grain.transforms.RandomMap):
-    """Record -> {"image": uint8 [S, S, 3] (RandomResizedCrop, bicubic), "ranks", "common", "position"}."""
+class TrainTransform(grain.transforms.Map):
+    """(position, record) -> {"image": uint8 [S, S, 3] (RandomResizedCrop, bicubic), "ranks", "common", "position"}.
 
-    def __init__(self, image_size: int, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)):
-        self.image_size, self.scale, self.ratio = image_size, tuple(scale), tuple(ratio)
+    The crop's randomness comes from (seed, position in the global stream), not from Grain's per-process element
+    index, so an example gets the same crop whatever the number of processes."""
 
-    def random_map(self, element, rng: np.random.Generator) -> dict:
+    def __init__(self, image_size: int, seed: int, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)):
+        self.image_size, self.seed, self.scale, self.ratio = image_size, seed, tuple(scale), tuple(ratio)
+
+    def map(self, element) -> dict:
         position, record = element
+        rng = np.random.default_rng((self.seed, position))
         record = _as_dict(record)
         image = decode_image(record)
         box = random_resized_crop_box(image.width, image.height, rng, self.scale, self.ratio)
@@ -151,10 +155,10 @@ def train_dataset(data: Any, *, global_batch_size: int, image_size: int, seed: i
     captioner = Captioner(text_type, seed, context_length)
     ds = (grain.MapDataset.source(source).seed(seed).shuffle().repeat(num_epochs)
           .map_with_index(lambda position, record: (position, record))[process_index::process_count]
-          .random_map(TrainTransform(image_size, scale, ratio))
+          .map(TrainTransform(image_size, seed, scale, ratio))
           .batch(global_batch_size // process_count, drop_remainder=True, batch_fn=list)
           .map_with_index(captioner))
-    iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if worker_count else 8, prefetch_buffer_size=
+    iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if worker_count else 2, prefetch_buffer_size=
                                                    0 if worker_count else 2 * global_batch_size))
     if worker_count:
         iter_ds = _multiprocess(iter_ds, grain.MultiprocessingOptions(num_workers=worker_count,

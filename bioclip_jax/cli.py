@@ -23,10 +23,78 @@ def _list_models(args) -> int:
     return 0
 
 
+def _load_config(args):
+    from bioclip_jax.train.config import load_config
+
+    overrides = [o[len("--config."):] for o in args.overrides if o.startswith("--config.")]
+    unknown = [o for o in args.overrides if not o.startswith("--config.")]
+    if unknown:
+        raise ValueError(f"unrecognised arguments {unknown}; config overrides look like --config.train.lr=3e-4")
+    return load_config(args.config, overrides)
+
+
+def _setup_logging() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    for noisy in ("absl", "jax._src", "orbax", "grain"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _initialize_distributed(args) -> None:
+    """Multi-host: jax.distributed.initialize (TPU pod slices and SLURM are detected by JAX itself)."""
+    if not (args.distributed or args.coordinator):
+        return
+    import jax
+
+    if args.coordinator:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+    else:
+        jax.distributed.initialize()
+
+
+def _train(args) -> int:
+    from bioclip_jax.train.trainer import train
+
+    _setup_logging()
+    _initialize_distributed(args)
+    config = _load_config(args)
+    result = train(config, args.workdir)
+    if result.history:
+        print(f"step {result.step}: loss {result.history[-1]['loss']:.4f}")
+    return 0
+
+
 def _demo(args) -> int:
     from bioclip_jax.demo import run_demo
 
-    run_demo(model_name=args.model, seed=args.seed)
+    _setup_logging()
+    run_demo(_load_config(args), args.workdir)
+    return 0
+
+
+def _make_shards(args) -> int:
+    from bioclip_jax.data import writers
+
+    common = dict(records_per_shard=args.records_per_shard, resize=args.resize, quality=args.quality,
+                  workers=args.workers, prefix=args.prefix)
+    try:
+        if args.source == "treeoflife":
+            writers.write_treeoflife_shards(args.inputs, args.out, val_fraction=args.val_fraction, seed=args.seed,
+                                            **common)
+        elif args.source == "folder":
+            writers.write_folder_shards(args.csv, args.out, val_fraction=args.val_fraction, seed=args.seed, **common)
+        else:
+            from bioclip_jax.data.synthetic import SyntheticConfig
+
+            config = SyntheticConfig(seed=args.seed, n_species=args.n_species,
+                                     images_per_species=args.images_per_species, image_size=args.image_size,
+                                     heldout_fraction=args.heldout_fraction)
+            writers.write_synthetic_shards(args.out, config, val_per_species=args.val_per_species, **common)
+    except KeyboardInterrupt:  # finished shards are kept: say how to go on rather than print a traceback
+        print(f"\nbioclip-jax make-shards: interrupted; rerun the same command to finish {args.out}", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -47,15 +115,61 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list-models", help="architectures known by name")
     p.set_defaults(func=_list_models)
 
-    p = sub.add_parser("demo", help="embed generated organisms and taxonomic captions; print the similarity table")
-    p.add_argument("--model", default="tiny")
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("train", help="train or fine-tune (resumes from the workdir's latest checkpoint)",
+                       description="Config overrides: --config.KEY=VALUE, e.g. --config.train.lr=3e-4.")
+    p.add_argument("--config", required=True, help="config file, e.g. configs/bioclip_vitb16.py")
+    p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and TensorBoard events go here")
+    p.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() (TPU pod slices, SLURM: detected automatically)")
+    p.add_argument("--coordinator", help="HOST:PORT of process 0, for clusters JAX does not detect")
+    p.add_argument("--num-processes", type=int, default=1)
+    p.add_argument("--process-id", type=int, default=0)
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("demo", help="the quick-start job: synthetic tree of life -> train -> per-rank zero-shot "
+                                    "-> open_clip export")
+    p.add_argument("--config", default="configs/demo.py")
+    p.add_argument("--workdir", default="runs/demo")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("make-shards", help="images -> ArrayRecord shards of records (docs/data_format.md)",
+                       description="Writes OUT/<split>/<split>-NNNNN-of-NNNNN.array_record and "
+                                   "OUT/<split>/summary.json. Resumable: rerun the same command to finish an "
+                                   "interrupted run.")
+    by_source = p.add_subparsers(dest="source", required=True)
+    tol = by_source.add_parser("treeoflife", help="TreeOfLife-10M webdataset tars")
+    tol.add_argument("inputs", nargs="+",
+                     help="tar files, folders, globs or brace patterns ('shard-{000000..000003}.tar')")
+    folder = by_source.add_parser("folder", help="an image folder described by BioCLIP's metadata.csv")
+    folder.add_argument("csv", help="metadata.csv (columns filepath, class; optional kingdom..species, common_name) "
+                                    "or its folder")
+    synthetic = by_source.add_parser("synthetic",
+                                     help="the synthetic tree of life (train/val of seen species, heldout)")
+    synthetic.add_argument("--n-species", type=int, default=200)
+    synthetic.add_argument("--images-per-species", type=int, default=20)
+    synthetic.add_argument("--image-size", type=int, default=64)
+    synthetic.add_argument("--heldout-fraction", type=float, default=0.1)
+    synthetic.add_argument("--val-per-species", type=int, default=2, help="images of every seen species in val")
+    for q, per_shard, workers in ((tol, 10000, None), (folder, 10000, None), (synthetic, 1000, 1)):
+        q.add_argument("--out", required=True, help="output folder")
+        q.add_argument("--records-per-shard", type=int, default=per_shard)
+        if q is not synthetic:
+            q.add_argument("--val-fraction", type=float, default=0.05, help="share of ids in val (0: no val)")
+        q.add_argument("--seed", type=int, default=0, help="train/val assignment (synthetic: also the generator)")
+        q.add_argument("--resize", type=int, help="squash every image to RESIZE x RESIZE (bicubic), e.g. 224")
+        q.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
+        q.add_argument("--workers", type=int, default=workers,
+                       help="processes (default: min(4, CPUs); synthetic: 1, its generator is sequential)")
+        q.add_argument("--prefix", help="shard file prefix (default: the split name)")
+    p.set_defaults(func=_make_shards)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra and args.command not in ("train", "demo"):
+        build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, ImportError) as e:

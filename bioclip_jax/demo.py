@@ -1,69 +1,74 @@
-"""The quick-start job: embed a few drawn organisms and their taxonomic captions, print the similarity table.
+"""The quick-start job on the embedded default data: the synthetic tree of life.
 
-With a randomly initialised model the similarities carry no meaning yet; the point is the whole path (drawing ->
-preprocessing -> image tower, caption -> tokenizer -> text tower) running end to end on any machine.
+1. write the synthetic shards (train / val = new images of training species / heldout = species never trained on),
+2. train configs/demo.py (a small CLIP, CPU-sized),
+3. zero-shot accuracy at every rank, kingdom -> species, on the val images and on the held-out species,
+4. export the model as an open_clip folder, and print a report.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
 
-import numpy as np
-from PIL import Image, ImageDraw
+import ml_collections
 
-# (taxonomy, common name, body colour, shape) for a few organisms.
-ORGANISMS = [
-    (("Animalia", "Chordata", "Aves", "Passeriformes", "Corvidae", "Pica", "hudsonia"), "black-billed magpie",
-     (20, 20, 30), "bird"),
-    (("Animalia", "Arthropoda", "Insecta", "Lepidoptera", "Nymphalidae", "Danaus", "plexippus"), "monarch butterfly",
-     (230, 120, 20), "butterfly"),
-    (("Plantae", "Tracheophyta", "Magnoliopsida", "Asterales", "Asteraceae", "Helianthus", "annuus"),
-     "common sunflower", (240, 200, 30), "flower"),
-    (("Fungi", "Basidiomycota", "Agaricomycetes", "Agaricales", "Amanitaceae", "Amanita", "muscaria"), "fly agaric",
-     (200, 30, 30), "mushroom"),
-]
+from bioclip_jax.data.synthetic import SyntheticConfig, SyntheticTreeOfLife
+from bioclip_jax.data.taxonomy import RANKS
 
 
-def draw(colour: tuple[int, int, int], shape: str, size: int = 224) -> Image.Image:
-    image = Image.new("RGB", (size, size), (120, 170, 110))
-    d = ImageDraw.Draw(image)
-    s = size / 224
-    if shape == "bird":
-        d.ellipse([60 * s, 90 * s, 170 * s, 150 * s], fill=colour)
-        d.ellipse([140 * s, 70 * s, 185 * s, 110 * s], fill=colour)
-        d.polygon([(60 * s, 120 * s), (10 * s, 100 * s), (20 * s, 140 * s)], fill=(240, 240, 240))
-    elif shape == "butterfly":
-        d.ellipse([32 * s, 60 * s, 112 * s, 160 * s], fill=colour)
-        d.ellipse([112 * s, 60 * s, 192 * s, 160 * s], fill=colour)
-        d.rectangle([107 * s, 60 * s, 117 * s, 170 * s], fill=(10, 10, 10))
-    elif shape == "flower":
-        d.rectangle([108 * s, 120 * s, 116 * s, 220 * s], fill=(40, 120, 40))
-        d.ellipse([52 * s, 32 * s, 172 * s, 152 * s], fill=colour)
-        d.ellipse([87 * s, 67 * s, 137 * s, 117 * s], fill=(90, 50, 20))
-    else:
-        d.rectangle([100 * s, 120 * s, 124 * s, 200 * s], fill=(235, 230, 210))
-        d.pieslice([50 * s, 60 * s, 174 * s, 180 * s], 180, 360, fill=colour)
-    return image
+def write_data(data_dir: str, image_size: int, seed: int = 0) -> SyntheticTreeOfLife:
+    from bioclip_jax.data.writers import write_synthetic_shards
+
+    config = SyntheticConfig(seed=seed, image_size=image_size)
+    write_synthetic_shards(data_dir, config, records_per_shard=1000)
+    return SyntheticTreeOfLife(config)
 
 
-def taxon_com(ranks: tuple[str, ...], common: str) -> str:
-    return f"a photo of {' '.join(ranks)} with common name {common}."
+def evaluate_per_rank(model, tree: SyntheticTreeOfLife, val: str, heldout: str, batch_size: int = 256) -> dict:
+    """{"val": {rank: metrics}, "heldout_species": {rank: metrics}}; candidates are all species of the tree."""
+    from bioclip_jax.evaluate.zero_shot import embed_eval_set, per_rank_accuracy
+
+    results = {}
+    for name, data in (("val", val), ("heldout_species", heldout)):
+        if data:
+            features, ranks, _ = embed_eval_set(model, data, batch_size=batch_size, desc=f"zero-shot {name}")
+            results[name] = per_rank_accuracy(model, features, ranks, tree.species)
+    return results
 
 
-def run_demo(model_name: str = "tiny", seed: int = 0) -> np.ndarray:
-    import bioclip_jax
+def format_report(results: dict, seconds: float, steps: int, final_loss: float, export_dir: str) -> str:
+    lines = [f"trained {steps} steps in {seconds / 60:.1f} min, final loss {final_loss:.3f}",
+             "zero-shot top-1 accuracy by rank (chance in brackets):",
+             f"  {'rank':<8}" + "".join(f"{name:>26}" for name in results)]
+    for rank in RANKS:
+        cells = "".join(f"{100 * r[rank]['top1']:>16.1f}% [{100 * r[rank]['chance']:5.1f}%]" for r in results.values())
+        lines.append(f"  {rank:<8}{cells}")
+    lines.append(f"open_clip export: {export_dir}  (open_clip.create_model_and_transforms('local-dir:{export_dir}'))")
+    return "\n".join(lines)
+
+
+def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    from bioclip_jax.convert.checkpoint import export_open_clip
+    from bioclip_jax.models.config import get_model_config
+    from bioclip_jax.train.trainer import train
 
     start = time.perf_counter()
-    model = bioclip_jax.create_model(model_name, seed=seed)
-    images = [draw(colour, shape) for _, _, colour, shape in ORGANISMS]
-    captions = [taxon_com(ranks, common) for ranks, common, _, _ in ORGANISMS]
-    image_features, text_features = bioclip_jax.encode(model, images=images, texts=captions)
-    similarity = image_features @ text_features.T
-    print(f"model {model_name} (randomly initialised, seed {seed}), {model.config.embed_dim}-d embeddings")
-    names = [f"{ranks[5]} {ranks[6]}" for ranks, *_ in ORGANISMS]
-    width = max(len(n) for n in names)
-    print(f"{'image / caption':<{width}}  " + "  ".join(f"{n:>{width}}" for n in names))
-    for name, row in zip(names, similarity):
-        print(f"{name:<{width}}  " + "  ".join(f"{v:>{width}.4f}" for v in row))
-    print(f"cosine similarity of normalised embeddings; done in {time.perf_counter() - start:.1f} s")
-    return similarity
+    image_size = get_model_config(config.model).vision.image_size
+    data_dir = os.path.join(workdir, "data")
+    tree = write_data(data_dir, image_size, config.train.seed)
+    for split, key in (("train", "train"), ("val", "val"), ("heldout", "heldout")):
+        config.data[key] = os.path.join(data_dir, split)
+    result = train(config, workdir)
+    model = result.model()
+    results = evaluate_per_rank(model, tree, config.data.val, config.data.heldout, config.eval.batch_size)
+    export_dir = str(export_open_clip(model, os.path.join(workdir, "open_clip")))
+    seconds = time.perf_counter() - start
+    final_loss = result.history[-1]["loss"] if result.history else float("nan")
+    report = {"seconds": seconds, "steps": result.step, "final_loss": final_loss, "zero_shot": results,
+              "export": export_dir}
+    with open(os.path.join(workdir, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    print(format_report(results, seconds, result.step, final_loss, export_dir))
+    return report

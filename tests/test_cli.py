@@ -36,10 +36,22 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, tiny_open_clip, capsys):
     assert "unknown model 'ViT-B-61'" in capsys.readouterr().err
 
 
-def test_list_models_and_demo(capsys):
+def test_list_models(capsys):
     assert main(["list-models"]) == 0
     listed = capsys.readouterr().out.split("\n")
     assert "ViT-B-16-quickgelu" in listed and "bioclip -> ViT-B-16-quickgelu" in listed
-    assert main(["demo"]) == 0
+
+
+def test_demo_runs_end_to_end_with_small_settings(tmp_path, capsys):
+    """The quick-start job's whole path (data, training, per-rank zero-shot, export), shortened."""
+    workdir = tmp_path / "demo"
+    assert main(["demo", "--workdir", str(workdir), "--config.model=tiny", "--config.train.steps=3",
+                 "--config.train.global_batch_size=32", "--config.log_every_steps=1"]) == 0
     out = capsys.readouterr().out
-    assert "Pica hudsonia" in out and "cosine similarity" in out
+    assert "trained 3 steps" in out and "species" in out and "open_clip export" in out
+    report = json.loads((workdir / "report.json").read_text())
+    assert set(report["zero_shot"]) == {"val", "heldout_species"}
+    assert report["zero_shot"]["val"]["kingdom"]["chance"] == 0.25
+    assert (workdir / "open_clip" / "open_clip_model.safetensors").exists()
+    assert main(["demo", "--workdir", str(workdir), "--config.trian.steps=3"]) == 2  # typo: named, exit code 2
+    assert "unknown config key 'trian.steps'" in capsys.readouterr().err

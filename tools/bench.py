@@ -1,10 +1,14 @@
 #!/usr/bin/env python
-"""Side-by-side throughput of bioclip_jax and open_clip (PyTorch) on the same model, batch, precision and device.
+"""Side-by-side throughput of bioclip_jax and open_clip (PyTorch) on the same work, in one run.
 
     python tools/bench.py encode [--model ViT-B-16] [--batch 32] [--iters 10]
+    python tools/bench.py pipeline [--batch 32] [--iters 20]      # needs `pip install webdataset`
 
-Prints a table (images or texts per second, and bioclip_jax / open_clip ratio). Weights are random: speed does not
-depend on them. Both run fp32 on the CPU with the same number of threads.
+encode: image and text embedding throughput on the same model config, batch, precision (fp32) and device; weights are
+random (speed does not depend on them). pipeline: the training input pipeline in one process (no worker processes):
+bioclip_jax's Grain pipeline over ArrayRecord shards against open_clip's webdataset recipe over tar shards of the same
+JPEGs, both RandomResizedCrop(224, scale 0.9-1.0, bicubic) + tokenizing; and the tokenizers alone. Prints a table with
+the bioclip_jax / open_clip ratio.
 """
 
 from __future__ import annotations
@@ -58,9 +62,63 @@ def bench_encode(model_name: str, batch: int, iters: int) -> list[tuple[str, str
     return rows
 
 
+def _pipeline_data(folder: str) -> tuple[str, list[str]]:
+    """Synthetic organisms drawn at 224 px, as ArrayRecord shards and as webdataset tars with the same JPEG bytes."""
+    import io
+    import tarfile
+
+    from bioclip_jax.data.records import find_shards, read_records
+    from bioclip_jax.data.synthetic import SyntheticConfig
+    from bioclip_jax.data.writers import write_synthetic_shards
+
+    write_synthetic_shards(folder, SyntheticConfig(n_species=50, images_per_species=20, image_size=224),
+                           records_per_shard=250, verbose=False)
+    shards = find_shards(os.path.join(folder, "train"))
+    tars = []
+    for i, shard in enumerate(shards):
+        tars.append(os.path.join(folder, f"shard-{i:06d}.tar"))
+        with tarfile.open(tars[-1], "w") as tar:
+            for record in read_records([shard]):
+                key = record.id.replace("/", "_").replace(".", "_")
+                for ext, data in (("jpg", record.image), ("taxon_com.txt", record.taxon.text("taxon_com").encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return os.path.join(folder, "train"), tars
+
+
+def bench_pipeline(batch: int, iters: int) -> list[tuple[str, str, float]]:
+    import tempfile
+
+    import open_clip
+    import webdataset as wds
+
+    from bioclip_jax.data.pipeline import train_dataset
+    from bioclip_jax.tokenizer import tokenize
+
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        shards, tars = _pipeline_data(folder)
+        ours = iter(train_dataset(shards, global_batch_size=batch, image_size=224, text_type="taxon_com",
+                                  process_index=0, process_count=1))
+        transform = open_clip.image_transform(224, is_train=True, aug_cfg={"scale": (0.9, 1.0)})
+        theirs = iter(wds.WebDataset(tars, shardshuffle=False, empty_check=False).repeat().shuffle(1000)
+                      .decode("pilrgb").to_tuple("jpg", "taxon_com.txt")
+                      .map_tuple(transform, lambda text: open_clip.tokenize([text])[0]).batched(batch))
+        rows.append(("input pipeline", "bioclip_jax", batch / _time(lambda: next(ours), iters)))
+        rows.append(("input pipeline", "open_clip", batch / _time(lambda: next(theirs), iters)))
+    from bioclip_jax.data.synthetic import SyntheticConfig, SyntheticTreeOfLife
+
+    captions = [t.text(k) for t in SyntheticTreeOfLife(SyntheticConfig()).species
+                for k in ("sci", "com", "taxon", "sci_com", "taxon_com")] * 10
+    rows.append(("tokenizer", "bioclip_jax", len(captions) / _time(lambda: tokenize(captions), 3, warmup=1)))
+    rows.append(("tokenizer", "open_clip", len(captions) / _time(lambda: open_clip.tokenize(captions), 3, warmup=1)))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["encode"])
+    parser.add_argument("mode", choices=["encode", "pipeline"])
     parser.add_argument("--model", default="ViT-B-16")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--iters", type=int, default=10)
@@ -69,16 +127,21 @@ def main() -> None:
     import jax
     import torch
 
-    rows = bench_encode(args.model, args.batch, args.iters)
+    if args.mode == "encode":
+        rows = bench_encode(args.model, args.batch, args.iters)
+        what = f"{args.model}, batch {args.batch}, fp32"
+    else:
+        rows = bench_pipeline(args.batch, args.iters)
+        what = f"224 px RandomResizedCrop + tokenize, batch {args.batch}, 1 process; tokenizer: 10,000 captions"
     device = jax.devices()[0]
-    print(f"# {args.mode}: {args.model}, batch {args.batch}, fp32, {device.platform} ({platform.processor() or 'cpu'}, "
-          f"{os.cpu_count()} cores), jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} "
-          f"threads), {time.strftime('%Y-%m-%d')}")
-    print(f"| {'task':<14} | {'bioclip_jax /s':>15} | {'open_clip /s':>13} | {'ratio':>6} |")
-    print(f"|{'-' * 16}|{'-' * 17}|{'-' * 15}|{'-' * 8}|")
+    print(f"# {args.mode}: {what}, {device.platform} ({platform.processor() or 'cpu'}, {os.cpu_count()} cores), "
+          f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"{time.strftime('%Y-%m-%d')}")
+    print(f"| {'task':<15} | {'bioclip_jax /s':>15} | {'open_clip /s':>13} | {'ratio':>6} |")
+    print(f"|{'-' * 17}|{'-' * 17}|{'-' * 15}|{'-' * 8}|")
     for i in range(0, len(rows), 2):
         (task, _, ours), (_, _, theirs) = rows[i], rows[i + 1]
-        print(f"| {task:<14} | {ours:>15.1f} | {theirs:>13.1f} | {ours / theirs:>5.2f}x |")
+        print(f"| {task:<15} | {ours:>15.1f} | {theirs:>13.1f} | {ours / theirs:>5.2f}x |")
 
 
 if __name__ == "__main__":

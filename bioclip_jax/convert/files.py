@@ -7,6 +7,8 @@ open_clip folder (what `open_clip.create_model_and_transforms("local-dir:DIR")` 
 bioclip_jax model folder (flax layout, no torch anywhere):
     bioclip_jax_config.json        {"format": "bioclip_jax", "format_version": 1, "model_cfg": ..., "preprocess_cfg": ...}
     bioclip_jax_params.safetensors keys are flax paths joined by "/"
+bioclip_jax training run (a trainer workdir): bioclip_jax_run.json + checkpoints/<step>/ (Orbax); the newest
+finalized step's params are read.
 Untrusted pickles are never executed: `.bin/.pt` go through `torch.load(weights_only=True)`.
 """
 
@@ -30,6 +32,7 @@ OPEN_CLIP_SAFETENSORS = "open_clip_model.safetensors"
 OPEN_CLIP_BIN = "open_clip_pytorch_model.bin"
 NATIVE_CONFIG = "bioclip_jax_config.json"
 NATIVE_PARAMS = "bioclip_jax_params.safetensors"
+RUN_FILE = "bioclip_jax_run.json"
 FORMAT_VERSION = 1
 TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -51,6 +54,8 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
     if path.is_dir():
+        if (path / RUN_FILE).exists():
+            return _read_training_run(path)
         if (path / NATIVE_CONFIG).exists():
             return _read_native_folder(path)
         if (path / OPEN_CLIP_CONFIG).exists():
@@ -131,6 +136,33 @@ def _read_native_folder(folder: Path) -> Checkpoint:
         raise FileNotFoundError(f"{folder}: missing {NATIVE_PARAMS}")
     params = traverse_util.unflatten_dict(read_tensor_file(params_path), sep="/")
     return Checkpoint(str(folder), config["model_cfg"], config.get("preprocess_cfg"), params=params)
+
+
+def _read_training_run(workdir: Path) -> Checkpoint:
+    import logging
+
+    import jax
+    import orbax.checkpoint as ocp
+
+    config = _read_json(workdir / RUN_FILE)
+    steps = sorted((int(p.name) for p in (workdir / "checkpoints").glob("*")
+                    if p.name.isdigit() and (p / "commit_success.txt").exists()), reverse=True)
+    if not steps:
+        raise FileNotFoundError(f"{workdir}: a training run without any finished checkpoint in checkpoints/")
+    checkpointer = ocp.PyTreeCheckpointer()
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # Orbax warns about per-item metadata files it does not need here
+    try:
+        path = workdir / "checkpoints" / str(steps[0]) / "state"
+        tree = checkpointer.metadata(path)
+        tree = getattr(getattr(tree, "item_metadata", None), "tree", tree)
+        args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        state = checkpointer.restore(path, restore_args=args)
+    finally:
+        absl_logger.setLevel(level)
+    return Checkpoint(f"{workdir} (step {steps[0]})", config["model_cfg"], config.get("preprocess_cfg"),
+                      params=state["params"])
 
 
 def write_open_clip_folder(folder: str | os.PathLike, state_dict: dict[str, np.ndarray], config: CLIPConfig,

@@ -166,6 +166,14 @@ _OPEN_CLIP_CONFIGS["tiny"] = {
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
 
+# The CPU demo's model (configs/demo.py), sized to train in minutes on 2 cores: 64 px images in 16 px patches,
+# a 4-layer image tower, a 2-layer text tower over 64 tokens (the synthetic captions need at most 53).
+_OPEN_CLIP_CONFIGS["demo"] = {
+    "embed_dim": 128, "quick_gelu": True,
+    "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "patch_size": 16, "head_width": 32},
+    "text_cfg": {"context_length": 64, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 2},
+}
+
 # BioCLIP-lineage aliases (BioCLIP v1 = OpenAI ViT-B/16 with QuickGELU; BioCLIP 2 = ViT-L/14 with GELU).
 ALIASES = {"bioclip": "ViT-B-16-quickgelu", "bioclip-2": "ViT-L-14"}
 

@@ -1,0 +1,118 @@
+"""Zero-shot classification: class embeddings from captions, and accuracy at every taxonomic rank.
+
+Per-rank evaluation: at rank r the label set is the distinct lineages kingdom..r among the candidate taxa, each
+described by its taxonomic name ("a photo of Animalia Chordata Aves."); an image is right at r when the nearest
+class embedding is its own lineage at r.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from bioclip_jax.data import pipeline
+from bioclip_jax.data.taxonomy import RANKS, Taxon
+from bioclip_jax.inference.model import Model, encode
+
+
+def class_embeddings(model: Model, texts_per_class: Sequence[Sequence[str]], batch_size: int = 256) -> np.ndarray:
+    """[C, D]: per class, the mean of its L2-normalised caption embeddings, renormalised (CLIP's zero-shot recipe)."""
+    flat = [t for texts in texts_per_class for t in texts]
+    features = encode(model, texts=flat, batch_size=batch_size)
+    out, start = [], 0
+    for texts in texts_per_class:
+        mean = features[start:start + len(texts)].mean(axis=0)
+        out.append(mean / np.linalg.norm(mean))
+        start += len(texts)
+    return np.stack(out).astype(np.float32)
+
+
+def embed_eval_set(model: Model, data: Any, batch_size: int = 64, worker_count: int = 0,
+                   desc: str = "embedding") -> tuple[np.ndarray, list[tuple[str, ...]], list[str]]:
+    """Normalised image features [N, D], ranks and labels of every example of an evaluation set (all processes'
+    shares gathered, in source order)."""
+    feats, ranks, labels, indices = [], [], [], []
+    batches = pipeline.eval_batches(data, batch_size=batch_size, preprocess=model.preprocess,
+                                    worker_count=worker_count)
+    for batch in tqdm(batches, desc=desc, leave=False):
+        keep = batch["mask"]
+        features = model.encode_pixels(batch["image"])[keep]
+        feats.append(features / np.linalg.norm(features, axis=-1, keepdims=True))
+        ranks += [tuple(r) for r in batch["ranks"][keep]]
+        labels += list(batch["label"][keep])
+        indices.append(batch["index"][keep])
+    features = np.concatenate(feats) if feats else np.zeros((0, model.config.embed_dim), np.float32)
+    features, ranks, labels, indices = _gather_processes(features, ranks, labels, np.concatenate(indices or [[]]))
+    order = np.argsort(indices, kind="stable")
+    return features[order], [ranks[i] for i in order], [labels[i] for i in order]
+
+
+def _gather_processes(features, ranks, labels, indices):
+    import jax
+
+    if jax.process_count() == 1:
+        return features, ranks, labels, indices
+    from jax.experimental import multihost_utils
+
+    # Strings do not travel through collectives: gather the features and indices as arrays, and ranks and labels
+    # as JSON bytes.
+    import json
+
+    payload = np.frombuffer(json.dumps([ranks, labels]).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([len(payload), len(features)]))
+    width = int(sizes[:, 0].max())
+    blobs = multihost_utils.process_allgather(np.pad(payload, (0, width - len(payload))))
+    rows = int(sizes[:, 1].max())
+    pad = lambda a: np.pad(a, [(0, rows - len(a))] + [(0, 0)] * (a.ndim - 1))
+    all_features = multihost_utils.process_allgather(pad(features))
+    all_indices = multihost_utils.process_allgather(pad(indices.astype(np.int64)))
+    out_f, out_r, out_l, out_i = [], [], [], []
+    for p, (size, count) in enumerate(sizes):
+        r, l = json.loads(blobs[p][:size].tobytes())
+        out_f.append(all_features[p][:count])
+        out_i.append(all_indices[p][:count])
+        out_r += [tuple(x) for x in r]
+        out_l += l
+    return np.concatenate(out_f), out_r, out_l, np.concatenate(out_i)
+
+
+def lineage_caption(lineage: Sequence[str]) -> str:
+    return f"a photo of {' '.join(r for r in lineage if r)}."
+
+
+def per_rank_accuracy(model: Model, image_features: np.ndarray, image_ranks: Sequence[Sequence[str]],
+                      candidates: Sequence[Taxon], ranks: Sequence[str] = RANKS) -> dict[str, dict[str, float]]:
+    """{rank: {"top1", "chance", "classes"}}: zero-shot accuracy at each rank over the candidates' lineages."""
+    results = {}
+    for rank in ranks:
+        depth = RANKS.index(rank) + 1
+        classes = sorted({tuple(t.ranks[:depth]) for t in candidates})
+        index = {c: i for i, c in enumerate(classes)}
+        truth = np.array([index.get(tuple(Taxon.from_ranks(r).ranks[:depth]), -1) for r in image_ranks])
+        text = class_embeddings(model, [[lineage_caption(c)] for c in classes])
+        predicted = (image_features @ text.T).argmax(axis=1)
+        results[rank] = {"top1": float((predicted == truth).mean()) if len(truth) else 0.0,
+                         "chance": 1.0 / len(classes), "classes": float(len(classes))}
+    return results
+
+
+def validation_metrics(model: Model, data: Any, batch_size: int = 256, loss_batch_size: int = 256,
+                       text_type: str = "taxon") -> dict[str, float]:
+    """What the trainer logs periodically on held-out images: the CLIP loss (captions of `text_type`, in chunks of
+    `loss_batch_size`) and zero-shot top-1 at every rank over the taxa present in the set."""
+    from bioclip_jax.train.loss import clip_loss
+
+    features, ranks, _ = embed_eval_set(model, data, batch_size=batch_size, desc="validation")
+    taxa = [Taxon.from_ranks(r) for r in ranks]
+    out: dict[str, float] = {}
+    if len(features) >= 2:
+        text = encode(model, texts=[t.text(text_type) for t in taxa], batch_size=batch_size)
+        chunks = range(0, len(features), loss_batch_size)
+        out["val/loss"] = float(np.mean([clip_loss(features[i:i + loss_batch_size], text[i:i + loss_batch_size],
+                                                   model.logit_scale) for i in chunks]))
+    unique = list({t.ranks: t for t in taxa}.values())
+    for rank, result in per_rank_accuracy(model, features, ranks, unique).items():
+        out[f"val/zero_shot_{rank}_top1"] = result["top1"]
+    return out

@@ -1,0 +1,1 @@
+"""Training: loss, optimizer, sharding, checkpoints, metrics and the trainer loop."""

@@ -1,0 +1,102 @@
+"""Config files (ml_collections, `get_config()` in a .py file) and command-line overrides `--config.a.b=value`."""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import os
+
+import ml_collections
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+    path = str(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config file {path!r} not found")
+    spec = importlib.util.spec_from_file_location("bioclip_jax_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path}: a config file must define get_config()")
+    config = module.get_config()
+    for override in overrides:
+        apply_override(config, override)
+    config.lock()
+    return config
+
+
+def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
+    """"train.lr=3e-4" (the `--config.` prefix already removed). Unknown keys are errors naming close matches;
+    values are parsed as Python literals where they parse, else taken as strings."""
+    if "=" not in override:
+        raise ValueError(f"config override {override!r}: expected key=value")
+    key, raw = override.split("=", 1)
+    node, parts = config, key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            where = ".".join(parts[:i]) or "config"
+            options = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            close = difflib.get_close_matches(part, options, n=3, cutoff=0.5)
+            close += [o for o in options if (o in part or part in o) and o not in close]
+            hint = f"; did you mean {', '.join('.'.join(parts[:i] + [c]) for c in close)}?" if close else ""
+            raise ValueError(f"unknown config key {key!r} ({part!r} is not in {where}){hint}")
+        if i < len(parts) - 1:
+            node = node[part]
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    old = node[parts[-1]]
+    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(old, tuple) and isinstance(value, list):
+        value = tuple(value)
+    try:
+        node[parts[-1]] = value
+    except TypeError as e:
+        raise ValueError(f"config key {key!r}: {e}") from None
+
+def base_config() -> ml_collections.ConfigDict:
+    """Defaults shared by every config file: each starts from these and changes what it needs."""
+    c = ml_collections.ConfigDict()
+    c.model = "ViT-B-16-quickgelu"  # open_clip name, or a path to an open_clip model JSON
+    c.dtype = "float32"  # compute dtype: "bfloat16" on accelerators; params stay float32
+    c.attn_implementation = "xla"  # "cudnn" for flash attention on GPU (bf16)
+    c.remat = ""  # "", "full", "dots" or "dots_all" (layers.REMAT_POLICIES)
+    c.init = ""  # open_clip weights to start from ("" = from scratch)
+    c.init_model = ""  # architecture of a bare init file, e.g. "ViT-B-16-quickgelu"
+    c.log_every_steps = 50
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = ""  # ArrayRecord shards: folder, glob or file
+    c.data.val = ""  # held-out images of training taxa (validation loss and zero-shot)
+    c.data.heldout = ""  # images of taxa never trained on (zero-shot through the higher ranks)
+    c.data.normalization = "imagenet"  # BioCLIP's training scripts used ImageNet mean/std; "openai" for OpenAI's
+    c.data.text_type = "mixed"  # one of sci/com/taxon/sci_com/taxon_com per step; or "mixed_per_sample", or a type
+    c.data.crop_scale = (0.9, 1.0)
+    c.data.workers = 0  # Grain worker processes (0: threads in the training process)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.seed = 0
+    c.train.global_batch_size = 32768
+    c.train.steps = 30_000
+    c.train.lr = 1e-4
+    c.train.warmup_steps = 1000
+    c.train.weight_decay = 0.2
+    c.train.b1 = 0.9
+    c.train.b2 = 0.98
+    c.train.eps = 1e-6
+    c.train.grad_clip_norm = 0.0  # 0 = no clipping (BioCLIP)
+    c.train.accum_steps = 1
+    c.train.fsdp = False
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 1000
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 0  # 0 = only at the end
+    c.eval.batch_size = 256
+    return c

@@ -1,0 +1,78 @@
+"""Analytic FLOP counts (MFU), and metric writers: JSONL and TensorBoard event files in the workdir."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+
+from bioclip_jax.models.config import CLIPConfig
+
+# Dense bf16 peak per device, for MFU. Unknown devices report MFU as 0.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
+              "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12}
+
+
+def _transformer_flops(tokens: int, width: int, layers: int, mlp_ratio: float) -> float:
+    per_layer = (2 * tokens * width * 3 * width  # fused qkv
+                 + 2 * 2 * tokens * tokens * width  # scores and weighted sum
+                 + 2 * tokens * width * width  # out proj
+                 + 2 * 2 * tokens * width * int(width * mlp_ratio))  # mlp
+    return layers * per_layer
+
+
+def forward_flops(config: CLIPConfig) -> tuple[float, float]:
+    """(image, text) forward FLOPs per example, 2 per multiply-add as open_clip's model_profile.csv
+    (ViT-B/16: 35.13 G + 5.96 G)."""
+    v, t = config.vision, config.text
+    patches = v.grid ** 2
+    image = (2 * patches * v.patch_size ** 2 * 3 * v.width + _transformer_flops(patches + 1, v.width, v.layers,
+                                                                                 v.mlp_ratio)
+             + 2 * v.width * config.embed_dim)
+    text = _transformer_flops(t.context_length, t.width, t.layers, t.mlp_ratio) + 2 * t.width * config.embed_dim
+    return float(image), float(text)
+
+
+def train_flops_per_pair(config: CLIPConfig) -> float:
+    """Forward + backward = 3x forward. Rematerialised recomputation is not counted (the MFU convention)."""
+    image, text = forward_flops(config)
+    return 3 * (image + text)
+
+
+def peak_flops_per_device() -> float:
+    kind = jax.devices()[0].device_kind
+    return next((v for k, v in PEAK_FLOPS.items() if k.lower() in kind.lower()), 0.0)
+
+
+class MetricWriter:
+    """Writes scalars to `metrics.jsonl` and TensorBoard event files (tensorboardX, no TensorFlow); process 0 only."""
+
+    def __init__(self, workdir: str | os.PathLike):
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        try:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        except ImportError:
+            self._tb = None
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        scalars = {k: float(v) for k, v in metrics.items()}
+        self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            if self._tb is not None:
+                self._tb.close()

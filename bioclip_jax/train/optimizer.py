@@ -1,0 +1,59 @@
+"""AdamW with open_clip's weight-decay mask, linear warmup then cosine to zero, and a guard on non-finite grads."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+
+from bioclip_jax.convert.state_dict import torch_key
+
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+def decay_mask(params) -> dict:
+    """True where weight decay applies. open_clip excludes params with ndim < 2 or whose name contains "ln", "bias"
+    or "logit_scale" (so positional embeddings, proj, text_projection and the token embedding ARE decayed); the
+    rule is applied to the open_clip names of our params so both stacks decay the same tensors."""
+    flat = traverse_util.flatten_dict(params)
+
+    def decays(path, value) -> bool:
+        name = torch_key(path)
+        return value.ndim >= 2 and not any(s in name for s in ("bn", "ln", "bias", "logit_scale"))
+
+    return traverse_util.unflatten_dict({path: decays(path, value) for path, value in flat.items()})
+
+
+def warmup_cosine(base_lr: float, warmup_steps: int, total_steps: int):
+    """open_clip's cosine_lr: lr = base * (step + 1) / warmup during warmup, then half a cosine down to 0."""
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = base_lr * (step + 1) / max(warmup_steps, 1)
+        progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+        cosine = 0.5 * (1 + jnp.cos(jnp.pi * jnp.clip(progress, 0.0, 1.0))) * base_lr
+        return jnp.where(step < warmup_steps, warm, cosine)
+
+    return schedule
+
+
+def make_optimizer(params, *, lr: float, warmup_steps: int, total_steps: int, weight_decay: float = 0.2,
+                   b1: float = 0.9, b2: float = 0.98, eps: float = 1e-6, grad_clip_norm: float | None = None):
+    """The BioCLIP recipe's AdamW. Updates with non-finite gradients are skipped (params and moments untouched) and
+    counted in the state (`optax.apply_if_finite`'s total_notfinite)."""
+    schedule = warmup_cosine(lr, warmup_steps, total_steps)
+    chain = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm else []
+    chain.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask(params)))
+    return optax.apply_if_finite(optax.chain(*chain), max_consecutive_errors=1_000_000), schedule
+
+
+def skipped_updates(opt_state) -> jax.Array:
+    return opt_state.total_notfinite
+
+
+def clamp_logit_scale(params: dict) -> dict:
+    """After every step, as open_clip: logit_scale in [0, ln 100]."""
+    return {**params, "logit_scale": jnp.clip(params["logit_scale"], 0.0, MAX_LOGIT_SCALE)}

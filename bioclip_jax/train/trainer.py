@@ -1,0 +1,278 @@
+"""The training loop, top to bottom: mesh -> state (initialised or restored, already sharded) -> data -> jitted step
+-> metrics, checkpoints, evaluation. Rerunning the same command on the same workdir resumes exactly."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from bioclip_jax.data import pipeline
+from bioclip_jax.data.taxonomy import text_type_for_step
+from bioclip_jax.data.transforms import Preprocess
+from bioclip_jax.inference.model import Model, load
+from bioclip_jax.models.clip import CLIP
+from bioclip_jax.models.config import CLIPConfig, get_model_config
+from bioclip_jax.train import checkpoint, metrics as metrics_lib, sharding
+from bioclip_jax.train.loss import clip_loss
+from bioclip_jax.train.optimizer import clamp_logit_scale, make_optimizer, skipped_updates
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int
+    params: Any
+    model_config: CLIPConfig
+    preprocess: Preprocess
+    history: list[dict]
+
+    def model(self, attn_implementation: str = "xla") -> Model:
+        return Model(self.model_config, jax.device_get(self.params), self.preprocess,
+                     attn_implementation=attn_implementation, source="trained")
+
+
+class _Preemption:
+    """SIGTERM (preemption, scancel, kill) sets a flag; the loop saves a checkpoint and returns."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: rely on Orbax's preemption check only
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def make_train_step(module: CLIP, tx, schedule, normalization: str, accum_steps: int = 1):
+    """(state, batch) -> (state, metrics). With accum_steps > 1 the global batch is processed in micro-batches with
+    open_clip's feature cache: features of all micro-batches are computed without gradients, then each micro-batch
+    is recomputed with gradients against the cached rest, so the loss still contrasts the whole global batch and the
+    summed gradient equals the full-batch gradient (logit_scale's gradient taken once)."""
+
+    def encode(params, images, tokens):
+        images = pipeline.normalize_images(images, normalization, module.dtype)
+        return module.apply({"params": params}, images, tokens)
+
+    def loss_and_grads(params, batch):
+        if accum_steps == 1:
+            def loss_fn(p):
+                image, text, scale = encode(p, batch["image"], batch["tokens"])
+                return clip_loss(image, text, scale)
+            return jax.value_and_grad(loss_fn)(params)
+
+        micro = jax.tree_util.tree_map(lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
+        cached_image, cached_text, _ = jax.lax.map(lambda mb: encode(params, mb["image"], mb["tokens"]), micro)
+        cached_image, cached_text = jax.lax.stop_gradient((cached_image, cached_text))
+
+        def micro_grads(grads, k):
+            def loss_fn(p):
+                mb = jax.tree_util.tree_map(lambda x: x[k], micro)
+                image, text, scale = encode(p, mb["image"], mb["tokens"])
+                scale = jnp.where(k == 0, scale, jax.lax.stop_gradient(scale))
+                all_image = cached_image.at[k].set(image).reshape(-1, image.shape[-1])
+                all_text = cached_text.at[k].set(text).reshape(-1, text.shape[-1])
+                return clip_loss(all_image, all_text, scale)
+            loss, g = jax.value_and_grad(loss_fn)(params)
+            return jax.tree_util.tree_map(jnp.add, grads, g), loss
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+        grads, losses = jax.lax.scan(micro_grads, zeros, jnp.arange(accum_steps))
+        return losses[0], grads
+
+    def train_step(state, batch):
+        loss, grads = loss_and_grads(state["params"], batch)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = clamp_logit_scale(optax.apply_updates(state["params"], updates))
+        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}
+        step_metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
+                        "logit_scale": jnp.exp(params["logit_scale"]), "skipped_updates": skipped_updates(opt_state)}
+        return new_state, step_metrics
+
+    return train_step
+
+
+def _initial_params(config: ml_collections.ConfigDict, model_config: CLIPConfig, seed: int):
+    if config.init:
+        loaded = load(config.init, model=config.init_model or None)
+        if loaded.config.to_open_clip() != model_config.to_open_clip():
+            raise ValueError(f"init weights {config.init} are a {loaded.config.to_open_clip()} model, but "
+                             f"config.model is {config.model!r}")
+        return lambda: loaded.params
+    c = model_config
+    images = jnp.zeros((1, c.vision.image_size, c.vision.image_size, 3), jnp.float32)
+    tokens = jnp.zeros((1, c.text.context_length), jnp.int32)
+    return lambda: CLIP(c).init(jax.random.key(seed), images, tokens)["params"]
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, max_steps: int | None = None,
+          progress: bool = True, evaluate_fn=None) -> TrainResult:
+    """Trains (or resumes) `config` in `workdir`. `max_steps` stops early (still saving), e.g. for tests.
+    Every config.eval.every_steps, `evaluate_fn(model, step) -> dict of scalars` is logged; by default it is the
+    validation loss and per-rank zero-shot accuracy on config.data.val (when set)."""
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    t = config.train
+
+    # ---- model and mesh
+    model_config = get_model_config(config.model)
+    mean, std = pipeline.NORMALIZATION[config.data.normalization]
+    preprocess = Preprocess(size=model_config.vision.image_size, mean=mean, std=std)
+    if jax.process_index() == 0:
+        _write_run_file(workdir, model_config, preprocess, config)
+    dtype = DTYPES[config.dtype]
+    module = CLIP(model_config, dtype=dtype, attn_implementation=config.attn_implementation or None,
+                  remat=config.remat or None)
+    mesh = sharding.make_mesh()
+    devices = mesh.devices.size
+    if t.global_batch_size % devices:
+        raise ValueError(f"global batch size {t.global_batch_size} is not divisible by the {devices} devices; "
+                         f"use a multiple of {devices}")
+    if t.global_batch_size % (devices * t.accum_steps):
+        raise ValueError(f"global batch size {t.global_batch_size} must split into accum_steps={t.accum_steps} "
+                         f"micro-batches that divide over {devices} devices")
+
+    # ---- state: created already sharded (eval_shape first, nothing allocated twice)
+    make_params = _initial_params(config, model_config, t.seed)
+    abstract_params = jax.eval_shape(make_params)
+    tx, schedule = make_optimizer(abstract_params, lr=t.lr, warmup_steps=t.warmup_steps, total_steps=t.steps,
+                                  weight_decay=t.weight_decay, b1=t.b1, b2=t.b2, eps=t.eps,
+                                  grad_clip_norm=t.grad_clip_norm or None)
+
+    def init_state():
+        params = make_params()
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+                "rng": jax.random.key_data(jax.random.key(t.seed))}
+
+    abstract_state = jax.eval_shape(init_state)
+    state_sharding = sharding.state_shardings(abstract_state, mesh, fsdp=t.fsdp)
+
+    # ---- data
+    data_iter = iter(pipeline.train_dataset(
+        config.data.train, global_batch_size=t.global_batch_size, image_size=model_config.vision.image_size,
+        seed=t.seed, text_type=config.data.text_type, scale=tuple(config.data.crop_scale),
+        context_length=model_config.text.context_length, worker_count=config.data.workers))
+
+    # ---- restore or initialise
+    manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), config.checkpoint.keep,
+                                      config.checkpoint.every_steps, config.checkpoint.async_save)
+    step, state = checkpoint.restore_latest(manager, checkpoint.abstract_like(abstract_state, state_sharding),
+                                            data_iter)
+    if state is None:
+        step, state = 0, jax.jit(init_state, out_shardings=state_sharding)()
+    else:
+        log.info("resumed from step %d in %s", step, workdir)
+
+    batch_sharding = sharding.batch_sharding(mesh)
+    train_step = jax.jit(make_train_step(module, tx, schedule, config.data.normalization, t.accum_steps),
+                         in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None),
+                         donate_argnums=(0,))
+
+    if evaluate_fn is None and config.data.val:
+        from bioclip_jax.evaluate.zero_shot import validation_metrics
+
+        evaluate_fn = lambda model, _: validation_metrics(model, config.data.val, config.eval.batch_size)  # noqa: E731
+
+    # ---- the loop
+    flops_per_step = metrics_lib.train_flops_per_pair(model_config) * t.global_batch_size
+    peak = metrics_lib.peak_flops_per_device()
+    writer = metrics_lib.MetricWriter(workdir)
+    history: list[dict] = []
+    last_step = t.steps if max_steps is None else min(t.steps, max_steps)
+    eval_model = None
+    bar = tqdm(total=t.steps, initial=step, desc="train", disable=not progress or jax.process_index() != 0)
+    window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+    with _Preemption() as preemption:
+        while step < last_step:
+            fetch_start = time.perf_counter()
+            batch = pipeline.to_global(next(data_iter), batch_sharding)
+            data_wait += time.perf_counter() - fetch_start
+            try:
+                state, step_metrics = train_step(state, batch)
+            except Exception as e:  # noqa: BLE001 - XLA reports OOM as a runtime error; anything else re-raises
+                _raise_with_memory_advice(e, config)
+            step += 1
+            window_steps += 1
+            if step % config.log_every_steps == 0 or step == last_step:
+                # Fetching metrics is the only host sync, once per log interval.
+                fetched = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                elapsed = time.perf_counter() - window_start
+                fetched.update(images_per_second=window_steps * t.global_batch_size / elapsed,
+                               tflops_per_device=window_steps * flops_per_step / elapsed / devices / 1e12,
+                               data_wait_fraction=data_wait / elapsed)
+                fetched["mfu"] = fetched["tflops_per_device"] * 1e12 / peak if peak else 0.0
+                writer.write(step, fetched)
+                history.append({"step": step, "text_type": text_type_for_step(step - 1), **fetched})
+                bar.set_postfix(loss=f"{fetched['loss']:.3f}", img_s=f"{fetched['images_per_second']:.0f}")
+                window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+            bar.update(1)
+            checkpoint.save(manager, step, state, data_iter)
+            if evaluate_fn is not None and config.eval.every_steps and step % config.eval.every_steps == 0:
+                eval_model = _eval_model(eval_model, model_config, state, preprocess)
+                writer.write(step, evaluate_fn(eval_model, step))
+            if preemption.requested or manager.reached_preemption(step):
+                log.warning("preemption signal: saving step %d and stopping", step)
+                break
+    bar.close()
+    checkpoint.save(manager, step, state, data_iter, force=manager.latest_step() != step)
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+    return TrainResult(step, state["params"], model_config, preprocess, history)
+
+
+def _raise_with_memory_advice(error: Exception, config) -> None:
+    message = str(error)
+    if "RESOURCE_EXHAUSTED" not in message and "out of memory" not in message.lower():
+        raise error
+    t = config.train
+    raise MemoryError(
+        f"the training step ran out of device memory (global batch {t.global_batch_size} over "
+        f"{jax.device_count()} devices, model {config.model}, dtype {config.dtype}, remat {config.remat or 'off'}, "
+        f"fsdp {t.fsdp}). Try, in this order: --config.remat=dots (or full); --config.dtype=bfloat16; "
+        f"--config.train.accum_steps=2 (or more: same global batch, smaller micro-batches); "
+        f"--config.train.fsdp=True (shards params and optimizer state); a smaller --config.train.global_batch_size."
+    ) from error
+
+
+def _eval_model(eval_model: Model | None, model_config: CLIPConfig, state, preprocess: Preprocess) -> Model:
+    """One Model reused across evaluations (its jitted encoders compile once); params swapped in each time."""
+    params = jax.device_get(state["params"])
+    if eval_model is None:
+        eval_model = Model(model_config, params, preprocess)
+    eval_model.params = params
+    return eval_model
+
+
+def _write_run_file(workdir: str, model_config: CLIPConfig, preprocess: Preprocess, config) -> None:
+    """What `bioclip_jax.load(workdir)` needs to rebuild the model, and the config that trained it."""
+    import json
+
+    from bioclip_jax.convert.files import FORMAT_VERSION, RUN_FILE
+
+    run = {"format": "bioclip_jax_run", "format_version": FORMAT_VERSION, "model_cfg": model_config.to_open_clip(),
+           "preprocess_cfg": preprocess.to_open_clip(), "config": json.loads(config.to_json())}
+    with open(os.path.join(workdir, RUN_FILE), "w") as f:
+        json.dump(run, f, indent=2)

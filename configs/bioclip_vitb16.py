@@ -1,0 +1,25 @@
+"""BioCLIP v1 (Stevens et al., CVPR 2024): OpenAI CLIP ViT-B/16 (QuickGELU) fine-tuned on TreeOfLife-10M.
+
+100 epochs at global batch 32,768 (~30K steps over ~10M images), lr 1e-4, 1,000 warmup steps, cosine to 0, AdamW
+(0.9, 0.98, eps 1e-6), weight decay 0.2, mixed text type, no gradient clipping.
+
+    bioclip-jax train --config configs/bioclip_vitb16.py --workdir runs/bioclip \
+        --config.data.train=shards/tol10m/train --config.init=ViT-B-16-openai/open_clip_model.safetensors
+"""
+
+from bioclip_jax.train.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.model = "ViT-B-16-quickgelu"
+    c.dtype = "bfloat16"
+    c.remat = "dots"  # BioCLIP used gradient checkpointing to fit 4,096 per GPU
+    c.init_model = "ViT-B-16-quickgelu"  # OpenAI's weights: QuickGELU
+    c.data.train = "shards/treeoflife-10m/train"
+    c.data.val = "shards/treeoflife-10m/val"
+    c.train.global_batch_size = 32768
+    c.train.steps = 100 * 10_400_000 // 32768  # 100 epochs of TreeOfLife-10M
+    c.checkpoint.every_steps = 500
+    c.eval.every_steps = 2000
+    return c

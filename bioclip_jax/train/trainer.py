@@ -223,8 +223,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, max_
                                tflops_per_device=window_steps * flops_per_step / elapsed / devices / 1e12,
                                data_wait_fraction=data_wait / elapsed)
                 fetched["mfu"] = fetched["tflops_per_device"] * 1e12 / peak if peak else 0.0
-                writer.write(step, fetched)
-                history.append({"step": step, "text_type": text_type_for_step(step - 1), **fetched})
+                if config.data.text_type == "mixed":
+                    fetched["text_type"] = text_type_for_step(step - 1)  # the caption type of this step's batch
+                writer.write(step, {k: v for k, v in fetched.items() if k != "text_type"})
+                history.append({"step": step, **fetched})
                 bar.set_postfix(loss=f"{fetched['loss']:.3f}", img_s=f"{fetched['images_per_second']:.0f}")
                 window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
             bar.update(1)

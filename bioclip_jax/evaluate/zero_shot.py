@@ -78,6 +78,41 @@ def _gather_processes(features, ranks, labels, indices):
     return np.concatenate(out_f), out_r, out_l, np.concatenate(out_i)
 
 
+def class_texts(classes: Sequence[str | Taxon], text_type: str = "asis") -> list[str]:
+    """The name each class is prompted with: "asis" uses the label as given; other types (sci, com, taxon, sci_com,
+    taxon_com, ...) the taxon's name of that type (the caption without "a photo of " and the final period)."""
+    names = []
+    for c in classes:
+        if text_type == "asis":
+            names.append(c if isinstance(c, str) else c.scientific_name)
+        else:
+            if not isinstance(c, Taxon):
+                raise ValueError(f"text type {text_type!r} needs taxa (ranks, common name) for every class; got {c!r}")
+            names.append(c.text(text_type)[len("a photo of "):-1])
+    return names
+
+
+def zero_shot_classifier(model: Model, class_names: Sequence[str], templates: Sequence[str]) -> np.ndarray:
+    """[C, D] class embeddings: every template filled with the class name, embeddings normalised, averaged,
+    renormalised (CLIP's prompt ensembling)."""
+    if not class_names:
+        raise ValueError("no class names")
+    duplicates = sorted({n for n in class_names if list(class_names).count(n) > 1})
+    if duplicates:
+        raise ValueError(f"duplicate class names {duplicates[:10]}: two classes would get the same embedding")
+    return class_embeddings(model, [[t.format(name) for t in templates] for name in class_names])
+
+
+def topk_accuracy(logits: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 3, 5)) -> dict[str, float]:
+    """Top-k accuracies and mean per-class top-1 accuracy (classes weighted equally)."""
+    labels = np.asarray(labels)
+    order = np.argsort(-logits, axis=1)
+    out = {f"top{k}": float((order[:, :k] == labels[:, None]).any(axis=1).mean()) for k in ks}
+    top1 = order[:, 0] == labels
+    out["mean_per_class_top1"] = float(np.mean([top1[labels == c].mean() for c in np.unique(labels)]))
+    return out
+
+
 def lineage_caption(lineage: Sequence[str]) -> str:
     return f"a photo of {' '.join(r for r in lineage if r)}."
 

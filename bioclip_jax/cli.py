@@ -98,6 +98,93 @@ def _make_shards(args) -> int:
     return 0
 
 
+def _read_labels(value: str) -> list[str]:
+    """--cls: a file with one label per line, or a comma-separated list."""
+    import os
+
+    if os.path.isfile(value):
+        with open(value) as f:
+            return [line.strip() for line in f if line.strip()]
+    return [label.strip() for label in value.split(",") if label.strip()]
+
+
+def _read_bins(path: str) -> dict[str, str]:
+    """--bins: a CSV whose first column is the label and second the bin (a header row is skipped if it says so)."""
+    import csv
+
+    with open(path, newline="") as f:
+        rows = [row for row in csv.reader(f) if row]
+    if rows and [c.strip().lower() for c in rows[0][:2]] in (["cls", "bin"], ["class", "bin"], ["label", "bin"]):
+        rows = rows[1:]
+    bad = [i + 1 for i, row in enumerate(rows) if len(row) < 2]
+    if bad or not rows:
+        raise ValueError(f"{path}: expected two columns (label, bin) on every row; rows {bad[:10]} have fewer")
+    return {row[0].strip(): row[1].strip() for row in rows}
+
+
+def _write_rows(rows: list[dict], fmt: str, output: str | None) -> None:
+    import csv
+    import io
+
+    columns = ["file_name", "classification", "score"]
+    buf = io.StringIO()
+    if fmt == "csv":
+        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        widths = [max([len(c)] + [len(f"{r[c]:.6g}" if c == "score" else str(r[c])) for r in rows]) for c in columns]
+        line = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+        cell = lambda r, c, w: (f"{r[c]:.6g}" if c == "score" else str(r[c])).ljust(w)  # noqa: E731
+        buf.write("\n".join([line, "| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |", line]
+                            + ["| " + " | ".join(cell(r, c, w) for c, w in zip(columns, widths)) + " |" for r in rows]
+                            + [line]) + "\n")
+    if output:
+        with open(output, "w") as f:
+            f.write(buf.getvalue())
+    else:
+        sys.stdout.write(buf.getvalue())
+
+
+def _report_failures(failures: dict[str, str]) -> int:
+    for name, why in failures.items():
+        print(f"bioclip-jax: skipped {name}: {why}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _predict(args) -> int:
+    import bioclip_jax
+    from bioclip_jax.inference.classify import CustomLabelsBinningClassifier, CustomLabelsClassifier
+
+    model = bioclip_jax.load(args.model, model=args.arch)
+    if args.bins:
+        classifier = CustomLabelsBinningClassifier(model, _read_bins(args.bins))
+    else:
+        classifier = CustomLabelsClassifier(model, _read_labels(args.cls))
+    predictions = classifier.predict(args.images, k=args.k, batch_size=args.batch_size)
+    _write_rows(predictions.rows, args.format, args.output)
+    return _report_failures(predictions.failures)
+
+
+def _embed(args) -> int:
+    import json
+
+    import bioclip_jax
+    from bioclip_jax.inference.classify import load_images
+
+    model = bioclip_jax.load(args.model, model=args.arch)
+    keys, images, failures = load_images(args.images)
+    features = bioclip_jax.encode(model, images=images, normalize=False, batch_size=args.batch_size) if images else []
+    result = {"model": model.source, "embeddings": {k: [float(v) for v in f] for k, f in zip(keys, features)}}
+    text = json.dumps(result, indent=2) + "\n"
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    return _report_failures(failures)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bioclip-jax", description="BioCLIP in JAX: convert, encode, train, evaluate")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,6 +198,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="architecture for bare weight files, e.g. ViT-B-16-quickgelu (BioCLIP)")
     p.add_argument("--no-bin", action="store_true", help="write only safetensors (no torch needed)")
     p.set_defaults(func=_convert)
+
+    p = sub.add_parser("predict", help="classify images with custom labels or label bins (pybioclip's predict)")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--model", required=True, help="weights: open_clip folder/file, bioclip_jax folder or run")
+    p.add_argument("--arch", help="architecture of a bare weights file, e.g. ViT-B-16-quickgelu")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--cls", help="labels: comma-separated, or a file with one label per line")
+    group.add_argument("--bins", help="CSV of label,bin: a bin's score sums its labels' probabilities")
+    p.add_argument("--k", type=int, default=5, help="predictions per image")
+    p.add_argument("--format", choices=["csv", "table"], default="csv")
+    p.add_argument("--output", help="write here instead of standard output")
+    p.add_argument("--batch-size", type=int, default=10)
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("embed", help="image embeddings as JSON (pybioclip's embed format, unnormalised)")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--model", required=True)
+    p.add_argument("--arch", help="architecture of a bare weights file")
+    p.add_argument("--output")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=_embed)
 
     p = sub.add_parser("list-models", help="architectures known by name")
     p.set_defaults(func=_list_models)

@@ -126,14 +126,15 @@ def _write_rows(rows: list[dict], fmt: str, output: str | None) -> None:
     import csv
     import io
 
-    columns = ["file_name", "classification", "score"]
+    columns = list(rows[0]) if rows else ["file_name", "classification", "score"]
     buf = io.StringIO()
     if fmt == "csv":
         writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
     else:
-        widths = [max([len(c)] + [len(f"{r[c]:.6g}" if c == "score" else str(r[c])) for r in rows]) for c in columns]
+        widths = [max([len(c)] + [len(f"{r[c]:.6g}" if c == "score" else str(r[c])) for r in rows])
+                  for c in columns]
         line = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
         cell = lambda r, c, w: (f"{r[c]:.6g}" if c == "score" else str(r[c])).ljust(w)  # noqa: E731
         buf.write("\n".join([line, "| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |", line]
@@ -157,6 +158,18 @@ def _predict(args) -> int:
     from bioclip_jax.inference.classify import CustomLabelsBinningClassifier, CustomLabelsClassifier
 
     model = bioclip_jax.load(args.model, model=args.arch)
+    if args.rank:
+        from bioclip_jax.inference.tree_of_life import TreeOfLifeClassifier
+
+        if not args.txt_emb:
+            raise ValueError("--rank needs --txt-emb DIR (txt_emb_species.npy + .json; see make-txt-emb)")
+        classifier = TreeOfLifeClassifier(model, args.txt_emb)
+        if args.subset:
+            classifier.restrict(*_read_subset(args.subset))
+        predictions = classifier.predict(args.images, rank=args.rank, min_prob=args.min_prob, k=args.k,
+                                         batch_size=args.batch_size)
+        _write_rows(predictions.rows, args.format, args.output)
+        return _report_failures(predictions.failures)
     if args.bins:
         classifier = CustomLabelsBinningClassifier(model, _read_bins(args.bins))
     else:
@@ -164,6 +177,39 @@ def _predict(args) -> int:
     predictions = classifier.predict(args.images, k=args.k, batch_size=args.batch_size)
     _write_rows(predictions.rows, args.format, args.output)
     return _report_failures(predictions.failures)
+
+
+def _read_subset(path: str) -> tuple[str, list[str]]:
+    """pybioclip's --subset CSV: the header of the first column names the rank, the rows the taxa to keep."""
+    import csv
+
+    with open(path, newline="") as f:
+        rows = [row for row in csv.reader(f) if row]
+    if len(rows) < 2:
+        raise ValueError(f"{path}: expected a header naming the rank (e.g. 'order') and at least one taxon")
+    return rows[0][0].strip().lower(), [row[0] for row in rows[1:]]
+
+
+def _make_txt_emb(args) -> int:
+    import bioclip_jax
+    from bioclip_jax.data import sources
+    from bioclip_jax.inference.tree_of_life import make_txt_emb
+
+    import csv
+
+    model = bioclip_jax.load(args.model, model=args.arch)
+    with open(args.taxa, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.DictReader(f))
+    rename = {"class": "cls"}  # metadata.csv says "cls"; accept the plain word too
+    taxa = [sources.row_taxon({rename.get(k.strip(), k.strip()): (v or "") for k, v in row.items() if k})
+            for row in rows]
+    empty = [i + 2 for i, t in enumerate(taxa) if t.empty]
+    if not taxa or empty:
+        raise ValueError(f"{args.taxa}: expected columns kingdom, phylum, cls (or class), order, family, genus, "
+                         f"species[, common_name]; rows without any rank: {empty[:10]}")
+    folder = make_txt_emb(model, taxa, args.out, text_type=args.text_type)
+    print(f"wrote {len(taxa)} species embeddings to {folder}")
+    return 0
 
 
 def _embed(args) -> int:
@@ -204,13 +250,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="weights: open_clip folder/file, bioclip_jax folder or run")
     p.add_argument("--arch", help="architecture of a bare weights file, e.g. ViT-B-16-quickgelu")
     group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--rank", choices=["kingdom", "phylum", "class", "order", "family", "genus", "species"],
+                       help="tree-of-life prediction at this rank (needs --txt-emb)")
     group.add_argument("--cls", help="labels: comma-separated, or a file with one label per line")
     group.add_argument("--bins", help="CSV of label,bin: a bin's score sums its labels' probabilities")
+    p.add_argument("--txt-emb", help="folder with txt_emb_species.npy/.json (pybioclip format), for --rank")
+    p.add_argument("--subset", help="CSV whose header names a rank and whose rows the taxa to keep, for --rank")
+    p.add_argument("--min-prob", type=float, default=1e-9, help="species below this are not summed, for --rank")
     p.add_argument("--k", type=int, default=5, help="predictions per image")
     p.add_argument("--format", choices=["csv", "table"], default="csv")
     p.add_argument("--output", help="write here instead of standard output")
     p.add_argument("--batch-size", type=int, default=10)
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("make-txt-emb", help="species text-embedding matrix for tree-of-life prediction")
+    p.add_argument("taxa", help="CSV with kingdom, phylum, cls, order, family, genus, species[, common_name]")
+    p.add_argument("--model", required=True)
+    p.add_argument("--arch", help="architecture of a bare weights file")
+    p.add_argument("--out", required=True, help="folder for txt_emb_species.npy and txt_emb_species.json")
+    p.add_argument("--text-type", default="taxon_com", help="name used in the templates (default taxon_com)")
+    p.set_defaults(func=_make_txt_emb)
 
     p = sub.add_parser("embed", help="image embeddings as JSON (pybioclip's embed format, unnormalised)")
     p.add_argument("images", nargs="+")

@@ -98,3 +98,56 @@ def test_embed_json(exported, tmp_path):
     expected = bioclip_jax.encode(bioclip_jax.load(folder), images=[Image.open(p).convert("RGB") for p in images],
                                   normalize=False)
     np.testing.assert_allclose([result["embeddings"][p] for p in images], expected, atol=1e-6)
+
+
+def _taxa_csv(path):
+    rows = [("Animalia", "Chordata", "Aves", "Passeriformes", "Corvidae", "Pica", "hudsonia", "black-billed magpie"),
+            ("Animalia", "Chordata", "Aves", "Passeriformes", "Corvidae", "Corvus", "corax", "common raven"),
+            ("Animalia", "Chordata", "Aves", "Passeriformes", "Corvidae", "Corvus", "brachyrhynchos", ""),
+            ("Animalia", "Arthropoda", "Insecta", "Lepidoptera", "Nymphalidae", "Danaus", "plexippus", "monarch"),
+            ("Fungi", "Basidiomycota", "Agaricomycetes", "Agaricales", "Amanitaceae", "Amanita", "muscaria", "")]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["kingdom", "phylum", "class", "order", "family", "genus", "species", "common_name"])
+        writer.writerows(rows)
+    return path
+
+
+def test_tree_of_life_prediction_sums_species_by_rank(exported, tmp_path):
+    from bioclip_jax.inference.tree_of_life import TreeOfLifeClassifier, load_txt_emb
+
+    folder, images = exported
+    assert main(["make-txt-emb", str(_taxa_csv(tmp_path / "taxa.csv")), "--model", str(folder),
+                 "--out", str(tmp_path / "emb")]) == 0
+    matrix, taxa = load_txt_emb(tmp_path / "emb")
+    assert matrix.shape == (64, 5) and np.allclose(np.linalg.norm(matrix, axis=0), 1, atol=1e-5)
+    assert taxa[1].common_name == "common raven" and taxa[0].ranks[6] == "hudsonia"
+
+    classifier = TreeOfLifeClassifier(bioclip_jax.load(folder), tmp_path / "emb")
+    species = classifier.predict(images[:1], rank="species", k=5).rows
+    assert list(species[0]) == ["file_name", "kingdom", "phylum", "class", "order", "family", "genus",
+                                "species_epithet", "species", "common_name", "score"]
+    assert sum(r["score"] for r in species) == pytest.approx(1.0, abs=1e-5)
+    by_species = {r["species"]: r["score"] for r in species}
+    genus = {r["genus"]: r["score"] for r in classifier.predict(images[:1], rank="genus", k=5).rows}
+    assert genus["Corvus"] == pytest.approx(by_species["Corvus corax"] + by_species["Corvus brachyrhynchos"], abs=1e-6)
+    kingdoms = classifier.predict(images[:1], rank="kingdom", k=1).rows
+    assert len(kingdoms) == 1 and list(kingdoms[0]) == ["file_name", "kingdom", "score"]
+
+    (tmp_path / "subset.csv").write_text("family\nCorvidae\n")
+    assert main(["predict", images[0], "--model", str(folder), "--rank", "species", "--txt-emb",
+                 str(tmp_path / "emb"), "--subset", str(tmp_path / "subset.csv"), "--output",
+                 str(tmp_path / "sub.csv")]) == 0
+    subset_rows = _read_csv(tmp_path / "sub.csv")
+    assert {r["family"] for r in subset_rows} == {"Corvidae"} and len(subset_rows) == 3
+
+
+def test_text_embeddings_of_another_model_are_refused(exported, tmp_path):
+    from bioclip_jax.inference.tree_of_life import TreeOfLifeClassifier, save_txt_emb
+    from bioclip_jax.data.taxonomy import Taxon
+
+    folder, _ = exported
+    save_txt_emb(tmp_path / "emb", np.ones((1, 512), np.float32), [Taxon.from_ranks(["A", "", "", "", "", "B", "c"])])
+    with pytest.raises(ValueError, match="dimension 512, but the model embeds to 64"):
+        TreeOfLifeClassifier(bioclip_jax.load(folder), tmp_path / "emb")
+    assert main(["predict", "x.jpg", "--model", str(folder), "--rank", "genus"]) == 2  # needs --txt-emb

@@ -212,6 +212,23 @@ def _make_txt_emb(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from pathlib import Path
+
+    import bioclip_jax
+    from bioclip_jax.evaluate.benchmark import find_tasks, run_benchmark
+
+    model = bioclip_jax.load(args.model, model=args.arch)
+    sources = find_tasks(args.tasks, args.tfds_data_dir)
+    if args.only:
+        sources = {t: s for t, s in sources.items() if t in args.only.split(",")}
+    shots = [int(k) for k in args.shots.split(",") if k] if args.shots else []
+    run_benchmark(model, sources, args.out, model_name=args.name or str(args.model), text_type=args.text_type,
+                  templates=args.templates, shots=shots, batch_size=args.batch_size)
+    print((Path(args.out) / "results.md").read_text())
+    return 0
+
+
 def _embed(args) -> int:
     import json
 
@@ -262,6 +279,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write here instead of standard output")
     p.add_argument("--batch-size", type=int, default=10)
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("eval", help="the paper's table: zero-shot (and k-shot) top-1 on the tasks present")
+    p.add_argument("--model", required=True)
+    p.add_argument("--arch", help="architecture of a bare weights file")
+    p.add_argument("--tasks", help="folder holding task folders (PLK_Mini/metadata.csv, rare_species/, ...)")
+    p.add_argument("--tfds-data-dir", help="TFDS data_dir with bioclip_eval builds")
+    p.add_argument("--only", help="comma-separated task names to run (default: all present)")
+    p.add_argument("--text-type", default="taxon_com", help="class names: asis, sci, com, taxon, sci_com, taxon_com")
+    p.add_argument("--templates", choices=["openai", "bioclip", "single"], default="openai")
+    p.add_argument("--shots", default="", help="few-shot k values, e.g. 1,5 (SimpleShot, 5 folds)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--name", help="model name in the table")
+    p.add_argument("--out", required=True, help="results.md, results.csv and results.json go here")
+    p.set_defaults(func=_eval)
 
     p = sub.add_parser("make-txt-emb", help="species text-embedding matrix for tree-of-life prediction")
     p.add_argument("taxa", help="CSV with kingdom, phylum, cls, order, family, genus, species[, common_name]")

@@ -26,25 +26,37 @@ def write_data(data_dir: str, image_size: int, seed: int = 0) -> SyntheticTreeOf
     return SyntheticTreeOfLife(config)
 
 
-def evaluate_per_rank(model, tree: SyntheticTreeOfLife, val: str, heldout: str, batch_size: int = 256) -> dict:
-    """{"val": {rank: metrics}, "heldout_species": {rank: metrics}}; candidates are all species of the tree."""
-    from bioclip_jax.evaluate.zero_shot import embed_eval_set, per_rank_accuracy
+def evaluate_per_rank(model, tree: SyntheticTreeOfLife, val: str, heldout: str, batch_size: int = 256,
+                      plot_dir: str | None = None) -> dict:
+    """{"val": {rank: metrics}, "heldout_species": {rank: metrics}, "hierarchy_consistency": {rank: fraction}};
+    candidates are all species of the tree. With `plot_dir`, PCA plots of the val embeddings by kingdom and phylum."""
+    from bioclip_jax.evaluate.plots import plot_embeddings
+    from bioclip_jax.evaluate.zero_shot import embed_eval_set, hierarchy_consistency, per_rank_accuracy
 
     results = {}
     for name, data in (("val", val), ("heldout_species", heldout)):
         if data:
-            features, ranks, _ = embed_eval_set(model, data, batch_size=batch_size, desc=f"zero-shot {name}")
+            features, ranks, _, _ = embed_eval_set(model, data, batch_size=batch_size, desc=f"zero-shot {name}")
             results[name] = per_rank_accuracy(model, features, ranks, tree.species)
+            if name == "val":
+                results["hierarchy_consistency"] = hierarchy_consistency(model, features, tree.species)
+                for rank, depth in (("kingdom", 1), ("phylum", 2)) if plot_dir else ():
+                    plot_embeddings(features, [" ".join(r[:depth]) for r in ranks],
+                                    os.path.join(plot_dir, f"embeddings_by_{rank}.png"),
+                                    title=f"val image embeddings (PCA), coloured by {rank}")
     return results
 
 
 def format_report(results: dict, seconds: float, steps: int, final_loss: float, export_dir: str) -> str:
     lines = [f"trained {steps} steps in {seconds / 60:.1f} min, final loss {final_loss:.3f}",
              "zero-shot top-1 accuracy by rank (chance in brackets):",
-             f"  {'rank':<8}" + "".join(f"{name:>26}" for name in results)]
+             f"  {'rank':<8}" + "".join(f"{name:>26}" for name in results if name != "hierarchy_consistency")
+             + "   hierarchy consistency (val)"]
+    consistency = results.get("hierarchy_consistency", {})
     for rank in RANKS:
-        cells = "".join(f"{100 * r[rank]['top1']:>16.1f}% [{100 * r[rank]['chance']:5.1f}%]" for r in results.values())
-        lines.append(f"  {rank:<8}{cells}")
+        cells = "".join(f"{100 * r[rank]['top1']:>16.1f}% [{100 * r[rank]['chance']:5.1f}%]"
+                        for name, r in results.items() if name != "hierarchy_consistency")
+        lines.append(f"  {rank:<8}{cells}" + (f"{100 * consistency[rank]:>20.1f}%" if rank in consistency else ""))
     lines.append(f"open_clip export: {export_dir}  (open_clip.create_model_and_transforms('local-dir:{export_dir}'))")
     return "\n".join(lines)
 
@@ -62,7 +74,8 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
         config.data[key] = os.path.join(data_dir, split)
     result = train(config, workdir)
     model = result.model()
-    results = evaluate_per_rank(model, tree, config.data.val, config.data.heldout, config.eval.batch_size)
+    results = evaluate_per_rank(model, tree, config.data.val, config.data.heldout, config.eval.batch_size,
+                                plot_dir=workdir)
     export_dir = str(export_open_clip(model, os.path.join(workdir, "open_clip")))
     seconds = time.perf_counter() - start
     final_loss = result.history[-1]["loss"] if result.history else float("nan")

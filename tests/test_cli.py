@@ -50,8 +50,10 @@ def test_demo_runs_end_to_end_with_small_settings(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "trained 3 steps" in out and "species" in out and "open_clip export" in out
     report = json.loads((workdir / "report.json").read_text())
-    assert set(report["zero_shot"]) == {"val", "heldout_species"}
+    assert set(report["zero_shot"]) == {"val", "heldout_species", "hierarchy_consistency"}
     assert report["zero_shot"]["val"]["kingdom"]["chance"] == 0.25
     assert (workdir / "open_clip" / "open_clip_model.safetensors").exists()
+    assert report["zero_shot"]["hierarchy_consistency"]["kingdom"] <= 1.0
+    assert (workdir / "embeddings_by_kingdom.png").exists() and (workdir / "embeddings_by_phylum.png").exists()
     assert main(["demo", "--workdir", str(workdir), "--config.trian.steps=3"]) == 2  # typo: named, exit code 2
     assert "unknown config key 'trian.steps'" in capsys.readouterr().err

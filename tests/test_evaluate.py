@@ -79,3 +79,68 @@ def test_zero_shot_classifier_averages_normalised_template_embeddings():
     np.testing.assert_allclose(weights[0], expected / np.linalg.norm(expected), atol=1e-6)
     with pytest.raises(ValueError, match="duplicate class names"):
         zero_shot_classifier(model, ["a", "a"], templates)
+
+
+def _task_folder(folder, classes, per_class=4, seed=0):
+    import csv
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    with open(folder / "metadata.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["filepath", "class", "kingdom", "phylum", "cls", "order", "family", "genus", "species",
+                         "common_name"])
+        for c, (name, ranks, common) in enumerate(classes):
+            for i in range(per_class):
+                path = f"{c}_{i}.jpg"
+                from PIL import Image
+                Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(folder / path)
+                writer.writerow([path, name, *ranks, common])
+
+
+def test_benchmark_runner_writes_the_paper_table(tmp_path):
+    import json
+
+    from bioclip_jax.cli import main
+
+    birds = [("Pica hudsonia", ["Animalia", "Chordata", "Aves", "Passeriformes", "Corvidae", "Pica", "hudsonia"],
+              "black-billed magpie"),
+             ("Corvus corax", ["Animalia", "Chordata", "Aves", "Passeriformes", "Corvidae", "Corvus", "corax"], "raven"),
+             ("Danaus plexippus", ["Animalia", "Arthropoda", "Insecta", "Lepidoptera", "Nymphalidae", "Danaus",
+                                   "plexippus"], "monarch")]
+    _task_folder(tmp_path / "tasks" / "rare_species", birds)
+    _task_folder(tmp_path / "tasks" / "PLK_Mini", [(n, [""] * 7, "") for n in ("diatom", "copepod")], seed=1)
+    bioclip_jax_model = tmp_path / "model"
+    import bioclip_jax
+
+    bioclip_jax.save_model(bioclip_jax.create_model("tiny"), bioclip_jax_model)
+    assert main(["eval", "--model", str(bioclip_jax_model), "--tasks", str(tmp_path / "tasks"), "--shots", "1",
+                 "--templates", "single", "--name", "tiny", "--out", str(tmp_path / "out")]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())["tasks"]
+    assert set(results) == {"rare_species", "plankton"}
+    assert results["rare_species"]["classes"] == 3 and results["rare_species"]["images"] == 12
+    assert 0.0 <= results["plankton"]["zero_shot"]["top1"] <= 1.0 and "1_shot" in results["plankton"]
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| model | Plankton | Rare Species | mean |" in table
+    assert "| BioCLIP (paper) | 6.1 | 37.8 | 39.4 (10 tasks) |" in table
+    assert (tmp_path / "out" / "results.csv").read_text().startswith("model,Plankton,Rare Species,mean")
+
+
+def test_hierarchy_consistency_and_plot(tmp_path):
+    import bioclip_jax
+    from bioclip_jax.evaluate.plots import plot_embeddings
+    from bioclip_jax.evaluate.zero_shot import hierarchy_consistency
+
+    model = bioclip_jax.create_model("tiny")
+    taxa = [Taxon.from_ranks(["Animalia", "Chordata", "Aves", "Passeriformes", "Corvidae", g, s])
+            for g, s in (("Pica", "pica"), ("Corvus", "corax"), ("Corvus", "monedula"))]
+    features = np.random.default_rng(0).normal(size=(10, 64)).astype(np.float32)
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    consistency = hierarchy_consistency(model, features, taxa)
+    assert consistency["kingdom"] == 1.0 and consistency["family"] == 1.0  # one lineage down to family
+    assert 0.0 <= consistency["genus"] <= 1.0
+    path = plot_embeddings(features, ["a"] * 5 + ["b"] * 5, tmp_path / "pca.png", title="test")
+    from PIL import Image
+
+    image = Image.open(path)
+    assert image.size == (860, 640) and len(np.unique(np.asarray(image).reshape(-1, 3), axis=0)) > 3

@@ -30,10 +30,10 @@ def class_embeddings(model: Model, texts_per_class: Sequence[Sequence[str]], bat
 
 
 def embed_eval_set(model: Model, data: Any, batch_size: int = 64, worker_count: int = 0,
-                   desc: str = "embedding") -> tuple[np.ndarray, list[tuple[str, ...]], list[str]]:
-    """Normalised image features [N, D], ranks and labels of every example of an evaluation set (all processes'
-    shares gathered, in source order)."""
-    feats, ranks, labels, indices = [], [], [], []
+                   desc: str = "embedding") -> tuple[np.ndarray, list[tuple[str, ...]], list[str], list[str]]:
+    """Normalised image features [N, D], ranks, labels and common names of every example of an evaluation set (all
+    processes' shares gathered, in source order)."""
+    feats, ranks, labels, commons, indices = [], [], [], [], []
     batches = pipeline.eval_batches(data, batch_size=batch_size, preprocess=model.preprocess,
                                     worker_count=worker_count)
     for batch in tqdm(batches, desc=desc, leave=False):
@@ -42,25 +42,28 @@ def embed_eval_set(model: Model, data: Any, batch_size: int = 64, worker_count: 
         feats.append(features / np.linalg.norm(features, axis=-1, keepdims=True))
         ranks += [tuple(r) for r in batch["ranks"][keep]]
         labels += list(batch["label"][keep])
+        commons += list(batch["common"][keep])
         indices.append(batch["index"][keep])
     features = np.concatenate(feats) if feats else np.zeros((0, model.config.embed_dim), np.float32)
-    features, ranks, labels, indices = _gather_processes(features, ranks, labels, np.concatenate(indices or [[]]))
+    features, ranks, labels, commons, indices = _gather_processes(features, ranks, labels, commons,
+                                                                  np.concatenate(indices or [[]]))
     order = np.argsort(indices, kind="stable")
-    return features[order], [ranks[i] for i in order], [labels[i] for i in order]
+    return (features[order], [ranks[i] for i in order], [labels[i] for i in order],
+            [commons[i] for i in order])
 
 
-def _gather_processes(features, ranks, labels, indices):
+def _gather_processes(features, ranks, labels, commons, indices):
     import jax
 
     if jax.process_count() == 1:
-        return features, ranks, labels, indices
+        return features, ranks, labels, commons, indices
     from jax.experimental import multihost_utils
 
     # Strings do not travel through collectives: gather the features and indices as arrays, and ranks and labels
     # as JSON bytes.
     import json
 
-    payload = np.frombuffer(json.dumps([ranks, labels]).encode(), np.uint8)
+    payload = np.frombuffer(json.dumps([ranks, labels, commons]).encode(), np.uint8)
     sizes = multihost_utils.process_allgather(np.array([len(payload), len(features)]))
     width = int(sizes[:, 0].max())
     blobs = multihost_utils.process_allgather(np.pad(payload, (0, width - len(payload))))
@@ -68,14 +71,15 @@ def _gather_processes(features, ranks, labels, indices):
     pad = lambda a: np.pad(a, [(0, rows - len(a))] + [(0, 0)] * (a.ndim - 1))
     all_features = multihost_utils.process_allgather(pad(features))
     all_indices = multihost_utils.process_allgather(pad(indices.astype(np.int64)))
-    out_f, out_r, out_l, out_i = [], [], [], []
+    out_f, out_r, out_l, out_c, out_i = [], [], [], [], []
     for p, (size, count) in enumerate(sizes):
-        r, l = json.loads(blobs[p][:size].tobytes())
+        r, l, c = json.loads(blobs[p][:size].tobytes())
         out_f.append(all_features[p][:count])
         out_i.append(all_indices[p][:count])
         out_r += [tuple(x) for x in r]
         out_l += l
-    return np.concatenate(out_f), out_r, out_l, np.concatenate(out_i)
+        out_c += c
+    return np.concatenate(out_f), out_r, out_l, out_c, np.concatenate(out_i)
 
 
 def class_texts(classes: Sequence[str | Taxon], text_type: str = "asis") -> list[str]:
@@ -139,7 +143,7 @@ def validation_metrics(model: Model, data: Any, batch_size: int = 256, loss_batc
     `loss_batch_size`) and zero-shot top-1 at every rank over the taxa present in the set."""
     from bioclip_jax.train.loss import clip_loss
 
-    features, ranks, _ = embed_eval_set(model, data, batch_size=batch_size, desc="validation")
+    features, ranks, _, _ = embed_eval_set(model, data, batch_size=batch_size, desc="validation")
     taxa = [Taxon.from_ranks(r) for r in ranks]
     out: dict[str, float] = {}
     if len(features) >= 2:
@@ -150,4 +154,21 @@ def validation_metrics(model: Model, data: Any, batch_size: int = 256, loss_batc
     unique = list({t.ranks: t for t in taxa}.values())
     for rank, result in per_rank_accuracy(model, features, ranks, unique).items():
         out[f"val/zero_shot_{rank}_top1"] = result["top1"]
+    return out
+
+
+def hierarchy_consistency(model: Model, image_features: np.ndarray, candidates: Sequence[Taxon],
+                          ranks: Sequence[str] = RANKS[:-1]) -> dict[str, float]:
+    """{rank: fraction of images whose zero-shot prediction at that rank is the ancestor of their predicted species}.
+    1.0 everywhere means the model's answers at different ranks form one consistent lineage."""
+    species = sorted({t.ranks for t in candidates})
+    species_text = class_embeddings(model, [[lineage_caption(s)] for s in species])
+    predicted_species = [species[i] for i in (image_features @ species_text.T).argmax(axis=1)]
+    out = {}
+    for rank in ranks:
+        depth = RANKS.index(rank) + 1
+        classes = sorted({s[:depth] for s in species})
+        text = class_embeddings(model, [[lineage_caption(c)] for c in classes])
+        predicted = [classes[i] for i in (image_features @ text.T).argmax(axis=1)]
+        out[rank] = float(np.mean([p == s[:depth] for p, s in zip(predicted, predicted_species)]))
     return out

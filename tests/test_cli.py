@@ -42,7 +42,7 @@ def test_list_models(capsys):
     assert "ViT-B-16-quickgelu" in listed and "bioclip -> ViT-B-16-quickgelu" in listed
 
 
-def test_demo_runs_end_to_end_with_small_settings(tmp_path, capsys):
+def test_demo_runs_end_to_end_with_small_settings(tmp_path, capsys, monkeypatch):
     """The quick-start job's whole path (data, training, per-rank zero-shot, export), shortened."""
     workdir = tmp_path / "demo"
     assert main(["demo", "--workdir", str(workdir), "--config.model=tiny", "--config.train.steps=3",
@@ -55,5 +55,9 @@ def test_demo_runs_end_to_end_with_small_settings(tmp_path, capsys):
     assert (workdir / "open_clip" / "open_clip_model.safetensors").exists()
     assert report["zero_shot"]["hierarchy_consistency"]["kingdom"] <= 1.0
     assert (workdir / "embeddings_by_kingdom.png").exists() and (workdir / "embeddings_by_phylum.png").exists()
+    monkeypatch.chdir(tmp_path)  # a training workdir loads by a relative path too
+    import bioclip_jax
+
+    assert bioclip_jax.load("demo").source.endswith("(step 3)")
     assert main(["demo", "--workdir", str(workdir), "--config.trian.steps=3"]) == 2  # typo: named, exit code 2
     assert "unknown config key 'trian.steps'" in capsys.readouterr().err

@@ -110,6 +110,7 @@ def test_benchmark_runner_writes_the_paper_table(tmp_path):
                                    "plexippus"], "monarch")]
     _task_folder(tmp_path / "tasks" / "rare_species", birds)
     _task_folder(tmp_path / "tasks" / "PLK_Mini", [(n, [""] * 7, "") for n in ("diatom", "copepod")], seed=1)
+    _task_folder(tmp_path / "tasks" / "my_set", birds[:2], per_class=2, seed=2)  # any other folder: a custom task
     bioclip_jax_model = tmp_path / "model"
     import bioclip_jax
 
@@ -117,13 +118,13 @@ def test_benchmark_runner_writes_the_paper_table(tmp_path):
     assert main(["eval", "--model", str(bioclip_jax_model), "--tasks", str(tmp_path / "tasks"), "--shots", "1",
                  "--templates", "single", "--name", "tiny", "--out", str(tmp_path / "out")]) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())["tasks"]
-    assert set(results) == {"rare_species", "plankton"}
+    assert set(results) == {"rare_species", "plankton", "my_set"}
     assert results["rare_species"]["classes"] == 3 and results["rare_species"]["images"] == 12
     assert 0.0 <= results["plankton"]["zero_shot"]["top1"] <= 1.0 and "1_shot" in results["plankton"]
     table = (tmp_path / "out" / "results.md").read_text()
-    assert "| model | Plankton | Rare Species | mean |" in table
-    assert "| BioCLIP (paper) | 6.1 | 37.8 | 39.4 (10 tasks) |" in table
-    assert (tmp_path / "out" / "results.csv").read_text().startswith("model,Plankton,Rare Species,mean")
+    assert "| model | Plankton | Rare Species | my_set | mean |" in table
+    assert "| BioCLIP (paper) | 6.1 | 37.8 |  | 39.4 (10 tasks) |" in table
+    assert (tmp_path / "out" / "results.csv").read_text().startswith("model,Plankton,Rare Species,my_set,mean")
 
 
 def test_hierarchy_consistency_and_plot(tmp_path):

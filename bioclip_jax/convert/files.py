@@ -144,6 +144,7 @@ def _read_training_run(workdir: Path) -> Checkpoint:
     import jax
     import orbax.checkpoint as ocp
 
+    workdir = workdir.resolve()  # Orbax resolves relative paths differently in places: give it absolute ones
     config = _read_json(workdir / RUN_FILE)
     steps = sorted((int(p.name) for p in (workdir / "checkpoints").glob("*")
                     if p.name.isdigit() and (p / "commit_success.txt").exists()), reverse=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Sequence
@@ -19,6 +20,7 @@ from bioclip_jax.evaluate.templates import TEMPLATE_SETS
 from bioclip_jax.evaluate.zero_shot import class_texts, embed_eval_set, topk_accuracy, zero_shot_classifier
 from bioclip_jax.inference.model import Model
 
+log = logging.getLogger(__name__)
 TASK_NAMES = {"birds_525": "Birds 525", "plankton": "Plankton", "insects": "Insects", "insects_2": "Insects 2",
               "plantnet": "PlantNet", "fungi": "Fungi", "plantvillage": "PlantVillage",
               "medicinal_leaf": "Med. Leaf", "plantdoc": "PlantDoc", "rare_species": "Rare Species"}
@@ -34,19 +36,26 @@ PUBLISHED_ZERO_SHOT = {
 
 def find_tasks(tasks_dir: str | os.PathLike | None, tfds_data_dir: str | os.PathLike | None = None) -> dict:
     """{task: source} for every task present: a folder `tasks_dir/<task folder>/metadata.csv` (or one named like the
-    task), or a TFDS build in `tfds_data_dir`."""
+    task), or a TFDS build in `tfds_data_dir`. Any other sub-folder with a metadata.csv is a custom task named after
+    the folder."""
     found = {}
+    used = set()
     for task, folder in TASK_FOLDERS.items():
         if tasks_dir:
             for name in (folder, task):
                 if (Path(tasks_dir) / name / "metadata.csv").is_file():
                     found[task] = FolderEvalSource(Path(tasks_dir) / name)
+                    used.add(name)
                     break
         if task not in found and tfds_data_dir:
             try:
                 found[task] = EvalSetSource(task, tfds_data_dir)
             except FileNotFoundError:
                 pass
+    if tasks_dir:
+        for csv_path in sorted(Path(tasks_dir).glob("*/metadata.csv")):
+            if csv_path.parent.name not in used:
+                found[csv_path.parent.name] = FolderEvalSource(csv_path.parent)
     return found
 
 
@@ -73,8 +82,12 @@ def evaluate_task(model: Model, source, text_type: str = "taxon_com", templates:
     result = {"images": len(labels), "classes": len(classes), "text_type": text_type,
               "zero_shot": topk_accuracy(model.logit_scale * features @ weights.T, truth)}
     for k in shots:
-        mean, std = simpleshot(features, truth, k=k)
-        result[f"{k}_shot"] = {"mean": mean, "std": std}
+        try:
+            mean, std = simpleshot(features, truth, k=k)
+            result[f"{k}_shot"] = {"mean": mean, "std": std}
+        except ValueError as e:  # too few images per class for k: say so, keep the other results
+            log.warning("%d-shot skipped: %s", k, e)
+            result[f"{k}_shot"] = {"skipped": str(e)}
     return result
 
 
@@ -97,9 +110,9 @@ def run_benchmark(model: Model, sources: dict, out_dir: str | os.PathLike, model
 
 def _table(results: dict, model_name: str) -> list[list[str]]:
     """Rows: models (ours, then the published ones); columns: tasks present, then their mean. Zero-shot top-1 %."""
-    tasks = [t for t in TASK_NAMES if t in results]
+    tasks = [t for t in TASK_NAMES if t in results] + sorted(t for t in results if t not in TASK_NAMES)
     ours = [100 * results[t]["zero_shot"]["top1"] for t in tasks]
-    rows = [["model", *[TASK_NAMES[t] for t in tasks], "mean"],
+    rows = [["model", *[TASK_NAMES.get(t, t) for t in tasks], "mean"],
             [model_name, *[f"{v:.1f}" for v in ours], f"{np.mean(ours):.1f}"]]
     for name, numbers in PUBLISHED_ZERO_SHOT.items():
         cells = [f"{numbers[t]:.1f}" if t in numbers else "" for t in tasks]

@@ -55,9 +55,9 @@ def test_demo_runs_end_to_end_with_small_settings(tmp_path, capsys, monkeypatch)
     assert (workdir / "open_clip" / "open_clip_model.safetensors").exists()
     assert report["zero_shot"]["hierarchy_consistency"]["kingdom"] <= 1.0
     assert (workdir / "embeddings_by_kingdom.png").exists() and (workdir / "embeddings_by_phylum.png").exists()
+    assert main(["demo", "--workdir", str(workdir), "--config.trian.steps=3"]) == 2  # typo: named, exit code 2
+    assert "unknown config key 'trian.steps'" in capsys.readouterr().err
     monkeypatch.chdir(tmp_path)  # a training workdir loads by a relative path too
     import bioclip_jax
 
     assert bioclip_jax.load("demo").source.endswith("(step 3)")
-    assert main(["demo", "--workdir", str(workdir), "--config.trian.steps=3"]) == 2  # typo: named, exit code 2
-    assert "unknown config key 'trian.steps'" in capsys.readouterr().err

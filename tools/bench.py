@@ -3,12 +3,15 @@
 
     python tools/bench.py encode [--model ViT-B-16] [--batch 32] [--iters 10]
     python tools/bench.py pipeline [--batch 32] [--iters 20]      # needs `pip install webdataset`
+    python tools/bench.py train [--model demo] [--batch 64] [--iters 10]
 
 encode: image and text embedding throughput on the same model config, batch, precision (fp32) and device; weights are
 random (speed does not depend on them). pipeline: the training input pipeline in one process (no worker processes):
 bioclip_jax's Grain pipeline over ArrayRecord shards against open_clip's webdataset recipe over tar shards of the same
-JPEGs, both RandomResizedCrop(224, scale 0.9-1.0, bicubic) + tokenizing; and the tokenizers alone. Prints a table with
-the bioclip_jax / open_clip ratio.
+JPEGs, both RandomResizedCrop(224, scale 0.9-1.0, bicubic) + tokenizing; and the tokenizers alone. train: one
+training step (forward, symmetric CLIP loss, backward, AdamW) on the same model config and batch, fp32: bioclip_jax's
+jitted step against open_clip's model + ClipLoss + torch.optim.AdamW. Prints a table with the bioclip_jax / open_clip
+ratio.
 """
 
 from __future__ import annotations
@@ -116,9 +119,55 @@ def bench_pipeline(batch: int, iters: int) -> list[tuple[str, str, float]]:
     return rows
 
 
+def bench_train(model_name: str, batch: int, iters: int) -> list[tuple[str, str, float]]:
+    import jax
+    import jax.numpy as jnp
+    import open_clip
+    import torch
+
+    import bioclip_jax
+    from bioclip_jax.models import CLIP
+    from bioclip_jax.train.optimizer import make_optimizer
+    from bioclip_jax.train.trainer import make_train_step
+
+    model = bioclip_jax.create_model(model_name)
+    size, context = model.config.vision.image_size, model.config.text.context_length
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    tokens = bioclip_jax.tokenize(["a photo of Animalia Chordata Aves Passeriformes Corvidae Pica hudsonia."] * batch,
+                                  context)
+    tx, schedule = make_optimizer(model.params, lr=1e-4, warmup_steps=10, total_steps=1000)
+    step = jax.jit(make_train_step(CLIP(model.config), tx, schedule, "openai"), donate_argnums=(0,))
+    state = {"step": jnp.zeros((), jnp.int32), "params": model.params, "opt_state": tx.init(model.params),
+             "rng": jnp.zeros(2, jnp.uint32)}
+    batch_dev = {"image": jax.device_put(images), "tokens": jax.device_put(tokens)}
+
+    def ours():
+        nonlocal state
+        state, metrics = step(state, batch_dev)
+        metrics["loss"].block_until_ready()
+
+    torch_model = open_clip.CLIP(**model.config.to_open_clip()).train()
+    loss_fn = open_clip.ClipLoss()
+    optimizer = torch.optim.AdamW(torch_model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (bioclip_jax.data.transforms.OPENAI_MEAN,
+                                                            bioclip_jax.data.transforms.OPENAI_STD))
+    images_t = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    tokens_t = torch.from_numpy(tokens.astype(np.int64))
+
+    def theirs():
+        optimizer.zero_grad(set_to_none=True)
+        image_features, text_features, logit_scale = torch_model(images_t, tokens_t)
+        loss_fn(image_features, text_features, logit_scale).backward()
+        optimizer.step()
+
+    return [("train step", "bioclip_jax", batch / _time(ours, iters)),
+            ("train step", "open_clip", batch / _time(theirs, iters))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["encode", "pipeline"])
+    parser.add_argument("mode", choices=["encode", "pipeline", "train"])
     parser.add_argument("--model", default="ViT-B-16")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--iters", type=int, default=10)
@@ -130,6 +179,9 @@ def main() -> None:
     if args.mode == "encode":
         rows = bench_encode(args.model, args.batch, args.iters)
         what = f"{args.model}, batch {args.batch}, fp32"
+    elif args.mode == "train":
+        rows = bench_train(args.model, args.batch, args.iters)
+        what = f"{args.model}, batch {args.batch}, fp32, AdamW"
     else:
         rows = bench_pipeline(args.batch, args.iters)
         what = f"224 px RandomResizedCrop + tokenize, batch {args.batch}, 1 process; tokenizer: 10,000 captions"

@@ -14,7 +14,6 @@ last batches padded and masked so that every process runs the same number of bat
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from typing import Any, Iterator, Sequence
@@ -34,8 +33,6 @@ NORMALIZATION = {"openai": (transforms.OPENAI_MEAN, transforms.OPENAI_STD),
                  "imagenet": (transforms.IMAGENET_MEAN, transforms.IMAGENET_STD)}
 # "mixed": one of BioCLIP's five types per global batch, from the step; "mixed_per_sample": one per example.
 TEXT_TYPE_CHOICES = ("mixed", "mixed_per_sample") + TEXT_TYPES
-
-log = logging.getLogger(__name__)
 
 
 def open_source(data: Any):

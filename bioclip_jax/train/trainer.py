@@ -13,7 +13,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from tqdm.auto import tqdm
 

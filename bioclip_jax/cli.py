@@ -122,6 +122,15 @@ def _read_bins(path: str) -> dict[str, str]:
     return {row[0].strip(): row[1].strip() for row in rows}
 
 
+def _emit(text: str, output: str | None) -> None:
+    """To the --output file if given, else standard output."""
+    if output:
+        with open(output, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+
+
 def _write_rows(rows: list[dict], fmt: str, output: str | None) -> None:
     import csv
     import io
@@ -133,18 +142,12 @@ def _write_rows(rows: list[dict], fmt: str, output: str | None) -> None:
         writer.writeheader()
         writer.writerows(rows)
     else:
-        widths = [max([len(c)] + [len(f"{r[c]:.6g}" if c == "score" else str(r[c])) for r in rows])
-                  for c in columns]
+        cells = [[f"{r[c]:.6g}" if c == "score" else str(r[c]) for c in columns] for r in rows]
+        widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
         line = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
-        cell = lambda r, c, w: (f"{r[c]:.6g}" if c == "score" else str(r[c])).ljust(w)  # noqa: E731
-        buf.write("\n".join([line, "| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |", line]
-                            + ["| " + " | ".join(cell(r, c, w) for c, w in zip(columns, widths)) + " |" for r in rows]
-                            + [line]) + "\n")
-    if output:
-        with open(output, "w") as f:
-            f.write(buf.getvalue())
-    else:
-        sys.stdout.write(buf.getvalue())
+        fmt_row = lambda values: "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths)) + " |"  # noqa: E731
+        buf.write("\n".join([line, fmt_row(columns), line, *map(fmt_row, cells), line]) + "\n")
+    _emit(buf.getvalue(), output)
 
 
 def _report_failures(failures: dict[str, str]) -> int:
@@ -168,13 +171,12 @@ def _predict(args) -> int:
             classifier.restrict(*_read_subset(args.subset))
         predictions = classifier.predict(args.images, rank=args.rank, min_prob=args.min_prob, k=args.k,
                                          batch_size=args.batch_size)
-        _write_rows(predictions.rows, args.format, args.output)
-        return _report_failures(predictions.failures)
-    if args.bins:
-        classifier = CustomLabelsBinningClassifier(model, _read_bins(args.bins))
     else:
-        classifier = CustomLabelsClassifier(model, _read_labels(args.cls))
-    predictions = classifier.predict(args.images, k=args.k, batch_size=args.batch_size)
+        if args.bins:
+            classifier = CustomLabelsBinningClassifier(model, _read_bins(args.bins))
+        else:
+            classifier = CustomLabelsClassifier(model, _read_labels(args.cls))
+        predictions = classifier.predict(args.images, k=args.k, batch_size=args.batch_size)
     _write_rows(predictions.rows, args.format, args.output)
     return _report_failures(predictions.failures)
 
@@ -191,11 +193,11 @@ def _read_subset(path: str) -> tuple[str, list[str]]:
 
 
 def _make_txt_emb(args) -> int:
+    import csv
+
     import bioclip_jax
     from bioclip_jax.data import sources
     from bioclip_jax.inference.tree_of_life import make_txt_emb
-
-    import csv
 
     model = bioclip_jax.load(args.model, model=args.arch)
     with open(args.taxa, newline="", encoding="utf-8-sig") as f:
@@ -239,12 +241,7 @@ def _embed(args) -> int:
     keys, images, failures = load_images(args.images)
     features = bioclip_jax.encode(model, images=images, normalize=False, batch_size=args.batch_size) if images else []
     result = {"model": model.source, "embeddings": {k: [float(v) for v in f] for k, f in zip(keys, features)}}
-    text = json.dumps(result, indent=2) + "\n"
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text)
-    else:
-        sys.stdout.write(text)
+    _emit(json.dumps(result, indent=2) + "\n", args.output)
     return _report_failures(failures)
 
 

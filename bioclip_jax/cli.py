@@ -365,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     if extra and args.command not in ("train", "demo"):
         build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
+    from bioclip_jax.runtime import tune_for_cpu
+
+    tune_for_cpu()  # before anything starts JAX
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, ImportError) as e:

@@ -7,6 +7,10 @@ import functools
 import numpy as np
 import pytest
 
+from bioclip_jax.runtime import tune_for_cpu
+
+tune_for_cpu()  # as the CLI does: the tests run many small CPU training steps
+
 
 @functools.lru_cache(maxsize=3)
 def open_clip_reference(name: str, seed: int = 0):

@@ -1,17 +1,21 @@
 #!/usr/bin/env python
 """Side-by-side throughput of bioclip_jax and open_clip (PyTorch) on the same work, in one run.
 
-    python tools/bench.py encode [--model ViT-B-16] [--batch 32] [--iters 10]
+    python tools/bench.py encode [--model ViT-B-16] [--batch 32] [--iters 10] [--dtype bfloat16 --attn cudnn]
     python tools/bench.py pipeline [--batch 32] [--iters 20]      # needs `pip install webdataset`
-    python tools/bench.py train [--model demo] [--batch 64] [--iters 10]
+    python tools/bench.py train [--model demo] [--batch 64] [--iters 10] [--dtype bfloat16 --attn cudnn --remat dots]
+    python tools/bench.py gpu [--out gpu_bench.md]                # every GPU measurement, one table
 
-encode: image and text embedding throughput on the same model config, batch, precision (fp32) and device; weights are
-random (speed does not depend on them). pipeline: the training input pipeline in one process (no worker processes):
-bioclip_jax's Grain pipeline over ArrayRecord shards against open_clip's webdataset recipe over tar shards of the same
-JPEGs, both RandomResizedCrop(224, scale 0.9-1.0, bicubic) + tokenizing; and the tokenizers alone. train: one
-training step (forward, symmetric CLIP loss, backward, AdamW) on the same model config and batch, fp32: bioclip_jax's
-jitted step against open_clip's model + ClipLoss + torch.optim.AdamW. Prints a table with the bioclip_jax / open_clip
-ratio.
+encode: image and text embedding throughput on the same model config, batch, precision and device (open_clip runs
+on CUDA when there is one); weights are random (speed does not depend on them). pipeline: the training input pipeline
+in one process (no worker processes): bioclip_jax's Grain pipeline over ArrayRecord shards against open_clip's
+webdataset recipe over tar shards of the same JPEGs, both RandomResizedCrop(224, scale 0.9-1.0, bicubic) +
+tokenizing; and the tokenizers alone. train: one training step (forward, symmetric CLIP loss, backward, AdamW) on
+the same model config and batch: bioclip_jax's jitted step against open_clip's model + ClipLoss +
+torch.optim.AdamW (bfloat16 = bf16 compute against open_clip's AMP bf16). The two sides' calls alternate, and the
+table shows medians and the bioclip_jax / open_clip ratio. gpu: ViT-B-16 bf16 encode and training steps at growing
+batches, with and without remat (open_clip: gradient checkpointing), each side in its own process; prints and
+writes a markdown table with MFU.
 """
 
 from __future__ import annotations
@@ -24,44 +28,78 @@ import time
 import numpy as np
 
 
-def _time(fn, iters: int, warmup: int = 2) -> float:
+def _time_pair(ours, theirs, iters: int, warmup: int = 2) -> tuple[float, float]:
+    """Median seconds per call of each function, calls alternating (ours, theirs, ours, ...) so that a shared
+    machine's drifting load hits both sides alike. A side given as None is skipped (its time is nan)."""
+    fns = [fn or (lambda: None) for fn in (ours, theirs)]
     for _ in range(warmup):
-        fn()
-    times = []
+        fns[0](), fns[1]()
+    times = ([], [])
     for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+        for fn, fn_times in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            fn_times.append(time.perf_counter() - start)
+    return tuple(float(np.median(t)) if fn else float("nan") for fn, t in zip((ours, theirs), times))
 
 
-def bench_encode(model_name: str, batch: int, iters: int) -> list[tuple[str, str, float]]:
-    import jax
+SIDES = ("bioclip_jax", "open_clip")
+
+
+def _torch_setup(dtype: str):
+    """(device, autocast context factory) for open_clip: CUDA when present; AMP bf16 as open_clip's --precision amp_bf16."""
+    import contextlib
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "float32":
+        return device, contextlib.nullcontext
+    return device, lambda: torch.autocast(device, dtype=torch.bfloat16)
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_encode(model_name: str, batch: int, iters: int, dtype: str = "float32", attn: str = "xla",
+                 sides: tuple[str, ...] = SIDES) -> list[tuple[str, str, float]]:
+    import jax.numpy as jnp
     import open_clip
     import torch
 
     import bioclip_jax
 
-    model = bioclip_jax.create_model(model_name)
+    model = bioclip_jax.create_model(model_name, dtype=getattr(jnp, dtype), attn_implementation=attn)
     size = model.config.vision.image_size
     pixels = np.random.default_rng(0).normal(size=(batch, size, size, 3)).astype(np.float32)
-    tokens = bioclip_jax.tokenize(["a photo of Animalia Chordata Aves Passeriformes Corvidae Pica hudsonia."] * batch)
-    pixels_dev, tokens_dev = jax.device_put(pixels), jax.device_put(tokens)
+    tokens = bioclip_jax.tokenize(["a photo of Animalia Chordata Aves Passeriformes Corvidae Pica hudsonia."] * batch,
+                                  model.config.text.context_length)
+    pixels_dev, tokens_dev = jnp.asarray(pixels), jnp.asarray(tokens)
 
-    torch_model = open_clip.create_model(model_name).eval()
-    pixels_t = torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy())
-    tokens_t = torch.from_numpy(tokens.astype(np.int64))
+    device, autocast = _torch_setup(dtype)
+    torch_model = open_clip.CLIP(**model.config.to_open_clip()).to(device).eval()
+    pixels_t = torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy()).to(device)
+    tokens_t = torch.from_numpy(tokens.astype(np.int64)).to(device)
+
+    def theirs(encode, inputs):
+        with torch.inference_mode(), autocast():
+            encode(inputs)
+        _sync(device)
 
     rows = []
-    with torch.inference_mode():
-        for what, ours, theirs in [
-            ("image encode", lambda: model._encode_image(model.params, pixels_dev).block_until_ready(),
-             lambda: torch_model.encode_image(pixels_t)),
-            ("text encode", lambda: model._encode_text(model.params, tokens_dev).block_until_ready(),
-             lambda: torch_model.encode_text(tokens_t)),
-        ]:
-            rows.append((what, "bioclip_jax", batch / _time(ours, iters)))
-            rows.append((what, "open_clip", batch / _time(theirs, iters)))
+    for what, ours, encode, inputs in [
+        ("image encode", lambda: model._encode_image(model.params, pixels_dev).block_until_ready(),
+         torch_model.encode_image, pixels_t),
+        ("text encode", lambda: model._encode_text(model.params, tokens_dev).block_until_ready(),
+         torch_model.encode_text, tokens_t),
+    ]:
+        ours_s, theirs_s = _time_pair(ours if "bioclip_jax" in sides else None,
+                                      (lambda: theirs(encode, inputs)) if "open_clip" in sides else None, iters)
+        rows += [(what, "bioclip_jax", batch / ours_s), (what, "open_clip", batch / theirs_s)]
     return rows
 
 
@@ -108,18 +146,24 @@ def bench_pipeline(batch: int, iters: int) -> list[tuple[str, str, float]]:
         theirs = iter(wds.WebDataset(tars, shardshuffle=False, empty_check=False).repeat().shuffle(1000)
                       .decode("pilrgb").to_tuple("jpg", "taxon_com.txt")
                       .map_tuple(transform, lambda text: open_clip.tokenize([text])[0]).batched(batch))
-        rows.append(("input pipeline", "bioclip_jax", batch / _time(lambda: next(ours), iters)))
-        rows.append(("input pipeline", "open_clip", batch / _time(lambda: next(theirs), iters)))
+        # One side at a time: Grain prefetches in background threads, which would fill up while open_clip runs.
+        ours_s = _time_pair(lambda: next(ours), None, iters)[0]
+        theirs_s = _time_pair(None, lambda: next(theirs), iters)[1]
+        rows += [("input pipeline", "bioclip_jax", batch / ours_s), ("input pipeline", "open_clip", batch / theirs_s)]
     from bioclip_jax.data.synthetic import SyntheticConfig, SyntheticTreeOfLife
 
     captions = [t.text(k) for t in SyntheticTreeOfLife(SyntheticConfig()).species
                 for k in ("sci", "com", "taxon", "sci_com", "taxon_com")] * 10
-    rows.append(("tokenizer", "bioclip_jax", len(captions) / _time(lambda: tokenize(captions), 3, warmup=1)))
-    rows.append(("tokenizer", "open_clip", len(captions) / _time(lambda: open_clip.tokenize(captions), 3, warmup=1)))
+    ours_s, theirs_s = _time_pair(lambda: tokenize(captions), lambda: open_clip.tokenize(captions), 3, warmup=1)
+    rows += [("tokenizer", "bioclip_jax", len(captions) / ours_s), ("tokenizer", "open_clip", len(captions) / theirs_s)]
     return rows
 
 
-def bench_train(model_name: str, batch: int, iters: int) -> list[tuple[str, str, float]]:
+def bench_train(model_name: str, batch: int, iters: int, dtype: str = "float32", attn: str = "xla",
+                remat: str = "", torch_checkpointing: bool = False,
+                sides: tuple[str, ...] = SIDES) -> list[tuple[str, str, float]]:
+    """One training step each (forward, symmetric CLIP loss, backward, AdamW), fp32 params; `dtype` bfloat16 means
+    bf16 compute (bioclip_jax) and AMP bf16 (open_clip)."""
     import jax
     import jax.numpy as jnp
     import open_clip
@@ -130,58 +174,167 @@ def bench_train(model_name: str, batch: int, iters: int) -> list[tuple[str, str,
     from bioclip_jax.train.optimizer import make_optimizer
     from bioclip_jax.train.trainer import make_train_step
 
-    model = bioclip_jax.create_model(model_name)
-    size, context = model.config.vision.image_size, model.config.text.context_length
+    config = bioclip_jax.get_model_config(model_name)
+    size, context = config.vision.image_size, config.text.context_length
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
     tokens = bioclip_jax.tokenize(["a photo of Animalia Chordata Aves Passeriformes Corvidae Pica hudsonia."] * batch,
                                   context)
-    tx, schedule = make_optimizer(model.params, lr=1e-4, warmup_steps=10, total_steps=1000)
-    step = jax.jit(make_train_step(CLIP(model.config), tx, schedule, "openai"), donate_argnums=(0,))
-    state = {"step": jnp.zeros((), jnp.int32), "params": model.params, "opt_state": tx.init(model.params),
-             "rng": jnp.zeros(2, jnp.uint32)}
-    batch_dev = {"image": jax.device_put(images), "tokens": jax.device_put(tokens)}
 
-    def ours():
-        nonlocal state
-        state, metrics = step(state, batch_dev)
-        metrics["loss"].block_until_ready()
+    def ours_setup():
+        params = bioclip_jax.create_model(config).params
+        tx, schedule = make_optimizer(params, lr=1e-4, warmup_steps=10, total_steps=1000)
+        module = CLIP(config, dtype=getattr(jnp, dtype), attn_implementation=attn, remat=remat or None)
+        step = jax.jit(make_train_step(module, tx, schedule, "openai"), donate_argnums=(0,))
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+                 "rng": jnp.zeros(2, jnp.uint32)}
+        batch_dev = {"image": jnp.asarray(images), "tokens": jnp.asarray(tokens)}
 
-    torch_model = open_clip.CLIP(**model.config.to_open_clip()).train()
+        def ours():
+            nonlocal state
+            state, metrics = step(state, batch_dev)
+            metrics["loss"].block_until_ready()
+        return ours
+
+    device, autocast = _torch_setup(dtype)
+    torch_model = open_clip.CLIP(**config.to_open_clip()).to(device).train()
+    torch_model.set_grad_checkpointing(torch_checkpointing)
     loss_fn = open_clip.ClipLoss()
     optimizer = torch.optim.AdamW(torch_model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2)
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (bioclip_jax.data.transforms.OPENAI_MEAN,
-                                                            bioclip_jax.data.transforms.OPENAI_STD))
-    images_t = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - mean) / std
-    tokens_t = torch.from_numpy(tokens.astype(np.int64))
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (bioclip_jax.data.transforms.OPENAI_MEAN,
+                                                                           bioclip_jax.data.transforms.OPENAI_STD))
+    images_t = (torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    tokens_t = torch.from_numpy(tokens.astype(np.int64)).to(device)
 
     def theirs():
         optimizer.zero_grad(set_to_none=True)
-        image_features, text_features, logit_scale = torch_model(images_t, tokens_t)
-        loss_fn(image_features, text_features, logit_scale).backward()
+        with autocast():
+            image_features, text_features, logit_scale = torch_model(images_t, tokens_t)
+            loss = loss_fn(image_features, text_features, logit_scale)
+        loss.backward()
         optimizer.step()
+        _sync(device)
 
-    return [("train step", "bioclip_jax", batch / _time(ours, iters)),
-            ("train step", "open_clip", batch / _time(theirs, iters))]
+    ours_s, theirs_s = _time_pair(ours_setup() if "bioclip_jax" in sides else None,
+                                  theirs if "open_clip" in sides else None, iters)
+    return [("train step", "bioclip_jax", batch / ours_s), ("train step", "open_clip", batch / theirs_s)]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["encode", "pipeline", "train"])
-    parser.add_argument("--model", default="ViT-B-16")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--iters", type=int, default=10)
-    args = parser.parse_args()
+GPU_RUNS = [  # (what, mode, kwargs): ViT-B-16, bf16; the training step at growing per-device batches
+    ("image+text encode, batch 1024, cudnn attention", "encode", dict(batch=1024, attn="cudnn")),
+    *[(f"train step, batch {b}, cudnn attention, no remat / no checkpointing", "train", dict(batch=b, attn="cudnn"))
+      for b in (256, 512)],
+    *[(f"train step, batch {b}, xla attention, no remat / no checkpointing", "train", dict(batch=b, attn="xla"))
+      for b in (256,)],
+    *[(f"train step, batch {b}, cudnn attention, remat dots / grad checkpointing", "train",
+       dict(batch=b, attn="cudnn", remat="dots", torch_checkpointing=True)) for b in (512, 1024)],
+]
+
+
+def bench_gpu_side(side: str, iters: int, model: str = "ViT-B-16") -> dict:
+    """All of GPU_RUNS for one side, in this process (which then holds the GPU alone): {what: [throughputs]}."""
+    import gc
 
     import jax
     import torch
 
+    results = {}
+    for what, mode, kwargs in GPU_RUNS:
+        try:
+            fn = bench_encode if mode == "encode" else bench_train
+            rows = fn(model, iters=iters, dtype="bfloat16", sides=(side,), **kwargs)
+            results[what] = [value for _, name, value in rows if name == side]
+        except Exception as e:  # out of memory, most likely: say so and go on with the next configuration
+            results[what] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        print(side, what, results[what], flush=True)
+        gc.collect()
+        jax.clear_caches()
+        torch.cuda.empty_cache()
+    return results
+
+
+def bench_gpu(iters: int, out: str, model: str = "ViT-B-16") -> str:
+    """Every GPU measurement of docs/performance.md: each side in its own process, so each has the whole GPU (JAX
+    preallocation is off so that nothing else is reserved), then one markdown table written to `out`."""
+    import collections
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    results = {}
+    for side in SIDES:
+        proc = subprocess.run([sys.executable, __file__, "gpu-side", "--side", side, "--iters", str(iters),
+                               "--model", model], env=env, stdout=subprocess.PIPE, text=True)
+        last = (proc.stdout.strip().splitlines() or [""])[-1]
+        results[side] = (json.loads(last) if proc.returncode == 0 and last.startswith("{")
+                         else collections.defaultdict(lambda: f"exit status {proc.returncode}"))
+    import jax
+
+    from bioclip_jax.models.config import get_model_config
+    from bioclip_jax.train.metrics import peak_flops_per_device, train_flops_per_pair
+
+    flops = train_flops_per_pair(get_model_config(model))
+    peak = peak_flops_per_device()
+    lines = [f"# {model} bf16 on {jax.devices()[0].device_kind}, jax {jax.__version__}, {time.strftime('%Y-%m-%d')}",
+             "| what | bioclip_jax /s | open_clip /s | ratio | MFU bioclip_jax | MFU open_clip |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for what, mode, _ in GPU_RUNS:
+        ours, theirs = results["bioclip_jax"][what], results["open_clip"][what]
+        if isinstance(ours, str) or isinstance(theirs, str):
+            lines.append(f"| {what} | {ours if isinstance(ours, str) else f'{ours[0]:,.0f}'} | "
+                         f"{theirs if isinstance(theirs, str) else f'{theirs[0]:,.0f}'} | | | |")
+            continue
+        for i, task in enumerate(["image", "text"] if mode == "encode" else ["train"]):
+            util = [f"{100 * flops * v[i] / peak:.1f}%" if mode == "train" and peak else "" for v in (ours, theirs)]
+            lines.append(f"| {what} ({task}) | {ours[i]:,.0f} | {theirs[i]:,.0f} | {ours[i] / theirs[i]:.2f}x | "
+                         f"{util[0]} | {util[1]} |")
+    with open(out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=["encode", "pipeline", "train", "gpu", "gpu-side"])
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # gpu-side: one side's runs, as JSON
+    parser.add_argument("--model", default="ViT-B-16")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="compute precision (bfloat16: bf16 compute for bioclip_jax, AMP bf16 for open_clip)")
+    parser.add_argument("--attn", choices=["xla", "cudnn"], default="xla", help="bioclip_jax attention")
+    parser.add_argument("--remat", default="", help="bioclip_jax remat policy for train (full, dots, dots_all)")
+    parser.add_argument("--torch-grad-checkpointing", action="store_true")
+    parser.add_argument("--out", default="gpu_bench.md", help="gpu mode: where to write the table")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="skip the host-allocator setting bioclip-jax's CLI makes on CPU (bioclip_jax.runtime)")
+    args = parser.parse_args()
+
+    if not args.default_allocator:
+        from bioclip_jax.runtime import tune_for_cpu
+
+        tune_for_cpu()  # as bioclip-jax's CLI does; it applies to open_clip in this process too
+
+    import jax
+    import torch
+
+    if args.mode == "gpu":
+        bench_gpu(args.iters, args.out, args.model)
+        return
+    if args.mode == "gpu-side":
+        import json
+
+        print(json.dumps(bench_gpu_side(args.side, args.iters, args.model)))
+        return
     if args.mode == "encode":
-        rows = bench_encode(args.model, args.batch, args.iters)
-        what = f"{args.model}, batch {args.batch}, fp32"
+        rows = bench_encode(args.model, args.batch, args.iters, args.dtype, args.attn)
+        what = f"{args.model}, batch {args.batch}, {args.dtype}"
     elif args.mode == "train":
-        rows = bench_train(args.model, args.batch, args.iters)
-        what = f"{args.model}, batch {args.batch}, fp32, AdamW"
+        rows = bench_train(args.model, args.batch, args.iters, args.dtype, args.attn, args.remat,
+                           args.torch_grad_checkpointing)
+        what = f"{args.model}, batch {args.batch}, {args.dtype}, AdamW"
     else:
         rows = bench_pipeline(args.batch, args.iters)
         what = f"224 px RandomResizedCrop + tokenize, batch {args.batch}, 1 process; tokenizer: 10,000 captions"

@@ -53,6 +53,46 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> jax.Arr
     return jnp.einsum("bnts,bnsh->bnth", weights, v)
 
 
+class HeadsInProjection(nn.Module):
+    """torch.nn.MultiheadAttention's fused QKV projection (kernel [width, 3 * width], q, k, v stacked, as nn.Dense would
+    store it), computed by one einsum straight into per-head layout: reshaping and transposing a Dense output instead
+    costs XLA's CPU backend 2.5x in the backward pass (the causal text tower's attention: 66 ms -> 26 ms)."""
+
+    heads: int
+    heads_first: bool  # [3, B, N, T, H] if True, else [3, B, T, N, H]
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        width = x.shape[-1]
+        head_dim = width // self.heads
+        kernel = self.param("kernel", normal(width ** -0.5), (width, 3 * width))
+        bias = self.param("bias", nn.initializers.zeros, (3 * width,))
+        kernel = kernel.astype(self.dtype).reshape(width, 3, self.heads, head_dim)
+        bias = bias.astype(self.dtype).reshape(3, 1, self.heads, head_dim)
+        if self.heads_first:
+            return jnp.einsum("btw,wcnh->cbnth", x.astype(self.dtype), kernel) + bias[:, :, :, None]
+        return jnp.einsum("btw,wcnh->cbtnh", x.astype(self.dtype), kernel) + bias[:, :, None]
+
+
+class HeadsOutProjection(nn.Module):
+    """The output projection (kernel [width, width], as nn.Dense), contracting heads and head_dim in one einsum."""
+
+    heads_first: bool  # input [B, N, T, H] if True, else [B, T, N, H]
+    dtype: Any = jnp.float32
+    out_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        heads, head_dim = (x.shape[1], x.shape[3]) if self.heads_first else x.shape[2:]
+        width = heads * head_dim
+        kernel = self.param("kernel", normal(self.out_std), (width, width))
+        bias = self.param("bias", nn.initializers.zeros, (width,))
+        kernel = kernel.astype(self.dtype).reshape(heads, head_dim, width)
+        spec = "bnth,nhw->btw" if self.heads_first else "btnh,nhw->btw"
+        return jnp.einsum(spec, x.astype(self.dtype), kernel) + bias.astype(self.dtype)
+
+
 class MultiHeadAttention(nn.Module):
     """Self-attention with a fused QKV projection laid out like torch.nn.MultiheadAttention (q, k, v stacked)."""
 
@@ -65,18 +105,13 @@ class MultiHeadAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        batch, length, width = x.shape
-        head_dim = width // self.heads
-        qkv = nn.Dense(3 * width, dtype=self.dtype, kernel_init=normal(width ** -0.5), name="in_proj")(x)
-        qkv = qkv.reshape(batch, length, 3, self.heads, head_dim)
-        if self.implementation == "xla":
-            q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # [3, B, N, T, H]
-            out = attention(q, k, v, self.causal).transpose(0, 2, 1, 3)
+        heads_first = self.implementation == "xla"
+        q, k, v = HeadsInProjection(self.heads, heads_first, self.dtype, name="in_proj")(x)
+        if heads_first:
+            out = attention(q, k, v, self.causal)
         else:
-            out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], is_causal=self.causal,
-                                               implementation=self.implementation)
-        return nn.Dense(width, dtype=self.dtype, kernel_init=normal(self.out_std),
-                        name="out_proj")(out.reshape(batch, length, width))
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal, implementation=self.implementation)
+        return HeadsOutProjection(heads_first, self.dtype, self.out_std, name="out_proj")(out)
 
 
 class MLP(nn.Module):

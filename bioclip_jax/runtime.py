@@ -18,7 +18,8 @@ def cpu_only() -> bool:
     platforms = os.environ.get("JAX_PLATFORMS", "")
     if platforms:
         return platforms.strip().lower() == "cpu"
-    if importlib.util.find_spec("libtpu") is not None:
+    # JAX finds accelerator plugins as `jax_plugins.*` modules or "jax_plugins" entry points; TPUs through libtpu.
+    if importlib.util.find_spec("libtpu") is not None or importlib.util.find_spec("jax_plugins") is not None:
         return False
     return not list(importlib.metadata.entry_points(group="jax_plugins"))
 

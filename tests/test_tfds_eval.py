@@ -165,3 +165,18 @@ def test_every_task_has_a_config():
     configs = tfds_eval.BioclipEvalSet.builder_configs
     assert set(tfds_eval.TASK_FOLDERS) | {"custom"} == set(configs)
     assert configs["insects_2"].folder == "INS_2_Mini"
+
+
+def test_folder_taxa_read_as_make_shards_reads_them(tmp_path):
+    """A binomial in the species column (no genus column) gives the same caption in evaluation as in the shards."""
+    from bioclip_jax.data.sources import row_taxon
+    from bioclip_jax.data.taxonomy import Taxon
+
+    header = ["filepath", "class", "kingdom", "species", "common_name"]
+    write_folder(tmp_path, [("img/magpie_0.jpg", "Pica hudsonia", ["Animalia", "Pica hudsonia"], "Pica hudsonia")],
+                 header)
+    row = tfds_eval.FolderEvalSource(tmp_path).rows[0]
+    evaluated = Taxon.from_ranks(row.ranks, row.common)
+    sharded = row_taxon({"kingdom": "Animalia", "species": "Pica hudsonia", "common_name": "Pica hudsonia"})
+    assert evaluated == sharded
+    assert evaluated.text("taxon") == "a photo of Animalia Pica hudsonia."

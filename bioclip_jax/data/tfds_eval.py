@@ -69,8 +69,11 @@ def read_metadata(folder: str | os.PathLike) -> tuple[list[Row], list[str]]:
     if not (folder / "metadata.csv").is_file():
         raise FileNotFoundError(f"no metadata.csv in {folder}")
     _, cells = sources.read_metadata_csv(str(folder / "metadata.csv"))  # the same parser as make-shards
-    rows = [Row(filepath=c["filepath"], class_name=c["class"], ranks=tuple(c.get(r, "") for r in RANK_COLUMNS),
-                common=c.get("common_name", "")) for c in cells]
+    # Taxa as make-shards reads them (a binomial in the species column, fallback common names dropped), so a
+    # folder evaluates with the same captions as its shards.
+    taxa = [sources.row_taxon(c) for c in cells]
+    rows = [Row(filepath=c["filepath"], class_name=c["class"], ranks=dataclasses.astuple(t)[:7], common=t.common_name)
+            for c, t in zip(cells, taxa)]
     class_names = sorted({r.class_name for r in rows})
     missing = [r.filepath for r in rows if not (folder / r.filepath).is_file()]
     if missing:

@@ -70,8 +70,8 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
     image_size = get_model_config(config.model).vision.image_size
     data_dir = os.path.join(workdir, "data")
     tree = write_data(data_dir, image_size, config.train.seed)
-    for split, key in (("train", "train"), ("val", "val"), ("heldout", "heldout")):
-        config.data[key] = os.path.join(data_dir, split)
+    for split in ("train", "val", "heldout"):
+        config.data[split] = os.path.join(data_dir, split)
     result = train(config, workdir)
     model = result.model()
     results = evaluate_per_rank(model, tree, config.data.val, config.data.heldout, config.eval.batch_size,

@@ -68,8 +68,8 @@ class Taxon:
     def empty(self) -> bool:
         return not any(self.ranks)
 
-    def text(self, text_type: str) -> str:
-        """The caption of one text type, e.g. text("taxon_com")."""
+    def name(self, text_type: str) -> str:
+        """The taxon's name of one text type, e.g. name("sci") -> "Pica hudsonia"."""
         names = {
             "sci": self.scientific_name, "com": self.common, "taxon": self.taxonomic_name, "taxonTag": self.tagged,
             "sci_com": f"{self.scientific_name} with common name {self.common}",
@@ -78,7 +78,11 @@ class Taxon:
         }
         if text_type not in names:
             raise ValueError(f"unknown text type {text_type!r}; expected one of {TEXT_TYPES}")
-        return f"a photo of {names[text_type]}."
+        return names[text_type]
+
+    def text(self, text_type: str) -> str:
+        """The caption of one text type, e.g. text("taxon_com")."""
+        return f"a photo of {self.name(text_type)}."
 
 
 def text_type_for_step(step: int, choices: tuple[str, ...] = MIXED_TEXT_TYPES) -> str:

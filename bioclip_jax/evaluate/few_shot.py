@@ -32,7 +32,8 @@ def simpleshot_fold(features: np.ndarray, labels: np.ndarray, k: int, fold: int)
     mean = features[support].mean(axis=0)
     support_features, query_features = _cl2n(features[support], mean), _cl2n(features[queries], mean)
     centroids = np.stack([support_features[labels[support] == c].mean(axis=0) for c in classes])
-    distances = ((query_features[:, None, :] - centroids[None, :, :]) ** 2).sum(-1)
+    # |q - c|^2 = |q|^2 - 2 q.c + |c|^2; |q|^2 is the same for every class of a query, so it is left out.
+    distances = (centroids ** 2).sum(axis=1)[None, :] - 2 * query_features @ centroids.T
     predicted = classes[distances.argmin(axis=1)]
     return float((predicted == labels[queries]).mean())
 
@@ -42,5 +43,6 @@ def simpleshot(features: np.ndarray, labels: Sequence, k: int, folds: int = 5) -
     labels = np.asarray(labels)
     if len(features) != len(labels):
         raise ValueError(f"{len(features)} features but {len(labels)} labels")
-    scores = [simpleshot_fold(np.asarray(features, np.float64), labels, k, fold) for fold in range(folds)]
+    features = np.asarray(features, np.float64)
+    scores = [simpleshot_fold(features, labels, k, fold) for fold in range(folds)]
     return float(np.mean(scores)), float(np.std(scores))

@@ -92,7 +92,7 @@ def class_texts(classes: Sequence[str | Taxon], text_type: str = "asis") -> list
         else:
             if not isinstance(c, Taxon):
                 raise ValueError(f"text type {text_type!r} needs taxa (ranks, common name) for every class; got {c!r}")
-            names.append(c.text(text_type)[len("a photo of "):-1])
+            names.append(c.name(text_type))
     return names
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from bioclip_jax.data.transforms import ImageInput, load_image
 from bioclip_jax.evaluate.templates import OPENAI_IMAGENET_TEMPLATES
 from bioclip_jax.evaluate.zero_shot import zero_shot_classifier
-from bioclip_jax.inference.model import Model, encode
+from bioclip_jax.inference.model import Model, as_image_list, encode
 
 
 @dataclasses.dataclass
@@ -43,6 +43,13 @@ def load_images(images: Sequence[ImageInput]) -> tuple[list[str], list, dict[str
     return keys, loaded, failures
 
 
+def zero_shot_probabilities(model: Model, image_features: np.ndarray, text_matrix: np.ndarray) -> np.ndarray:
+    """softmax(exp(logit_scale) * image_features @ text_matrix) over classes: [N, D] x [D, C] -> [N, C]."""
+    logits = model.logit_scale * image_features @ text_matrix
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return probs / probs.sum(axis=1, keepdims=True)
+
+
 class CustomLabelsClassifier:
     """Zero-shot over user labels: each label's embedding is the renormalised mean of its 80 template embeddings."""
 
@@ -61,10 +68,7 @@ class CustomLabelsClassifier:
         if not loaded:
             return keys, np.zeros((0, len(self.labels)), np.float32), failures
         features = encode(self.model, images=loaded, batch_size=batch_size)
-        logits = self.model.logit_scale * features @ self.text_features.T
-        logits -= logits.max(axis=1, keepdims=True)
-        probs = np.exp(logits)
-        return keys, probs / probs.sum(axis=1, keepdims=True), failures
+        return keys, zero_shot_probabilities(self.model, features, self.text_features.T), failures
 
     def _rank(self, key: str, scores: dict[str, float], k: int | None) -> list[dict]:
         best = sorted(scores.items(), key=lambda item: -item[1])[:k or len(scores)]
@@ -72,9 +76,7 @@ class CustomLabelsClassifier:
 
     def predict(self, images: Sequence[ImageInput] | ImageInput, k: int | None = None,
                 batch_size: int = 10) -> Predictions:
-        if isinstance(images, (str, os.PathLike)) or not isinstance(images, Sequence):
-            images = [images]
-        keys, probs, failures = self.probabilities(images, batch_size)
+        keys, probs, failures = self.probabilities(as_image_list(images), batch_size)
         rows = [row for key, p in zip(keys, probs) for row in self._rank(key, self._scores(p), k)]
         return Predictions(rows, failures)
 

@@ -136,7 +136,8 @@ def _run_padded(fn, inputs: np.ndarray, batch_size: int) -> np.ndarray:
     return fn(inputs)[:n]
 
 
-def _as_image_list(images) -> Sequence[ImageInput]:
+def as_image_list(images) -> Sequence[ImageInput]:
+    """One image (a path, a PIL image, an [H, W, C] array) or many (a list, a generator, an [N, H, W, C] array)."""
     if isinstance(images, np.ndarray) and images.ndim == 4:
         return list(images)
     if isinstance(images, (str, os.PathLike, np.ndarray)) or hasattr(images, "getpixel"):
@@ -157,7 +158,7 @@ def encode(model: Model, images=None, texts=None, normalize: bool = True, batch_
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     outputs = []
     if images is not None:
-        outputs.append(_encode_images(model, _as_image_list(images), batch_size, _pick_preprocess(model, preprocess),
+        outputs.append(_encode_images(model, as_image_list(images), batch_size, _pick_preprocess(model, preprocess),
                                       progress))
     if texts is not None:
         texts = [texts] if isinstance(texts, str) else list(texts)

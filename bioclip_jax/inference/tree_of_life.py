@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 from bioclip_jax.data.taxonomy import RANKS, Taxon
 from bioclip_jax.evaluate.templates import OPENAI_IMAGENET_TEMPLATES
 from bioclip_jax.evaluate.zero_shot import class_embeddings, class_texts
-from bioclip_jax.inference.classify import Predictions, load_images
-from bioclip_jax.inference.model import Model, encode
+from bioclip_jax.inference.classify import Predictions, load_images, zero_shot_probabilities
+from bioclip_jax.inference.model import Model, as_image_list, encode
 
 EMBEDDINGS_FILE = "txt_emb_species.npy"
 NAMES_FILE = "txt_emb_species.json"
@@ -57,7 +57,7 @@ def load_txt_emb(folder: str | os.PathLike) -> tuple[np.ndarray, list[Taxon]]:
         if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], list) and len(entry[0]) == 7):
             raise ValueError(f"{folder / NAMES_FILE}: entry {i} is {entry!r}; expected [[7 ranks], common_name]")
         taxa.append(Taxon.from_ranks(entry[0], entry[1] or ""))
-    return matrix.astype(np.float32), taxa
+    return matrix.astype(np.float32, copy=False), taxa
 
 
 def make_txt_emb(model: Model, taxa: Sequence[Taxon], folder: str | os.PathLike, text_type: str = "taxon_com",
@@ -87,7 +87,7 @@ class TreeOfLifeClassifier:
         if self.matrix.shape[0] != model.config.embed_dim:
             raise ValueError(f"{txt_emb}: text embeddings have dimension {self.matrix.shape[0]}, but the model embeds "
                              f"to {model.config.embed_dim}: they were made with another model")
-        self._keep = np.ones(len(self.taxa), bool)
+        self._matrix, self._taxa = self.matrix, self.taxa  # the candidates: all species, or restrict()'s subset
 
     def restrict(self, rank: str, names: Sequence[str]) -> int:
         """Keeps only species whose `rank` is one of `names` (pybioclip's --subset); returns how many remain."""
@@ -95,25 +95,24 @@ class TreeOfLifeClassifier:
             raise ValueError(f"rank {rank!r}: expected one of {RANKS}")
         wanted = {n.strip().lower() for n in names}
         index = RANKS.index(rank)
-        self._keep = np.array([t.ranks[index].lower() in wanted for t in self.taxa])
-        if not self._keep.any():
+        keep = np.array([t.ranks[index].lower() in wanted for t in self.taxa])
+        if not keep.any():
             raise ValueError(f"no species has {rank} in {sorted(wanted)[:10]}")
-        return int(self._keep.sum())
+        self._matrix = self.matrix[:, keep]
+        self._taxa = [t for t, kept in zip(self.taxa, keep) if kept]
+        return len(self._taxa)
 
     def predict(self, images, rank: str = "species", min_prob: float = 1e-9, k: int = 5,
                 batch_size: int = 10) -> Predictions:
         if rank not in RANKS:
             raise ValueError(f"rank {rank!r}: expected one of {RANKS}")
-        keys, loaded, failures = load_images(images if isinstance(images, (list, tuple)) else [images])
+        keys, loaded, failures = load_images(as_image_list(images))
         rows: list[dict] = []
         if loaded:
-            taxa = [t for t, keep in zip(self.taxa, self._keep) if keep]
             features = encode(self.model, images=loaded, batch_size=batch_size)
-            logits = self.model.logit_scale * features @ self.matrix[:, self._keep]
-            probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-            probs /= probs.sum(axis=1, keepdims=True)
+            probs = zero_shot_probabilities(self.model, features, self._matrix)
             for key, p in zip(keys, probs):
-                rows += self._rows(key, p, taxa, rank, min_prob, k)
+                rows += self._rows(key, p, self._taxa, rank, min_prob, k)
         return Predictions(rows, failures)
 
     @staticmethod

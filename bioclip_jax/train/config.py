@@ -97,6 +97,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.async_save = True
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.every_steps = 0  # 0 = only at the end
+    c.eval.every_steps = 0  # 0 = no periodic validation (evaluate the result afterwards)
     c.eval.batch_size = 256
     return c

@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from bioclip_jax.errors import InputError
+
+# What a user can cause by a value or a path; FileNotFoundError & co. name the path they could not use.
+USER_ERRORS = (InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
 
 def _convert(args) -> int:
     from bioclip_jax.convert.checkpoint import convert_checkpoint
@@ -29,7 +34,7 @@ def _load_config(args):
     overrides = [o[len("--config."):] for o in args.overrides if o.startswith("--config.")]
     unknown = [o for o in args.overrides if not o.startswith("--config.")]
     if unknown:
-        raise ValueError(f"unrecognised arguments {unknown}; config overrides look like --config.train.lr=3e-4")
+        raise InputError(f"unrecognised arguments {unknown}; config overrides look like --config.train.lr=3e-4")
     return load_config(args.config, overrides)
 
 
@@ -54,13 +59,22 @@ def _initialize_distributed(args) -> None:
         jax.distributed.initialize()
 
 
+def _validation(config):
+    """The periodic evaluation the trainer logs: validation loss and per-rank zero-shot on config.data.val."""
+    if not config.data.val:
+        return None
+    from bioclip_jax.evaluate.zero_shot import validation_metrics
+
+    return lambda model, step: validation_metrics(model, config.data.val, config.eval.batch_size)
+
+
 def _train(args) -> int:
     from bioclip_jax.train.trainer import train
 
     _setup_logging()
     _initialize_distributed(args)
     config = _load_config(args)
-    result = train(config, args.workdir)
+    result = train(config, args.workdir, evaluate_fn=_validation(config))
     if result.history:
         print(f"step {result.step}: loss {result.history[-1]['loss']:.4f}")
     return 0
@@ -70,7 +84,8 @@ def _demo(args) -> int:
     from bioclip_jax.demo import run_demo
 
     _setup_logging()
-    run_demo(_load_config(args), args.workdir)
+    config = _load_config(args)
+    run_demo(config, args.workdir, evaluate_fn=_validation(config))
     return 0
 
 
@@ -98,28 +113,10 @@ def _make_shards(args) -> int:
     return 0
 
 
-def _read_labels(value: str) -> list[str]:
-    """--cls: a file with one label per line, or a comma-separated list."""
-    import os
-
-    if os.path.isfile(value):
-        with open(value) as f:
-            return [line.strip() for line in f if line.strip()]
-    return [label.strip() for label in value.split(",") if label.strip()]
-
-
-def _read_bins(path: str) -> dict[str, str]:
-    """--bins: a CSV whose first column is the label and second the bin (a header row is skipped if it says so)."""
-    import csv
-
-    with open(path, newline="") as f:
-        rows = [row for row in csv.reader(f) if row]
-    if rows and [c.strip().lower() for c in rows[0][:2]] in (["cls", "bin"], ["class", "bin"], ["label", "bin"]):
-        rows = rows[1:]
-    bad = [i + 1 for i, row in enumerate(rows) if len(row) < 2]
-    if bad or not rows:
-        raise ValueError(f"{path}: expected two columns (label, bin) on every row; rows {bad[:10]} have fewer")
-    return {row[0].strip(): row[1].strip() for row in rows}
+def _report_failures(failures: dict[str, str]) -> int:
+    for name, why in failures.items():
+        print(f"bioclip-jax: skipped {name}: {why}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def _emit(text: str, output: str | None) -> None:
@@ -131,33 +128,9 @@ def _emit(text: str, output: str | None) -> None:
         sys.stdout.write(text)
 
 
-def _write_rows(rows: list[dict], fmt: str, output: str | None) -> None:
-    import csv
-    import io
-
-    columns = list(rows[0]) if rows else ["file_name", "classification", "score"]
-    buf = io.StringIO()
-    if fmt == "csv":
-        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    else:
-        cells = [[f"{r[c]:.6g}" if c == "score" else str(r[c]) for c in columns] for r in rows]
-        widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
-        line = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
-        fmt_row = lambda values: "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths)) + " |"  # noqa: E731
-        buf.write("\n".join([line, fmt_row(columns), line, *map(fmt_row, cells), line]) + "\n")
-    _emit(buf.getvalue(), output)
-
-
-def _report_failures(failures: dict[str, str]) -> int:
-    for name, why in failures.items():
-        print(f"bioclip-jax: skipped {name}: {why}", file=sys.stderr)
-    return 1 if failures else 0
-
-
 def _predict(args) -> int:
     import bioclip_jax
+    from bioclip_jax.inference import io
     from bioclip_jax.inference.classify import CustomLabelsBinningClassifier, CustomLabelsClassifier
 
     model = bioclip_jax.load(args.model, model=args.arch)
@@ -165,50 +138,29 @@ def _predict(args) -> int:
         from bioclip_jax.inference.tree_of_life import TreeOfLifeClassifier
 
         if not args.txt_emb:
-            raise ValueError("--rank needs --txt-emb DIR (txt_emb_species.npy + .json; see make-txt-emb)")
+            raise InputError("--rank needs --txt-emb DIR (txt_emb_species.npy + .json; see make-txt-emb)")
         classifier = TreeOfLifeClassifier(model, args.txt_emb)
         if args.subset:
-            classifier.restrict(*_read_subset(args.subset))
+            classifier.restrict(*io.read_subset(args.subset))
         predictions = classifier.predict(args.images, rank=args.rank, min_prob=args.min_prob, k=args.k,
                                          batch_size=args.batch_size)
     else:
         if args.bins:
-            classifier = CustomLabelsBinningClassifier(model, _read_bins(args.bins))
+            classifier = CustomLabelsBinningClassifier(model, io.read_bins(args.bins))
         else:
-            classifier = CustomLabelsClassifier(model, _read_labels(args.cls))
+            classifier = CustomLabelsClassifier(model, io.read_labels(args.cls))
         predictions = classifier.predict(args.images, k=args.k, batch_size=args.batch_size)
-    _write_rows(predictions.rows, args.format, args.output)
+    _emit(io.format_rows(predictions.rows, args.format), args.output)
     return _report_failures(predictions.failures)
 
 
-def _read_subset(path: str) -> tuple[str, list[str]]:
-    """pybioclip's --subset CSV: the header of the first column names the rank, the rows the taxa to keep."""
-    import csv
-
-    with open(path, newline="") as f:
-        rows = [row for row in csv.reader(f) if row]
-    if len(rows) < 2:
-        raise ValueError(f"{path}: expected a header naming the rank (e.g. 'order') and at least one taxon")
-    return rows[0][0].strip().lower(), [row[0] for row in rows[1:]]
-
-
 def _make_txt_emb(args) -> int:
-    import csv
-
     import bioclip_jax
-    from bioclip_jax.data import sources
+    from bioclip_jax.inference.io import read_taxa
     from bioclip_jax.inference.tree_of_life import make_txt_emb
 
     model = bioclip_jax.load(args.model, model=args.arch)
-    with open(args.taxa, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.DictReader(f))
-    rename = {"class": "cls"}  # metadata.csv says "cls"; accept the plain word too
-    taxa = [sources.row_taxon({rename.get(k.strip(), k.strip()): (v or "") for k, v in row.items() if k})
-            for row in rows]
-    empty = [i + 2 for i, t in enumerate(taxa) if t.empty]
-    if not taxa or empty:
-        raise ValueError(f"{args.taxa}: expected columns kingdom, phylum, cls (or class), order, family, genus, "
-                         f"species[, common_name]; rows without any rank: {empty[:10]}")
+    taxa = read_taxa(args.taxa)
     folder = make_txt_emb(model, taxa, args.out, text_type=args.text_type)
     print(f"wrote {len(taxa)} species embeddings to {folder}")
     return 0
@@ -236,11 +188,12 @@ def _embed(args) -> int:
 
     import bioclip_jax
     from bioclip_jax.inference.classify import load_images
+    from bioclip_jax.inference.io import embeddings_json
 
     model = bioclip_jax.load(args.model, model=args.arch)
     keys, images, failures = load_images(args.images)
     features = bioclip_jax.encode(model, images=images, normalize=False, batch_size=args.batch_size) if images else []
-    result = {"model": model.source, "embeddings": {k: [float(v) for v in f] for k, f in zip(keys, features)}}
+    result = embeddings_json(model.source, keys, features)
     _emit(json.dumps(result, indent=2) + "\n", args.output)
     return _report_failures(failures)
 
@@ -312,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train or fine-tune (resumes from the workdir's latest checkpoint)",
                        description="Config overrides: --config.KEY=VALUE, e.g. --config.train.lr=3e-4.")
-    p.add_argument("--config", required=True, help="config file, e.g. configs/bioclip_vitb16.py")
+    p.add_argument("--config", required=True,
+                   help="a recipe name (demo, bioclip_vitb16, bioclip2_vitl14) or a config file")
     p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and TensorBoard events go here")
     p.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() (TPU pod slices, SLURM: detected automatically)")
@@ -323,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the quick-start job: synthetic tree of life -> train -> per-rank zero-shot "
                                     "-> open_clip export")
-    p.add_argument("--config", default="configs/demo.py")
+    p.add_argument("--config", default="demo", help="a recipe name or a config file")
     p.add_argument("--workdir", default="runs/demo")
     p.set_defaults(func=_demo)
 
@@ -370,8 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     tune_for_cpu()  # before anything starts JAX
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        # Expected user errors: one clear line, no traceback.
+    except USER_ERRORS as e:  # bad input: one clear line; anything else is a bug and keeps its traceback
         print(f"bioclip-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -14,13 +14,17 @@ import time
 
 import ml_collections
 
+from bioclip_jax.convert.checkpoint import export_open_clip
 from bioclip_jax.data.synthetic import SyntheticConfig, SyntheticTreeOfLife
 from bioclip_jax.data.taxonomy import RANKS
+from bioclip_jax.data.writers import write_synthetic_shards
+from bioclip_jax.evaluate.plots import plot_embeddings
+from bioclip_jax.evaluate.zero_shot import embed_eval_set, hierarchy_consistency, per_rank_accuracy
+from bioclip_jax.models.config import get_model_config
+from bioclip_jax.train.trainer import train
 
 
 def write_data(data_dir: str, image_size: int, seed: int = 0) -> SyntheticTreeOfLife:
-    from bioclip_jax.data.writers import write_synthetic_shards
-
     config = SyntheticConfig(seed=seed, image_size=image_size)
     write_synthetic_shards(data_dir, config, records_per_shard=1000)
     return SyntheticTreeOfLife(config)
@@ -30,9 +34,6 @@ def evaluate_per_rank(model, tree: SyntheticTreeOfLife, val: str, heldout: str, 
                       plot_dir: str | None = None) -> dict:
     """{"val": {rank: metrics}, "heldout_species": {rank: metrics}, "hierarchy_consistency": {rank: fraction}};
     candidates are all species of the tree. With `plot_dir`, PCA plots of the val embeddings by kingdom and phylum."""
-    from bioclip_jax.evaluate.plots import plot_embeddings
-    from bioclip_jax.evaluate.zero_shot import embed_eval_set, hierarchy_consistency, per_rank_accuracy
-
     results = {}
     for name, data in (("val", val), ("heldout_species", heldout)):
         if data:
@@ -61,10 +62,8 @@ def format_report(results: dict, seconds: float, steps: int, final_loss: float, 
     return "\n".join(lines)
 
 
-def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    from bioclip_jax.convert.checkpoint import export_open_clip
-    from bioclip_jax.models.config import get_model_config
-    from bioclip_jax.train.trainer import train
+def run_demo(config: ml_collections.ConfigDict, workdir: str, evaluate_fn=None) -> dict:
+    """`evaluate_fn` is the trainer's periodic evaluation (config.eval.every_steps), e.g. the validation metrics."""
 
     start = time.perf_counter()
     image_size = get_model_config(config.model).vision.image_size
@@ -72,7 +71,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
     tree = write_data(data_dir, image_size, config.train.seed)
     for split in ("train", "val", "heldout"):
         config.data[split] = os.path.join(data_dir, split)
-    result = train(config, workdir)
+    result = train(config, workdir, evaluate_fn=evaluate_fn)
     model = result.model()
     results = evaluate_per_rank(model, tree, config.data.val, config.data.heldout, config.eval.batch_size,
                                 plot_dir=workdir)

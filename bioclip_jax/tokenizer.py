@@ -17,6 +17,8 @@ import numpy as np
 import regex  # open_clip's regex engine; used only to derive its exact character classes
 from tokenizers import AddedToken, Regex, Tokenizer as _RustTokenizer, models, pre_tokenizers
 
+from bioclip_jax.errors import InputError
+
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 NUM_MERGES = 49152 - 256 - 2  # the merges CLIP uses (the file holds more)
 SPECIALS = ("<start_of_text>", "<end_of_text>")  # open_clip's names; ids 49406, 49407
@@ -149,7 +151,7 @@ class Tokenizer:
         if isinstance(context_length, bool) or not isinstance(context_length, (int, np.integer)):
             raise TypeError(f"context_length must be an int, got {type(context_length).__name__}")
         if context_length < 2:
-            raise ValueError(f"context_length must be >= 2 (room for SOT and EOT), got {context_length}")
+            raise InputError(f"context_length must be >= 2 (room for SOT and EOT), got {context_length}")
         flat, starts, ends = self._encode_flat(texts)
         n = np.minimum(ends - starts, context_length - 2)  # ids kept per row
         col = np.arange(context_length - 2)

@@ -7,6 +7,7 @@ import functools
 import numpy as np
 import pytest
 
+from bioclip_jax.models.config import get_model_config
 from bioclip_jax.runtime import tune_for_cpu
 
 tune_for_cpu()  # as the CLI does: the tests run many small CPU training steps
@@ -48,11 +49,8 @@ CAPTIONS = [
 ]
 
 
-TINY_OPEN_CLIP_CFG = {
-    "embed_dim": 64, "quick_gelu": True,
-    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
+# open_clip's kwargs for the registry's `tiny` architecture (one definition: bioclip_jax.models.config).
+TINY_OPEN_CLIP_CFG = get_model_config("tiny").to_open_clip()
 
 
 @pytest.fixture(scope="session")

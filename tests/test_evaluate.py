@@ -7,8 +7,9 @@ import pytest
 
 from bioclip_jax.data.taxonomy import Taxon
 from bioclip_jax.evaluate.few_shot import simpleshot, simpleshot_fold
-from bioclip_jax.evaluate.templates import BIOCLIP_TEMPLATES, OPENAI_IMAGENET_TEMPLATES
-from bioclip_jax.evaluate.zero_shot import class_texts, topk_accuracy
+from bioclip_jax.evaluate.zero_shot import topk_accuracy
+from bioclip_jax.inference.templates import BIOCLIP_TEMPLATES, OPENAI_IMAGENET_TEMPLATES
+from bioclip_jax.inference.zero_shot import class_texts
 
 
 def test_templates_are_open_clips():
@@ -67,7 +68,7 @@ def test_simpleshot_folds_are_seeded_and_differ():
 
 def test_zero_shot_classifier_averages_normalised_template_embeddings():
     import bioclip_jax
-    from bioclip_jax.evaluate.zero_shot import zero_shot_classifier
+    from bioclip_jax.inference.zero_shot import zero_shot_classifier
 
     model = bioclip_jax.create_model("tiny")
     templates = OPENAI_IMAGENET_TEMPLATES[:3]

@@ -138,8 +138,7 @@ def test_gradient_accumulation_matches_the_full_batch(shards):
     tx, schedule = optax.apply_if_finite(optax.sgd(1.0), 10), lambda step: 1.0
     outs = []
     for accum in (1, 2, 4):
-        state = {"step": jnp.zeros((), jnp.int32), "params": model.params, "opt_state": tx.init(model.params),
-                 "rng": jnp.zeros(2, jnp.uint32)}
+        state = {"step": jnp.zeros((), jnp.int32), "params": model.params, "opt_state": tx.init(model.params)}
         step = jax.jit(make_train_step(CLIP(model.config), tx, schedule, "openai", accum))
         outs.append(step(state, batch))
     for new_state, metrics in outs[1:]:

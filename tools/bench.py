@@ -186,8 +186,7 @@ def bench_train(model_name: str, batch: int, iters: int, dtype: str = "float32",
         tx, schedule = make_optimizer(params, lr=1e-4, warmup_steps=10, total_steps=1000)
         module = CLIP(config, dtype=getattr(jnp, dtype), attn_implementation=attn, remat=remat or None)
         step = jax.jit(make_train_step(module, tx, schedule, "openai"), donate_argnums=(0,))
-        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-                 "rng": jnp.zeros(2, jnp.uint32)}
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
         batch_dev = {"image": jnp.asarray(images), "tokens": jnp.asarray(tokens)}
 
         def ours():

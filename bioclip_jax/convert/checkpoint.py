@@ -1,44 +1,119 @@
-"""Whole conversions: open_clip <-> bioclip_jax folders, and exporting a loaded or trained model."""
+"""Checkpoint resolution and whole conversions: any weights source -> (architecture, params, preprocessing), and
+writing those as an open_clip or bioclip_jax folder.
+
+The exporters take anything with `config`, `params` and `preprocess` (a `bioclip_jax.Model`, a training result).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
+from flax import traverse_util
 
-from bioclip_jax.convert import files
-from bioclip_jax.convert.state_dict import to_open_clip
-from bioclip_jax.inference.model import Model, from_checkpoint
+from bioclip_jax.convert import files, run_file
+from bioclip_jax.convert import state_dict as sd
+from bioclip_jax.data.transforms import Preprocess
+from bioclip_jax.errors import InputError
+from bioclip_jax.models.config import CLIPConfig, get_model_config
 
 
-def _host_params(model: Model) -> dict:
-    return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), model.params)
+@dataclasses.dataclass
+class Resolved:
+    """A weights source made concrete: flax params (host numpy) that fit `config`."""
+
+    config: CLIPConfig
+    params: dict
+    preprocess_cfg: dict[str, Any] | None
+    source: str
 
 
-def export_open_clip(model: Model, folder: str | os.PathLike, write_bin: bool | None = None) -> Path:
+def read(path: str | os.PathLike) -> files.Checkpoint:
+    """Any supported source: open_clip folder or file, bioclip_jax folder or params file, or a training run."""
+    if run_file.is_training_run(path):
+        return run_file.read_training_run(path)
+    return files.read_checkpoint(path)
+
+
+def resolve(ckpt: files.Checkpoint, model: str | None = None) -> Resolved:
+    """The architecture (the source's own config, else `model`) and params checked against it.
+
+    `model` names the architecture when the weights carry no config: GELU and QuickGELU models have identical
+    tensors, so it cannot be guessed. A source's own config must agree with `model` if both are given."""
+    config = _resolve_config(ckpt, model)
+    if ckpt.params is not None:
+        _check_params(ckpt.params, config, ckpt.source)
+        params = ckpt.params
+    else:
+        params = sd.from_open_clip(ckpt.state_dict, config)
+    return Resolved(config, params, ckpt.preprocess_cfg, ckpt.source)
+
+
+def _resolve_config(ckpt: files.Checkpoint, model: str | None) -> CLIPConfig:
+    if ckpt.model_cfg is not None:
+        config = CLIPConfig.from_open_clip(ckpt.model_cfg, name=model or "")
+        if model is not None and get_model_config(model).to_open_clip() != config.to_open_clip():
+            raise InputError(f"{ckpt.source}: its config {config.to_open_clip()} does not match model={model!r} "
+                             f"({get_model_config(model).to_open_clip()}); drop `model` to use the folder's config")
+        return config
+    if model is None:
+        fits = sd.fitting_architectures(ckpt.state_dict) if ckpt.state_dict is not None else []
+        hint = f" (these weights fit: {', '.join(fits)})" if fits else ""
+        raise InputError(f"{ckpt.source}: these weights carry no model config; pass the architecture, e.g. "
+                         f"model='ViT-B-16-quickgelu' for BioCLIP{hint}. GELU and QuickGELU models have the same "
+                         "tensors, so it cannot be inferred.")
+    return get_model_config(model)
+
+
+def _check_params(params: dict, config: CLIPConfig, source: str) -> None:
+    expected = sd.param_shapes(config)
+    got = {p: tuple(np.shape(v)) for p, v in traverse_util.flatten_dict(params).items()}
+    problems = [f"missing {'/'.join(p)} {s}" for p, s in expected.items() if p not in got]
+    problems += [f"unexpected {'/'.join(p)}" for p in got if p not in expected]
+    problems += [f"{'/'.join(p)}: got {got[p]}, expected {s}" for p, s in expected.items() if p in got and got[p] != s]
+    if problems:
+        raise sd.StateDictMismatch(f"{source}: params do not match the config:\n  " + "\n  ".join(problems[:30]))
+
+
+def host_params(params) -> dict:
+    return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), params)
+
+
+def export_open_clip(model, folder: str | os.PathLike, write_bin: bool | None = None) -> epath.Path:
     """Writes an open_clip folder (config, safetensors and, when torch is importable, the .bin)."""
     if write_bin is None:
         write_bin = _torch_available()
-    state_dict = to_open_clip(_host_params(model), model.config)
+    state_dict = sd.to_open_clip(host_params(model.params), model.config)
     return files.write_open_clip_folder(folder, state_dict, model.config, model.preprocess.to_open_clip(), write_bin)
 
 
-def save_model(model: Model, folder: str | os.PathLike) -> Path:
+def save_model(model, folder: str | os.PathLike) -> epath.Path:
     """Writes a bioclip_jax model folder (flax layout, safetensors)."""
-    return files.write_native_folder(folder, _host_params(model), model.config, model.preprocess.to_open_clip())
+    return files.write_native_folder(folder, host_params(model.params), model.config, model.preprocess.to_open_clip())
 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, model: str | None = None,
-                       write_bin: bool | None = None) -> tuple[str, Path]:
+                       write_bin: bool | None = None) -> tuple[str, epath.Path]:
     """Converts in the direction SRC's format implies: open_clip -> bioclip_jax folder, bioclip_jax -> open_clip
     folder. Returns (the format written, the folder)."""
-    ckpt = files.read_checkpoint(src)
-    loaded = from_checkpoint(ckpt, model=model)
+    ckpt = read(src)
+    resolved = resolve(ckpt, model=model)
+    preprocess_cfg = _preprocess_cfg(resolved)
     if ckpt.state_dict is not None:  # open_clip keys
-        return "bioclip_jax", save_model(loaded, dst)
-    return "open_clip", export_open_clip(loaded, dst, write_bin)
+        return "bioclip_jax", files.write_native_folder(dst, resolved.params, resolved.config, preprocess_cfg)
+    if write_bin is None:
+        write_bin = _torch_available()
+    state_dict = sd.to_open_clip(resolved.params, resolved.config)
+    return "open_clip", files.write_open_clip_folder(dst, state_dict, resolved.config, preprocess_cfg, write_bin)
+
+
+def _preprocess_cfg(resolved: Resolved) -> dict[str, Any]:
+    """The source's preprocessing in open_clip's form, with its defaults filled in (as a loaded Model writes it)."""
+    return Preprocess.from_open_clip(resolved.preprocess_cfg, resolved.config.vision.image_size).to_open_clip()
 
 
 def _torch_available() -> bool:

@@ -6,7 +6,7 @@ Training, per process:
 The i-th host batch of every process belongs to global step i, and the global batch of step i is always the same set
 of examples (positions i*G .. (i+1)*G-1 of the shuffled stream) whatever the number of processes: a run on 2 hosts
 sees the same data as on 1. Images leave the pipeline as uint8 (4x less to move than float32) and are normalised on
-the device (`normalize_images`).
+the device (`bioclip_jax.train.device_batch.normalize_images`).
 
 Evaluation: resize + center crop exactly as open_clip (`Preprocess`), no shuffle, each process a strided slice, the
 last batches padded and masked so that every process runs the same number of batches and every example counts once.
@@ -20,17 +20,16 @@ from typing import Any, Iterator, Sequence
 
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
 from bioclip_jax.data import transforms
 from bioclip_jax.data.records import decode_record, find_shards
+from bioclip_jax.data.transforms import decode_image
 from bioclip_jax.data.taxonomy import MIXED_TEXT_TYPES, TEXT_TYPES, Taxon, text_type_for_sample, text_type_for_step
+from bioclip_jax.errors import InputError
 from bioclip_jax.tokenizer import tokenize
 
-NORMALIZATION = {"openai": (transforms.OPENAI_MEAN, transforms.OPENAI_STD),
-                 "imagenet": (transforms.IMAGENET_MEAN, transforms.IMAGENET_STD)}
 # "mixed": one of BioCLIP's five types per global batch, from the step; "mixed_per_sample": one per example.
 TEXT_TYPE_CHOICES = ("mixed", "mixed_per_sample") + TEXT_TYPES
 
@@ -95,7 +94,7 @@ class TrainTransform(grain.transforms.Map):
         position, record = element
         rng = np.random.default_rng((self.seed, position))
         record = _as_dict(record)
-        image = decode_image(record)
+        image = decode_image(record["image"], f"record {record['id']!r}")
         box = random_resized_crop_box(image.width, image.height, rng, self.scale, self.ratio)
         image = resized_crop(image, box, self.image_size)
         if image.mode != "RGB":
@@ -104,23 +103,12 @@ class TrainTransform(grain.transforms.Map):
                 "position": position}
 
 
-def decode_image(record: dict) -> Image.Image:
-    import io
-
-    try:
-        image = Image.open(io.BytesIO(record["image"]))
-        image.load()
-        return image
-    except Exception as e:  # noqa: BLE001 - PIL raises many types; the record id is what the user needs
-        raise ValueError(f"record {record.get('id', '?')!r}: cannot decode image ({e})") from None
-
-
 class Captioner:
     """Host batch of examples -> image batch + tokens of the captions of the step's text type."""
 
     def __init__(self, text_type: str, seed: int, context_length: int = 77):
         if text_type not in TEXT_TYPE_CHOICES:
-            raise ValueError(f"text_type={text_type!r}: expected one of {TEXT_TYPE_CHOICES}")
+            raise InputError(f"text_type={text_type!r}: expected one of {TEXT_TYPE_CHOICES}")
         self.text_type, self.seed, self.context_length = text_type, seed, context_length
 
     def __call__(self, step: int, examples: Sequence[dict]) -> dict:
@@ -144,11 +132,11 @@ def train_dataset(data: Any, *, global_batch_size: int, image_size: int, seed: i
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if global_batch_size % process_count:
-        raise ValueError(f"global batch size {global_batch_size} is not divisible by the number of processes "
+        raise InputError(f"global batch size {global_batch_size} is not divisible by the number of processes "
                          f"({process_count})")
     source = open_source(data)
     if len(source) == 0:
-        raise ValueError("the training data is empty")
+        raise InputError("the training data is empty")
     captioner = Captioner(text_type, seed, context_length)
     ds = (grain.MapDataset.source(source).seed(seed).shuffle().repeat(num_epochs)
           .map_with_index(lambda position, record: (position, record))[process_index::process_count]
@@ -172,12 +160,6 @@ def _multiprocess(iter_ds: grain.IterDataset, options: grain.MultiprocessingOpti
     return iter_ds.mp_prefetch(options)
 
 
-def normalize_images(images: jax.Array, normalization: str = "openai", dtype=jnp.float32) -> jax.Array:
-    """uint8 [..., 3] -> normalised float, on the device (inside the jitted step)."""
-    mean, std = (jnp.asarray(v, jnp.float32) for v in NORMALIZATION[normalization])
-    return ((images.astype(jnp.float32) / 255.0 - mean) / std).astype(dtype)
-
-
 # ------------------------------------------------------------------------------------------------------- evaluation
 class EvalTransform(grain.transforms.Map):
     def __init__(self, preprocess: transforms.Preprocess):
@@ -186,7 +168,7 @@ class EvalTransform(grain.transforms.Map):
     def map(self, element) -> dict:
         index, record = element
         record = _as_dict(record)
-        return {"image": self.preprocess(decode_image(record)), "index": index, "id": record["id"],
+        return {"image": self.preprocess(decode_image(record["image"], f"record {record['id']!r}")), "index": index, "id": record["id"],
                 "label": record.get("label", ""), "ranks": tuple(record["ranks"]), "common": record["common"]}
 
 
@@ -218,9 +200,3 @@ def _pad_eval_batch(examples: list[dict], batch_size: int, image_shape) -> dict:
             "index": np.array([e["index"] for e in examples] + [-1] * pad, np.int64),
             "id": strings("id"), "label": strings("label"), "common": strings("common"),
             "ranks": np.array([list(e["ranks"]) for e in examples] + [[""] * 7] * pad, dtype=object).reshape(-1, 7)}
-
-
-# ------------------------------------------------------------------------------------------------ host -> device
-def to_global(batch: dict, sharding: jax.sharding.Sharding, keys: Sequence[str] = ("image", "tokens")) -> dict:
-    """This process's numeric arrays -> global jax.Arrays sharded along the batch (`make_array_from_process_local_data`)."""
-    return {k: jax.make_array_from_process_local_data(sharding, batch[k]) for k in keys if k in batch}

@@ -20,6 +20,7 @@ from pathlib import Path
 import msgpack
 
 from bioclip_jax.data.taxonomy import Taxon
+from bioclip_jax.errors import InputError
 
 FORMAT_VERSION = 1
 SHARD_SUFFIX = ".array_record"
@@ -42,24 +43,25 @@ class Record:
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str = "record") -> "Record":
-        try:
-            obj = msgpack.unpackb(data, raw=False)
-        except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError) as e:
-            raise ValueError(f"{where}: not a bioclip_jax record ({e})") from None
-        if not isinstance(obj, dict) or "v" not in obj:
-            raise ValueError(f"{where}: not a bioclip_jax record (no version field)")
-        if obj["v"] > FORMAT_VERSION:
-            raise ValueError(f"{where}: record format version {obj['v']} is newer than this bioclip_jax reads "
-                             f"({FORMAT_VERSION}); upgrade bioclip_jax")
-        return cls(id=obj["id"], image=obj["image"], taxon=Taxon.from_ranks(obj["ranks"], obj.get("common", "")),
-                   source=obj.get("source", ""), label=obj.get("label", ""))
+        r = decode_record(data, where)
+        return cls(id=r["id"], image=r["image"], taxon=Taxon.from_ranks(r["ranks"], r["common"]), source=r["source"],
+                   label=r["label"])
 
 
-def decode_record(data: bytes) -> dict:
-    """Record bytes -> a plain dict (what Grain workers pass along): image bytes, ranks, common name, id, label."""
-    obj = msgpack.unpackb(data, raw=False)
+def decode_record(data: bytes, where: str = "record") -> dict:
+    """Record bytes -> a plain dict (what Grain workers pass along): id, image bytes, ranks, common name, source,
+    label. Raises InputError for bytes that are not a record, or a record of a newer format version."""
+    try:
+        obj = msgpack.unpackb(data, raw=False)
+    except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError) as e:
+        raise InputError(f"{where}: not a bioclip_jax record ({e})") from None
+    if not isinstance(obj, dict) or "v" not in obj:
+        raise InputError(f"{where}: not a bioclip_jax record (no version field)")
+    if obj["v"] > FORMAT_VERSION:
+        raise InputError(f"{where}: record format version {obj['v']} is newer than this bioclip_jax reads "
+                         f"({FORMAT_VERSION}); upgrade bioclip_jax")
     return {"id": obj["id"], "image": obj["image"], "ranks": tuple(obj["ranks"]), "common": obj.get("common", ""),
-            "label": obj.get("label", "")}
+            "source": obj.get("source", ""), "label": obj.get("label", "")}
 
 
 class ShardWriter:

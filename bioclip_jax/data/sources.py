@@ -20,7 +20,9 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from bioclip_jax.data.taxonomy import RANKS, Taxon
+from bioclip_jax.data.taxonomy import RANK_COLUMNS, RANKS, Taxon
+from bioclip_jax.data.transforms import decode_image
+from bioclip_jax.errors import InputError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # webdataset keys/extensions: the key is the member path up to the first "." of its file name, the extension (lower
@@ -75,10 +77,9 @@ def encode_image(src: bytes | Image.Image, *, resize: int | None = None, quality
         img = src
     else:
         try:
-            img = Image.open(io.BytesIO(src))
-            img.load()  # decode everything now: a truncated file raises here, not later in a training worker
-        except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
-            raise Skip("undecodable image", describe(e)) from None
+            img = decode_image(src, "image")  # decode everything now, not later in a training worker
+        except InputError as e:
+            raise Skip("undecodable image", describe(e.__cause__)) from None
         if img.format == "JPEG" and img.mode == "RGB" and not resize:
             return bytes(src)
     try:
@@ -175,7 +176,7 @@ def treeoflife_taxon(texts: dict[str, str]) -> Taxon:
 
 def row_taxon(row: dict[str, str]) -> Taxon:
     """Taxon from a metadata.csv row (optional columns kingdom..species, common_name; species may be a binomial)."""
-    ranks = [(row.get(c) or "").strip() for c in ("kingdom", "phylum", "cls", "order", "family", "genus", "species")]
+    ranks = [(row.get(c) or "").strip() for c in RANK_COLUMNS]
     if not ranks[5] and len(ranks[6].split()) > 1 and ranks[6][:1].isupper():
         ranks[5] = ranks[6].split()[0]  # "Pica hudsonia" in the species column, no genus column
     ranks[6] = _epithet(ranks[5], ranks[6])
@@ -295,7 +296,7 @@ def load_tar_sample(sample: TarSample, files: dict, resize: int | None, quality:
 # ----------------------------------------------------------------------------------------------------- folders
 
 REQUIRED_COLUMNS = ("filepath", "class")
-OPTIONAL_COLUMNS = ("kingdom", "phylum", "cls", "order", "family", "genus", "species", "common_name")
+OPTIONAL_COLUMNS = (*RANK_COLUMNS, "common_name")
 
 
 def read_metadata_csv(path: str) -> tuple[str, list[dict[str, str]]]:
@@ -309,7 +310,7 @@ def read_metadata_csv(path: str) -> tuple[str, list[dict[str, str]]]:
         columns = [c.strip() for c in reader.fieldnames or []]
         missing = [c for c in REQUIRED_COLUMNS if c not in columns]
         if missing:
-            raise ValueError(f"{path}: missing required column(s) {', '.join(missing)} (found: "
+            raise InputError(f"{path}: missing required column(s) {', '.join(missing)} (found: "
                              f"{', '.join(columns) or 'none'}; optional: {', '.join(OPTIONAL_COLUMNS)})")
         rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
     return os.path.dirname(os.path.abspath(path)), rows

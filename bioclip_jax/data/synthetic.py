@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from bioclip_jax.data.taxonomy import Taxon
+from bioclip_jax.errors import InputError
 
 N_KINGDOMS = 4
 PLANS = ("bilateral", "radial", "branching", "blob")
@@ -58,11 +59,13 @@ _QUALIFIERS = ("lesser", "greater", "northern", "southern", "eastern", "western"
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticConfig:
+    """The synthetic tree of life's size. Everything else (lineages, names, drawings) follows from the seed."""
+
     seed: int = 0
     n_species: int = 200
     images_per_species: int = 20
-    image_size: int = 64
-    heldout_fraction: float = 0.1
+    image_size: int = 64  # pixels per side of every drawing
+    heldout_fraction: float = 0.1  # share of species never trained on (the "heldout" split)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +104,7 @@ class SyntheticTreeOfLife:
 
     def __init__(self, config: SyntheticConfig = SyntheticConfig()):
         if config.n_species < N_KINGDOMS:
-            raise ValueError(f"n_species must be at least {N_KINGDOMS}, got {config.n_species}")
+            raise InputError(f"n_species must be at least {N_KINGDOMS}, got {config.n_species}")
         self.config = config
         self._rng = random.Random(f"synthetic/{config.seed}")
         self._used: list[set[str]] = [set() for _ in range(8)]  # names taken per rank (+ common names)
@@ -220,7 +223,7 @@ class SyntheticTreeOfLife:
         """(id, image, taxon) for images_per_species images of every species of split "seen" or "heldout"."""
         taxa = {"seen": self.seen_species, "heldout": self.heldout_species}.get(split)
         if taxa is None:
-            raise ValueError(f"split must be 'seen' or 'heldout', got {split!r}")
+            raise InputError(f"split must be 'seen' or 'heldout', got {split!r}")
         for taxon in taxa:
             for index in range(self.config.images_per_species):
                 yield f"synthetic/{taxon.genus}_{taxon.species}/{index:05d}", self.draw(taxon, index), taxon

@@ -11,7 +11,11 @@ from __future__ import annotations
 import dataclasses
 import random
 
+from bioclip_jax.errors import InputError
+
 RANKS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
+# The rank columns of BioCLIP's metadata.csv files ("class" is a Python keyword there too).
+RANK_COLUMNS = ("kingdom", "phylum", "cls", "order", "family", "genus", "species")
 TEXT_TYPES = ("sci", "com", "taxon", "sci_com", "taxon_com", "taxonTag", "taxonTag_com")
 MIXED_TEXT_TYPES = ("sci", "com", "taxon", "sci_com", "taxon_com")  # what BioCLIP samples from in training
 
@@ -33,7 +37,7 @@ class Taxon:
     def from_ranks(cls, ranks, common_name: str = "") -> "Taxon":
         ranks = list(ranks)
         if len(ranks) != 7:
-            raise ValueError(f"expected 7 ranks (kingdom..species epithet), got {len(ranks)}: {ranks}")
+            raise InputError(f"expected 7 ranks (kingdom..species epithet), got {len(ranks)}: {ranks}")
         return cls(*[(r or "").strip() for r in ranks], common_name=(common_name or "").strip())
 
     @property
@@ -77,7 +81,7 @@ class Taxon:
             "taxonTag_com": f"{self.tagged} with common name {self.common}",
         }
         if text_type not in names:
-            raise ValueError(f"unknown text type {text_type!r}; expected one of {TEXT_TYPES}")
+            raise InputError(f"unknown text type {text_type!r}; expected one of {TEXT_TYPES}")
         return names[text_type]
 
     def text(self, text_type: str) -> str:

@@ -34,10 +34,10 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from bioclip_jax.data import sources
+from bioclip_jax.data.taxonomy import RANK_COLUMNS
 
 log = logging.getLogger(__name__)
 
-RANK_COLUMNS = ("kingdom", "phylum", "cls", "order", "family", "genus", "species")  # metadata.csv names
 
 # task (config name) -> sub-folder of manual_dir it expects (the Meta-Album "Mini" names as BioCLIP distributes them)
 TASK_FOLDERS = {

@@ -8,16 +8,20 @@ whole image to size x size (bilinear). PIL is used rather than jax.image.resize 
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 from typing import Any, Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from bioclip_jax.errors import InputError
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+NORMALIZATION = {"openai": (OPENAI_MEAN, OPENAI_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
 
 _INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
                    "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
@@ -39,9 +43,9 @@ class Preprocess:
 
     def __post_init__(self):
         if self.interpolation not in _INTERPOLATIONS:
-            raise ValueError(f"interpolation={self.interpolation!r}: expected one of {sorted(_INTERPOLATIONS)}")
+            raise InputError(f"interpolation={self.interpolation!r}: expected one of {sorted(_INTERPOLATIONS)}")
         if self.resize_mode not in _RESIZE_MODES:
-            raise ValueError(f"resize_mode={self.resize_mode!r}: expected one of {_RESIZE_MODES}")
+            raise InputError(f"resize_mode={self.resize_mode!r}: expected one of {_RESIZE_MODES}")
 
     @classmethod
     def from_open_clip(cls, cfg: dict[str, Any] | None, size: int) -> "Preprocess":
@@ -122,22 +126,31 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
+def decode_image(data: bytes, where: str) -> Image.Image:
+    """Encoded image bytes -> a decoded PIL image; InputError naming `where` (a file, a record) if they do not decode."""
+    return _open(io.BytesIO(data), where)
+
+
+def _open(file, where) -> Image.Image:
+    try:
+        image = Image.open(file)
+        image.load()  # decode now, so a truncated file fails here, naming it
+        return image
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{where}: image file not found") from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        raise InputError(f"{where}: cannot decode image ({type(e).__name__}: {e})") from e
+
+
 def load_image(source: ImageInput) -> Image.Image:
     """A path, PIL image or uint8 array ([H, W], [H, W, 3] or [H, W, 4]) as a PIL image; errors name the file."""
     if isinstance(source, Image.Image):
         return source
     if isinstance(source, np.ndarray):
         if source.dtype != np.uint8 or source.ndim not in (2, 3) or (source.ndim == 3 and source.shape[2] not in (1, 3, 4)):
-            raise ValueError(f"image array must be uint8 [H, W], [H, W, 3] or [H, W, 4]; got {source.dtype} "
+            raise InputError(f"image array must be uint8 [H, W], [H, W, 3] or [H, W, 4]; got {source.dtype} "
                              f"{source.shape}")
         return Image.fromarray(source[..., 0] if source.ndim == 3 and source.shape[2] == 1 else source)
     if isinstance(source, (str, os.PathLike)):
-        try:
-            with Image.open(source) as image:
-                image.load()  # decode now, so a truncated file fails here, naming the file
-                return image
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{source}: image file not found") from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise ValueError(f"{source}: cannot decode image ({e})") from None
+        return _open(source, source)
     raise TypeError(f"expected an image path, PIL image or uint8 array, got {type(source).__name__}")

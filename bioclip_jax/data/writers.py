@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from bioclip_jax.data import sources
 from bioclip_jax.data.records import FORMAT_VERSION, SHARD_SUFFIX, Record, ShardWriter
 from bioclip_jax.data.sources import Skip
+from bioclip_jax.errors import InputError
 
 MANIFEST = "make_shards.json"
 SUMMARY = "summary.json"
@@ -190,7 +191,7 @@ def _check_manifest(out: str, manifest: dict) -> dict | None:
             old = json.load(f)
         diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
         if diff:
-            raise ValueError(f"{out} holds shards made with other settings (differs in: {', '.join(diff)}); "
+            raise InputError(f"{out} holds shards made with other settings (differs in: {', '.join(diff)}); "
                              f"use another --out or delete it")
         try:
             with open(os.path.join(out, SUMMARY)) as f:
@@ -305,13 +306,13 @@ def _settings(*, records_per_shard: int, resize: int | None, quality: int, val_f
               **kw) -> dict:
     """The settings that define an output (checked before anything is written, so a typo cannot pin a folder)."""
     if records_per_shard < 1:
-        raise ValueError(f"records_per_shard must be >= 1, got {records_per_shard}")
+        raise InputError(f"records_per_shard must be >= 1, got {records_per_shard}")
     if resize is not None and resize < 1:
-        raise ValueError(f"resize must be a positive size in pixels, got {resize}")
+        raise InputError(f"resize must be a positive size in pixels, got {resize}")
     if not 1 <= quality <= 100:
-        raise ValueError(f"JPEG quality must be in 1..100, got {quality}")
+        raise InputError(f"JPEG quality must be in 1..100, got {quality}")
     if val_fraction is not None and not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise InputError(f"val_fraction must be in [0, 1), got {val_fraction}")
     split = {} if val_fraction is None else {"val_fraction": val_fraction}
     return {"format_version": FORMAT_VERSION, **kw, **split, "records_per_shard": records_per_shard,
             "resize": resize, "quality": quality}

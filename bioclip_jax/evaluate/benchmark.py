@@ -16,9 +16,10 @@ import numpy as np
 from bioclip_jax.data.taxonomy import Taxon
 from bioclip_jax.data.tfds_eval import TASK_FOLDERS, EvalSetSource, FolderEvalSource
 from bioclip_jax.evaluate.few_shot import simpleshot
-from bioclip_jax.evaluate.templates import TEMPLATE_SETS
-from bioclip_jax.evaluate.zero_shot import class_texts, embed_eval_set, topk_accuracy, zero_shot_classifier
+from bioclip_jax.evaluate.zero_shot import embed_eval_set, topk_accuracy
 from bioclip_jax.inference.model import Model
+from bioclip_jax.inference.templates import TEMPLATE_SETS
+from bioclip_jax.inference.zero_shot import class_texts, zero_shot_classifier
 
 log = logging.getLogger(__name__)
 TASK_NAMES = {"birds_525": "Birds 525", "plankton": "Plankton", "insects": "Insects", "insects_2": "Insects 2",

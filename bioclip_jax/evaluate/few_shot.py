@@ -11,6 +11,8 @@ from typing import Sequence
 
 import numpy as np
 
+from bioclip_jax.errors import InputError
+
 
 def _cl2n(features: np.ndarray, mean: np.ndarray) -> np.ndarray:
     centred = features - mean
@@ -28,7 +30,7 @@ def simpleshot_fold(features: np.ndarray, labels: np.ndarray, k: int, fold: int)
         support[rng.choice(members, size=min(k, len(members)), replace=False)] = True
     queries = ~support
     if not queries.any():
-        raise ValueError(f"k={k} leaves no query images: every class has at most {k} images")
+        raise InputError(f"k={k} leaves no query images: every class has at most {k} images")
     mean = features[support].mean(axis=0)
     support_features, query_features = _cl2n(features[support], mean), _cl2n(features[queries], mean)
     centroids = np.stack([support_features[labels[support] == c].mean(axis=0) for c in classes])
@@ -42,7 +44,7 @@ def simpleshot(features: np.ndarray, labels: Sequence, k: int, folds: int = 5) -
     """(mean, std) of top-1 over `folds` folds (fold i seeded with i)."""
     labels = np.asarray(labels)
     if len(features) != len(labels):
-        raise ValueError(f"{len(features)} features but {len(labels)} labels")
+        raise InputError(f"{len(features)} features but {len(labels)} labels")
     features = np.asarray(features, np.float64)
     scores = [simpleshot_fold(features, labels, k, fold) for fold in range(folds)]
     return float(np.mean(scores)), float(np.std(scores))

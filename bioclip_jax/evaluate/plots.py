@@ -12,6 +12,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from bioclip_jax.errors import InputError
+
 
 def pca_2d(features: np.ndarray) -> np.ndarray:
     centred = features - features.mean(axis=0)
@@ -23,7 +25,7 @@ def plot_embeddings(features: np.ndarray, labels: Sequence[str], path: str | os.
                     size: int = 640, legend: int = 12) -> str:
     """Writes a PNG scatter of the PCA projection of `features`, one colour per label."""
     if len(features) != len(labels) or len(features) < 2:
-        raise ValueError(f"need at least 2 features with one label each; got {len(features)} and {len(labels)}")
+        raise InputError(f"need at least 2 features with one label each; got {len(features)} and {len(labels)}")
     points = pca_2d(np.asarray(features, np.float64))
     lo, hi = points.min(axis=0), points.max(axis=0)
     margin, plot = 40, size - 80

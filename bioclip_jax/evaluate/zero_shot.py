@@ -14,19 +14,9 @@ from tqdm.auto import tqdm
 
 from bioclip_jax.data import pipeline
 from bioclip_jax.data.taxonomy import RANKS, Taxon
-from bioclip_jax.inference.model import Model, encode
-
-
-def class_embeddings(model: Model, texts_per_class: Sequence[Sequence[str]], batch_size: int = 256) -> np.ndarray:
-    """[C, D]: per class, the mean of its L2-normalised caption embeddings, renormalised (CLIP's zero-shot recipe)."""
-    flat = [t for texts in texts_per_class for t in texts]
-    features = encode(model, texts=flat, batch_size=batch_size)
-    out, start = [], 0
-    for texts in texts_per_class:
-        mean = features[start:start + len(texts)].mean(axis=0)
-        out.append(mean / np.linalg.norm(mean))
-        start += len(texts)
-    return np.stack(out).astype(np.float32)
+from bioclip_jax.inference.model import Model, encode, normalize_features
+from bioclip_jax.inference.zero_shot import class_embeddings
+from bioclip_jax.models.loss import clip_loss
 
 
 def embed_eval_set(model: Model, data: Any, batch_size: int = 64, worker_count: int = 0,
@@ -39,7 +29,7 @@ def embed_eval_set(model: Model, data: Any, batch_size: int = 64, worker_count: 
     for batch in tqdm(batches, desc=desc, leave=False):
         keep = batch["mask"]
         features = model.encode_pixels(batch["image"])[keep]
-        feats.append(features / np.linalg.norm(features, axis=-1, keepdims=True))
+        feats.append(normalize_features(features))
         ranks += [tuple(r) for r in batch["ranks"][keep]]
         labels += list(batch["label"][keep])
         commons += list(batch["common"][keep])
@@ -82,31 +72,6 @@ def _gather_processes(features, ranks, labels, commons, indices):
     return np.concatenate(out_f), out_r, out_l, out_c, np.concatenate(out_i)
 
 
-def class_texts(classes: Sequence[str | Taxon], text_type: str = "asis") -> list[str]:
-    """The name each class is prompted with: "asis" uses the label as given; other types (sci, com, taxon, sci_com,
-    taxon_com, ...) the taxon's name of that type (the caption without "a photo of " and the final period)."""
-    names = []
-    for c in classes:
-        if text_type == "asis":
-            names.append(c if isinstance(c, str) else c.scientific_name)
-        else:
-            if not isinstance(c, Taxon):
-                raise ValueError(f"text type {text_type!r} needs taxa (ranks, common name) for every class; got {c!r}")
-            names.append(c.name(text_type))
-    return names
-
-
-def zero_shot_classifier(model: Model, class_names: Sequence[str], templates: Sequence[str]) -> np.ndarray:
-    """[C, D] class embeddings: every template filled with the class name, embeddings normalised, averaged,
-    renormalised (CLIP's prompt ensembling)."""
-    if not class_names:
-        raise ValueError("no class names")
-    duplicates = sorted({n for n in class_names if list(class_names).count(n) > 1})
-    if duplicates:
-        raise ValueError(f"duplicate class names {duplicates[:10]}: two classes would get the same embedding")
-    return class_embeddings(model, [[t.format(name) for t in templates] for name in class_names])
-
-
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 3, 5)) -> dict[str, float]:
     """Top-k accuracies and mean per-class top-1 accuracy (classes weighted equally)."""
     labels = np.asarray(labels)
@@ -126,10 +91,9 @@ def per_rank_accuracy(model: Model, image_features: np.ndarray, image_ranks: Seq
     """{rank: {"top1", "chance", "classes"}}: zero-shot accuracy at each rank over the candidates' lineages."""
     results = {}
     for rank in ranks:
-        depth = RANKS.index(rank) + 1
-        classes = sorted({tuple(t.ranks[:depth]) for t in candidates})
+        classes = sorted({t.at_rank(rank) for t in candidates})
         index = {c: i for i, c in enumerate(classes)}
-        truth = np.array([index.get(tuple(Taxon.from_ranks(r).ranks[:depth]), -1) for r in image_ranks])
+        truth = np.array([index.get(Taxon.from_ranks(r).at_rank(rank), -1) for r in image_ranks])
         text = class_embeddings(model, [[lineage_caption(c)] for c in classes])
         predicted = (image_features @ text.T).argmax(axis=1)
         results[rank] = {"top1": float((predicted == truth).mean()) if len(truth) else 0.0,
@@ -141,8 +105,6 @@ def validation_metrics(model: Model, data: Any, batch_size: int = 256, loss_batc
                        text_type: str = "taxon") -> dict[str, float]:
     """What the trainer logs periodically on held-out images: the CLIP loss (captions of `text_type`, in chunks of
     `loss_batch_size`) and zero-shot top-1 at every rank over the taxa present in the set."""
-    from bioclip_jax.train.loss import clip_loss
-
     features, ranks, _, _ = embed_eval_set(model, data, batch_size=batch_size, desc="validation")
     taxa = [Taxon.from_ranks(r) for r in ranks]
     out: dict[str, float] = {}

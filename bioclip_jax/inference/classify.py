@@ -14,9 +14,10 @@ from typing import Sequence
 import numpy as np
 
 from bioclip_jax.data.transforms import ImageInput, load_image
-from bioclip_jax.evaluate.templates import OPENAI_IMAGENET_TEMPLATES
-from bioclip_jax.evaluate.zero_shot import zero_shot_classifier
+from bioclip_jax.errors import InputError
 from bioclip_jax.inference.model import Model, as_image_list, encode
+from bioclip_jax.inference.templates import OPENAI_IMAGENET_TEMPLATES
+from bioclip_jax.inference.zero_shot import zero_shot_classifier
 
 
 @dataclasses.dataclass
@@ -58,7 +59,7 @@ class CustomLabelsClassifier:
         self.labels = [str(label).strip() for label in labels]
         empty = [i for i, label in enumerate(self.labels) if not label]
         if not self.labels or empty:
-            raise ValueError(f"labels must be non-empty strings; got {len(self.labels)} labels, empty at {empty}")
+            raise InputError(f"labels must be non-empty strings; got {len(self.labels)} labels, empty at {empty}")
         self.text_features = zero_shot_classifier(model, self.labels, templates)  # [C, D]
 
     def probabilities(self, images: Sequence[ImageInput], batch_size: int = 10) -> tuple[list[str], np.ndarray,
@@ -90,7 +91,7 @@ class CustomLabelsBinningClassifier(CustomLabelsClassifier):
     def __init__(self, model: Model, label_to_bin: dict[str, str], **kwargs):
         bad = [label for label, b in label_to_bin.items() if not str(b or "").strip()]
         if bad:
-            raise ValueError(f"labels without a bin: {bad[:10]}")
+            raise InputError(f"labels without a bin: {bad[:10]}")
         super().__init__(model, list(label_to_bin), **kwargs)
         self.bins = [str(label_to_bin[label]).strip() for label in label_to_bin]
 

@@ -13,10 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from bioclip_jax.convert import state_dict as sd
-from bioclip_jax.convert.files import Checkpoint, read_checkpoint
+from bioclip_jax.convert import checkpoint
+from bioclip_jax.convert.files import Checkpoint
 from bioclip_jax.data.transforms import ImageInput, Preprocess, load_image
-from bioclip_jax.models.clip import CLIP
+from bioclip_jax.errors import InputError
+from bioclip_jax.models.clip import CLIP, init_params
 from bioclip_jax.models.config import CLIPConfig, get_model_config
 from bioclip_jax.tokenizer import tokenize
 
@@ -60,11 +61,9 @@ def create_model(name: str | CLIPConfig, seed: int = 0, dtype: Any = jnp.float32
                  attn_implementation: str | None = "xla") -> Model:
     """A randomly initialised model of a named architecture (for training from scratch, tests and demos)."""
     config = get_model_config(name) if isinstance(name, str) else name
-    c = config
-    images = jnp.zeros((1, c.vision.image_size, c.vision.image_size, 3), jnp.float32)
-    tokens = jnp.zeros((1, c.text.context_length), jnp.int32)
-    params = jax.jit(CLIP(c).init)(jax.random.key(seed), images, tokens)["params"]
-    return Model(config, params, Preprocess(size=c.vision.image_size), dtype, attn_implementation, f"init:{seed}")
+    params = jax.jit(init_params, static_argnums=(0,))(config, seed)
+    return Model(config, params, Preprocess(size=config.vision.image_size), dtype, attn_implementation,
+                 f"init:{seed}")
 
 
 def load(path: str | os.PathLike, model: str | None = None, dtype: Any = jnp.float32,
@@ -75,47 +74,22 @@ def load(path: str | os.PathLike, model: str | None = None, dtype: Any = jnp.flo
     and QuickGELU models have identical tensors, so it cannot be guessed. A folder's own config wins when both exist
     and must agree with `model` if given.
     """
-    return from_checkpoint(read_checkpoint(path), model, dtype, attn_implementation)
+    return from_checkpoint(checkpoint.read(path), model, dtype, attn_implementation)
 
 
 def from_checkpoint(ckpt: Checkpoint, model: str | None = None, dtype: Any = jnp.float32,
                     attn_implementation: str | None = "xla") -> Model:
     """A `Model` from weights already read (see `load`)."""
-    config = _resolve_config(ckpt, model)
-    params = ckpt.params if ckpt.params is not None else sd.from_open_clip(ckpt.state_dict, config)
-    if ckpt.params is not None:
-        _check_params(params, config, ckpt.source)
-    params = jax.tree_util.tree_map(jnp.asarray, params)
-    preprocess = Preprocess.from_open_clip(ckpt.preprocess_cfg, config.vision.image_size)
-    return Model(config, params, preprocess, dtype, attn_implementation, ckpt.source)
+    resolved = checkpoint.resolve(ckpt, model)
+    params = jax.tree_util.tree_map(jnp.asarray, resolved.params)
+    preprocess = Preprocess.from_open_clip(resolved.preprocess_cfg, resolved.config.vision.image_size)
+    return Model(resolved.config, params, preprocess, dtype, attn_implementation, resolved.source)
 
 
-def _resolve_config(ckpt: Checkpoint, model: str | None) -> CLIPConfig:
-    if ckpt.model_cfg is not None:
-        config = CLIPConfig.from_open_clip(ckpt.model_cfg, name=model or "")
-        if model is not None and get_model_config(model).to_open_clip() != config.to_open_clip():
-            raise ValueError(f"{ckpt.source}: its config {config.to_open_clip()} does not match model={model!r} "
-                             f"({get_model_config(model).to_open_clip()}); drop `model` to use the folder's config")
-        return config
-    if model is None:
-        fits = sd.fitting_architectures(ckpt.state_dict) if ckpt.state_dict is not None else []
-        hint = f" (these weights fit: {', '.join(fits)})" if fits else ""
-        raise ValueError(f"{ckpt.source}: these weights carry no model config; pass the architecture, e.g. "
-                         f"model='ViT-B-16-quickgelu' for BioCLIP{hint}. GELU and QuickGELU models have the same "
-                         "tensors, so it cannot be inferred.")
-    return get_model_config(model)
-
-
-def _check_params(params: dict, config: CLIPConfig, source: str) -> None:
-    from flax import traverse_util
-
-    expected = sd.param_shapes(config)
-    got = {p: tuple(np.shape(v)) for p, v in traverse_util.flatten_dict(params).items()}
-    problems = [f"missing {'/'.join(p)} {s}" for p, s in expected.items() if p not in got]
-    problems += [f"unexpected {'/'.join(p)}" for p in got if p not in expected]
-    problems += [f"{'/'.join(p)}: got {got[p]}, expected {s}" for p, s in expected.items() if p in got and got[p] != s]
-    if problems:
-        raise sd.StateDictMismatch(f"{source}: params do not match the config:\n  " + "\n  ".join(problems[:30]))
+def normalize_features(features: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (as torch.nn.functional.normalize, eps 1e-12), float32."""
+    features = np.asarray(features, np.float32)
+    return features / np.maximum(np.linalg.norm(features, axis=-1, keepdims=True), 1e-12)
 
 
 def bucket_sizes(batch_size: int) -> list[int]:
@@ -153,9 +127,9 @@ def encode(model: Model, images=None, texts=None, normalize: bool = True, batch_
     model's own (open_clip eval transform), "pybioclip" for pybioclip's squash, or a `Preprocess`.
     """
     if images is None and texts is None:
-        raise ValueError("encode needs images=, texts= or both")
+        raise InputError("encode needs images=, texts= or both")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     outputs = []
     if images is not None:
         outputs.append(_encode_images(model, as_image_list(images), batch_size, _pick_preprocess(model, preprocess),
@@ -166,9 +140,7 @@ def encode(model: Model, images=None, texts=None, normalize: bool = True, batch_
         feats = [_run_padded(model.encode_tokens, tokens[i:i + batch_size], batch_size)
                  for i in tqdm(range(0, len(tokens), batch_size), desc="texts", disable=not progress)]
         outputs.append(np.concatenate(feats) if feats else np.zeros((0, model.config.embed_dim), np.float32))
-    if normalize:
-        outputs = [x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12) for x in outputs]
-    outputs = [x.astype(np.float32) for x in outputs]
+    outputs = [normalize_features(x) if normalize else x.astype(np.float32) for x in outputs]
     return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
@@ -179,7 +151,7 @@ def _pick_preprocess(model: Model, preprocess: Preprocess | str | None) -> Prepr
         return model.preprocess.pybioclip_squash()
     if isinstance(preprocess, Preprocess):
         return preprocess
-    raise ValueError(f"preprocess={preprocess!r}: expected None, 'pybioclip' or a Preprocess")
+    raise InputError(f"preprocess={preprocess!r}: expected None, 'pybioclip' or a Preprocess")
 
 
 def _encode_images(model: Model, images: Sequence[ImageInput], batch_size: int, preprocess: Preprocess,

@@ -19,10 +19,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from bioclip_jax.data.taxonomy import RANKS, Taxon
-from bioclip_jax.evaluate.templates import OPENAI_IMAGENET_TEMPLATES
-from bioclip_jax.evaluate.zero_shot import class_embeddings, class_texts
+from bioclip_jax.errors import InputError
 from bioclip_jax.inference.classify import Predictions, load_images, zero_shot_probabilities
 from bioclip_jax.inference.model import Model, as_image_list, encode
+from bioclip_jax.inference.templates import OPENAI_IMAGENET_TEMPLATES
+from bioclip_jax.inference.zero_shot import class_embeddings, class_texts
 
 EMBEDDINGS_FILE = "txt_emb_species.npy"
 NAMES_FILE = "txt_emb_species.json"
@@ -50,12 +51,12 @@ def load_txt_emb(folder: str | os.PathLike) -> tuple[np.ndarray, list[Taxon]]:
     matrix = np.load(folder / EMBEDDINGS_FILE, allow_pickle=False)  # never unpickle: plain arrays only
     names = json.loads((folder / NAMES_FILE).read_text())
     if matrix.ndim != 2 or matrix.shape[1] != len(names):
-        raise ValueError(f"{folder / EMBEDDINGS_FILE}: shape {matrix.shape}, expected [D, {len(names)}] to match "
+        raise InputError(f"{folder / EMBEDDINGS_FILE}: shape {matrix.shape}, expected [D, {len(names)}] to match "
                          f"the {len(names)} names of {NAMES_FILE}")
     taxa = []
     for i, entry in enumerate(names):
         if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], list) and len(entry[0]) == 7):
-            raise ValueError(f"{folder / NAMES_FILE}: entry {i} is {entry!r}; expected [[7 ranks], common_name]")
+            raise InputError(f"{folder / NAMES_FILE}: entry {i} is {entry!r}; expected [[7 ranks], common_name]")
         taxa.append(Taxon.from_ranks(entry[0], entry[1] or ""))
     return matrix.astype(np.float32, copy=False), taxa
 
@@ -85,19 +86,19 @@ class TreeOfLifeClassifier:
         self.model = model
         self.matrix, self.taxa = load_txt_emb(txt_emb)
         if self.matrix.shape[0] != model.config.embed_dim:
-            raise ValueError(f"{txt_emb}: text embeddings have dimension {self.matrix.shape[0]}, but the model embeds "
+            raise InputError(f"{txt_emb}: text embeddings have dimension {self.matrix.shape[0]}, but the model embeds "
                              f"to {model.config.embed_dim}: they were made with another model")
         self._matrix, self._taxa = self.matrix, self.taxa  # the candidates: all species, or restrict()'s subset
 
     def restrict(self, rank: str, names: Sequence[str]) -> int:
         """Keeps only species whose `rank` is one of `names` (pybioclip's --subset); returns how many remain."""
         if rank not in RANKS:
-            raise ValueError(f"rank {rank!r}: expected one of {RANKS}")
+            raise InputError(f"rank {rank!r}: expected one of {RANKS}")
         wanted = {n.strip().lower() for n in names}
         index = RANKS.index(rank)
         keep = np.array([t.ranks[index].lower() in wanted for t in self.taxa])
         if not keep.any():
-            raise ValueError(f"no species has {rank} in {sorted(wanted)[:10]}")
+            raise InputError(f"no species has {rank} in {sorted(wanted)[:10]}")
         self._matrix = self.matrix[:, keep]
         self._taxa = [t for t, kept in zip(self.taxa, keep) if kept]
         return len(self._taxa)
@@ -105,7 +106,7 @@ class TreeOfLifeClassifier:
     def predict(self, images, rank: str = "species", min_prob: float = 1e-9, k: int = 5,
                 batch_size: int = 10) -> Predictions:
         if rank not in RANKS:
-            raise ValueError(f"rank {rank!r}: expected one of {RANKS}")
+            raise InputError(f"rank {rank!r}: expected one of {RANKS}")
         keys, loaded, failures = load_images(as_image_list(images))
         rows: list[dict] = []
         if loaded:

@@ -16,6 +16,18 @@ from bioclip_jax.models.vision import VisionTransformer
 INIT_LOGIT_SCALE = math.log(1 / 0.07)
 
 
+def init_inputs(config: CLIPConfig, batch: int = 1) -> tuple[jax.Array, jax.Array]:
+    """Zero images [B, S, S, 3] and tokens [B, L]: what `CLIP.init` (or `jax.eval_shape` of it) needs to build the
+    params of `config`."""
+    size = config.vision.image_size
+    return (jnp.zeros((batch, size, size, 3), jnp.float32), jnp.zeros((batch, config.text.context_length), jnp.int32))
+
+
+def init_params(config: CLIPConfig, seed: int = 0) -> dict:
+    """Freshly initialised params (CLIP's initialisation)."""
+    return CLIP(config).init(jax.random.key(seed), *init_inputs(config))["params"]
+
+
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     # Matches torch.nn.functional.normalize (divide by max(norm, eps)).
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)

@@ -13,9 +13,43 @@ import difflib
 import json
 from typing import Any
 
-# open_clip's defaults for the fields we implement (open_clip/model.py CLIPVisionCfg / CLIPTextCfg).
-_VISION_DEFAULTS = dict(layers=12, width=768, head_width=64, mlp_ratio=4.0, patch_size=16, image_size=224)
-_TEXT_DEFAULTS = dict(context_length=77, vocab_size=49408, width=512, heads=8, layers=12, mlp_ratio=4.0)
+from bioclip_jax.errors import InputError
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """The image tower; defaults are open_clip's CLIPVisionCfg (ViT-B/16)."""
+
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    layers: int = 12
+    head_width: int = 64  # heads = width / head_width
+    mlp_ratio: float = 4.0
+
+    @property
+    def heads(self) -> int:
+        return self.width // self.head_width
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """The causal text tower; defaults are open_clip's CLIPTextCfg."""
+
+    context_length: int = 77  # tokens, start and end of text included
+    vocab_size: int = 49408
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+    mlp_ratio: float = 4.0
+
+
+# open_clip's defaults for the fields we implement, by JSON name.
+_VISION_DEFAULTS = dataclasses.asdict(VisionConfig())
+_TEXT_DEFAULTS = dataclasses.asdict(TextConfig())
 
 # open_clip's custom attention block switches (open_clip/model.py); all off in the CLIP/BioCLIP family.
 _BLOCK_NEUTRAL = dict(qk_norm=False, scaled_cosine_attn=False, scale_heads=False, scale_attn_inner=False,
@@ -41,34 +75,6 @@ _TOP_FIELDS = {"embed_dim", "quick_gelu", "vision_cfg", "text_cfg", "custom_text
 
 
 @dataclasses.dataclass(frozen=True)
-class VisionConfig:
-    image_size: int = 224
-    patch_size: int = 16
-    width: int = 768
-    layers: int = 12
-    head_width: int = 64
-    mlp_ratio: float = 4.0
-
-    @property
-    def heads(self) -> int:
-        return self.width // self.head_width
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.patch_size
-
-
-@dataclasses.dataclass(frozen=True)
-class TextConfig:
-    context_length: int = 77
-    vocab_size: int = 49408
-    width: int = 512
-    heads: int = 8
-    layers: int = 12
-    mlp_ratio: float = 4.0
-
-
-@dataclasses.dataclass(frozen=True)
 class CLIPConfig:
     """Architecture of a two-tower CLIP. `name` is the open_clip model name (informational)."""
 
@@ -86,20 +92,20 @@ class CLIPConfig:
         where = f"model config {name!r}" if name else "model config"
         unknown = set(model_cfg) - _TOP_FIELDS
         if unknown:
-            raise ValueError(f"{where}: unsupported field(s) {sorted(unknown)}; supported: {sorted(_TOP_FIELDS)}")
+            raise InputError(f"{where}: unsupported field(s) {sorted(unknown)}; supported: {sorted(_TOP_FIELDS)}")
         if model_cfg.get("init_logit_bias") is not None:
-            raise ValueError(f"{where}: init_logit_bias is a SigLIP model; only CLIP (softmax) models are supported")
+            raise InputError(f"{where}: init_logit_bias is a SigLIP model; only CLIP (softmax) models are supported")
         if model_cfg.get("nonscalar_logit_scale"):
-            raise ValueError(f"{where}: nonscalar_logit_scale is not supported")
+            raise InputError(f"{where}: nonscalar_logit_scale is not supported")
         vision = _parse_tower(model_cfg.get("vision_cfg", {}), _VISION_DEFAULTS, _VISION_NEUTRAL, set(),
                               f"{where} vision_cfg")
         text = _parse_tower(model_cfg.get("text_cfg", {}), _TEXT_DEFAULTS, _TEXT_NEUTRAL, _TEXT_IGNORED,
                             f"{where} text_cfg")
         if vision["width"] % vision["head_width"]:
-            raise ValueError(f"{where}: vision width {vision['width']} is not a multiple of head_width "
+            raise InputError(f"{where}: vision width {vision['width']} is not a multiple of head_width "
                              f"{vision['head_width']}")
         if text["width"] % text["heads"]:
-            raise ValueError(f"{where}: text width {text['width']} is not a multiple of heads {text['heads']}")
+            raise InputError(f"{where}: text width {text['width']} is not a multiple of heads {text['heads']}")
         return cls(embed_dim=int(model_cfg["embed_dim"]), quick_gelu=bool(model_cfg.get("quick_gelu", False)),
                    vision=VisionConfig(**vision), text=TextConfig(**text),
                    custom_text=bool(model_cfg.get("custom_text", False)), name=name)
@@ -133,11 +139,11 @@ def _parse_tower(cfg: dict[str, Any], defaults: dict, neutral: dict, ignored: se
             out[key] = type(defaults[key])(value)
         elif key in neutral:
             if value != neutral[key] and not (neutral[key] is None and value in ({}, None)):
-                raise ValueError(f"{where}: {key}={value!r} is not supported (only {neutral[key]!r})")
+                raise InputError(f"{where}: {key}={value!r} is not supported (only {neutral[key]!r})")
         elif key not in ignored:
             close = difflib.get_close_matches(key, list(defaults) + list(neutral), n=3)
             hint = f"; did you mean {close}?" if close else ""
-            raise ValueError(f"{where}: unknown field {key!r}{hint}")
+            raise InputError(f"{where}: unknown field {key!r}{hint}")
     return out
 
 
@@ -190,7 +196,7 @@ def get_model_config(name: str) -> CLIPConfig:
     if key not in _OPEN_CLIP_CONFIGS:
         close = difflib.get_close_matches(name, list_models(), n=3)
         hint = f" Did you mean {close}?" if close else ""
-        raise ValueError(f"unknown model {name!r}.{hint} Known models: {', '.join(list_models())}")
+        raise InputError(f"unknown model {name!r}.{hint} Known models: {', '.join(list_models())}")
     return CLIPConfig.from_open_clip(copy.deepcopy(_OPEN_CLIP_CONFIGS[key]), name=key)
 
 
@@ -200,9 +206,9 @@ def config_from_json(path: str) -> CLIPConfig:
         try:
             data = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+            raise InputError(f"{path}: not valid JSON ({e})") from None
     model_cfg = data.get("model_cfg", data)
     if "embed_dim" not in model_cfg:
-        raise ValueError(f"{path}: no 'embed_dim' (expected an open_clip model config or "
+        raise InputError(f"{path}: no 'embed_dim' (expected an open_clip model config or "
                          "{{'model_cfg': ..., 'preprocess_cfg': ...}})")
     return CLIPConfig.from_open_clip(model_cfg, name=data.get("model_name", ""))

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from bioclip_jax.errors import InputError
+
 # PyTorch's LayerNorm default; Flax's is 1e-6, which would drift from open_clip's outputs.
 LN_EPS = 1e-5
 
@@ -164,7 +166,7 @@ class Transformer(nn.Module):
         block_cls = ResidualAttentionBlock
         if self.remat:
             if self.remat not in REMAT_POLICIES:
-                raise ValueError(f"remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)} or None")
+                raise InputError(f"remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)} or None")
             block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[self.remat], prevent_cse=True)
         # CLIP's initialisation: residual-branch outputs shrink with depth so the stack starts near identity.
         out_std = x.shape[-1] ** -0.5 * (2 * self.layers) ** -0.5

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from bioclip_jax.errors import InputError
 from bioclip_jax.models.config import TextConfig
 from bioclip_jax.models.layers import Transformer, layer_norm, normal
 
@@ -25,7 +26,7 @@ class TextTransformer(nn.Module):
         """tokens: int [B, context_length] from `bioclip_jax.tokenize`. Returns [B, embed_dim] fp32."""
         cfg = self.cfg
         if tokens.ndim != 2 or tokens.shape[1] != cfg.context_length:
-            raise ValueError(f"expected tokens of shape [B, {cfg.context_length}], got {tuple(tokens.shape)}")
+            raise InputError(f"expected tokens of shape [B, {cfg.context_length}], got {tuple(tokens.shape)}")
         x = nn.Embed(cfg.vocab_size, cfg.width, embedding_init=normal(0.02), dtype=self.dtype,
                      name="token_embedding")(tokens)
         pos = self.param("positional_embedding", normal(0.01), (cfg.context_length, cfg.width))

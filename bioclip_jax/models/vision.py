@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from bioclip_jax.errors import InputError
 from bioclip_jax.models.config import VisionConfig
 from bioclip_jax.models.layers import Transformer, layer_norm, normal
 
@@ -25,7 +26,7 @@ class VisionTransformer(nn.Module):
         """images: float [B, H, W, 3] normalised pixels (NHWC; open_clip takes NCHW). Returns [B, embed_dim] fp32."""
         cfg = self.cfg
         if images.shape[1:] != (cfg.image_size, cfg.image_size, 3):
-            raise ValueError(f"expected images of shape [B, {cfg.image_size}, {cfg.image_size}, 3] (NHWC), "
+            raise InputError(f"expected images of shape [B, {cfg.image_size}, {cfg.image_size}, 3] (NHWC), "
                              f"got {tuple(images.shape)}")
         scale = cfg.width ** -0.5
         x = nn.Conv(cfg.width, (cfg.patch_size, cfg.patch_size), strides=(cfg.patch_size, cfg.patch_size),

@@ -12,6 +12,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from bioclip_jax import paths
+
 log = logging.getLogger(__name__)
 
 
@@ -19,7 +21,7 @@ def make_manager(directory: str | os.PathLike, max_to_keep: int = 3, save_interv
                  async_save: bool = True) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
                                            enable_async_checkpointing=async_save)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    return ocp.CheckpointManager(paths.resolve(directory), options=options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, data_iterator, force: bool = False) -> bool:

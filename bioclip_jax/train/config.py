@@ -4,21 +4,39 @@ from __future__ import annotations
 
 import ast
 import difflib
+import importlib.resources
 import importlib.util
 import os
 
 import ml_collections
 
+from bioclip_jax.errors import InputError
 
-def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> ml_collections.ConfigDict:
-    path = str(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"config file {path!r} not found")
+# The recipes ship inside the package; they are read as files (like a config given by path), not imported as modules,
+# so this lower layer never imports the configs layer above it.
+_RECIPES = importlib.resources.files("bioclip_jax") / "configs"
+
+
+def config_names() -> list[str]:
+    """The recipes shipped with the package (bioclip_jax/configs/*.py), by name."""
+    return sorted(p.name[:-3] for p in _RECIPES.iterdir() if p.name.endswith(".py") and not p.name.startswith("_"))
+
+
+def load_config(name_or_path: str | os.PathLike, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+    """A recipe by name (`demo`, `bioclip_vitb16`: the files in bioclip_jax/configs, usable from any directory) or a
+    config file by path, with `key=value` overrides applied, then locked (unknown keys are errors from here on)."""
+    path = os.fspath(name_or_path)
+    if not os.path.exists(path):  # a recipe: "demo", "demo.py" or "configs/demo.py" from another directory
+        recipe = _RECIPES / f"{os.path.basename(path).removesuffix('.py')}.py"
+        if os.path.dirname(path) not in ("", "configs") or not recipe.is_file():
+            raise InputError(f"config {path!r}: no such file, and not a recipe name (recipes: "
+                             f"{', '.join(config_names())})")
+        path = str(recipe)
     spec = importlib.util.spec_from_file_location("bioclip_jax_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
-        raise ValueError(f"{path}: a config file must define get_config()")
+        raise InputError(f"{path}: a config file must define get_config()")
     config = module.get_config()
     for override in overrides:
         apply_override(config, override)
@@ -30,7 +48,7 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
     """"train.lr=3e-4" (the `--config.` prefix already removed). Unknown keys are errors naming close matches;
     values are parsed as Python literals where they parse, else taken as strings."""
     if "=" not in override:
-        raise ValueError(f"config override {override!r}: expected key=value")
+        raise InputError(f"config override {override!r}: expected key=value")
     key, raw = override.split("=", 1)
     node, parts = config, key.split(".")
     for i, part in enumerate(parts):
@@ -40,7 +58,7 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
             close = difflib.get_close_matches(part, options, n=3, cutoff=0.5)
             close += [o for o in options if (o in part or part in o) and o not in close]
             hint = f"; did you mean {', '.join('.'.join(parts[:i] + [c]) for c in close)}?" if close else ""
-            raise ValueError(f"unknown config key {key!r} ({part!r} is not in {where}){hint}")
+            raise InputError(f"unknown config key {key!r} ({part!r} is not in {where}){hint}")
         if i < len(parts) - 1:
             node = node[part]
     try:
@@ -55,7 +73,7 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
     try:
         node[parts[-1]] = value
     except TypeError as e:
-        raise ValueError(f"config key {key!r}: {e}") from None
+        raise InputError(f"config key {key!r}: {e}") from None
 
 def base_config() -> ml_collections.ConfigDict:
     """Defaults shared by every config file: each starts from these and changes what it needs."""

@@ -7,6 +7,7 @@ import os
 
 import jax
 
+from bioclip_jax import paths
 from bioclip_jax.models.config import CLIPConfig
 
 # Dense bf16 peak per device, for MFU. Unknown devices report MFU as 0.
@@ -52,12 +53,13 @@ class MetricWriter:
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        workdir = paths.resolve(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = (workdir / "metrics.jsonl").open("a")
         try:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = SummaryWriter(str(workdir / "tensorboard"))
         except ImportError:
             self._tb = None
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -16,14 +17,18 @@ import ml_collections
 import optax
 from tqdm.auto import tqdm
 
+from bioclip_jax import paths
+from bioclip_jax.convert import run_file
 from bioclip_jax.data import pipeline
 from bioclip_jax.data.taxonomy import text_type_for_step
-from bioclip_jax.data.transforms import Preprocess
+from bioclip_jax.data.transforms import NORMALIZATION, Preprocess
+from bioclip_jax.errors import InputError
 from bioclip_jax.inference.model import Model, load
-from bioclip_jax.models.clip import CLIP
+from bioclip_jax.models.clip import CLIP, init_params
 from bioclip_jax.models.config import CLIPConfig, get_model_config
+from bioclip_jax.models.loss import clip_loss
 from bioclip_jax.train import checkpoint, metrics as metrics_lib, sharding
-from bioclip_jax.train.loss import clip_loss
+from bioclip_jax.train.device_batch import normalize_images, to_global
 from bioclip_jax.train.optimizer import clamp_logit_scale, make_optimizer, skipped_updates
 
 log = logging.getLogger(__name__)
@@ -72,7 +77,7 @@ def make_train_step(module: CLIP, tx, schedule, normalization: str, accum_steps:
     summed gradient equals the full-batch gradient (logit_scale's gradient taken once)."""
 
     def encode(params, images, tokens):
-        images = pipeline.normalize_images(images, normalization, module.dtype)
+        images = normalize_images(images, normalization, module.dtype)
         return module.apply({"params": params}, images, tokens)
 
     def loss_and_grads(params, batch):
@@ -105,7 +110,7 @@ def make_train_step(module: CLIP, tx, schedule, normalization: str, accum_steps:
         loss, grads = loss_and_grads(state["params"], batch)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = clamp_logit_scale(optax.apply_updates(state["params"], updates))
-        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}
+        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
         step_metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
                         "logit_scale": jnp.exp(params["logit_scale"]), "skipped_updates": skipped_updates(opt_state)}
         return new_state, step_metrics
@@ -117,40 +122,38 @@ def _initial_params(config: ml_collections.ConfigDict, model_config: CLIPConfig,
     if config.init:
         loaded = load(config.init, model=config.init_model or None)
         if loaded.config.to_open_clip() != model_config.to_open_clip():
-            raise ValueError(f"init weights {config.init} are a {loaded.config.to_open_clip()} model, but "
+            raise InputError(f"init weights {config.init} are a {loaded.config.to_open_clip()} model, but "
                              f"config.model is {config.model!r}")
         return lambda: loaded.params
-    c = model_config
-    images = jnp.zeros((1, c.vision.image_size, c.vision.image_size, 3), jnp.float32)
-    tokens = jnp.zeros((1, c.text.context_length), jnp.int32)
-    return lambda: CLIP(c).init(jax.random.key(seed), images, tokens)["params"]
+    return lambda: init_params(model_config, seed)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, max_steps: int | None = None,
           progress: bool = True, evaluate_fn=None) -> TrainResult:
-    """Trains (or resumes) `config` in `workdir`. `max_steps` stops early (still saving), e.g. for tests.
-    Every config.eval.every_steps, `evaluate_fn(model, step) -> dict of scalars` is logged; by default it is the
-    validation loss and per-rank zero-shot accuracy on config.data.val (when set)."""
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    """Trains (or resumes) `config` in `workdir` (a local folder or an epath URL such as gs://bucket/run). `max_steps`
+    stops early (still saving), e.g. for tests. Every config.eval.every_steps, `evaluate_fn(model, step) -> dict of
+    scalars` is logged (the caller wires it, e.g. `bioclip_jax.evaluate.zero_shot.validation_metrics`)."""
+    workdir = paths.resolve(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     t = config.train
 
     # ---- model and mesh
     model_config = get_model_config(config.model)
-    mean, std = pipeline.NORMALIZATION[config.data.normalization]
+    mean, std = NORMALIZATION[config.data.normalization]
     preprocess = Preprocess(size=model_config.vision.image_size, mean=mean, std=std)
     if jax.process_index() == 0:
-        _write_run_file(workdir, model_config, preprocess, config)
+        run_file.write_run_file(workdir, model_config.to_open_clip(), preprocess.to_open_clip(),
+                                json.loads(config.to_json()))
     dtype = DTYPES[config.dtype]
     module = CLIP(model_config, dtype=dtype, attn_implementation=config.attn_implementation or None,
                   remat=config.remat or None)
     mesh = sharding.make_mesh()
     devices = mesh.devices.size
     if t.global_batch_size % devices:
-        raise ValueError(f"global batch size {t.global_batch_size} is not divisible by the {devices} devices; "
+        raise InputError(f"global batch size {t.global_batch_size} is not divisible by the {devices} devices; "
                          f"use a multiple of {devices}")
     if t.global_batch_size % (devices * t.accum_steps):
-        raise ValueError(f"global batch size {t.global_batch_size} must split into accum_steps={t.accum_steps} "
+        raise InputError(f"global batch size {t.global_batch_size} must split into accum_steps={t.accum_steps} "
                          f"micro-batches that divide over {devices} devices")
 
     # ---- state: created already sharded (eval_shape first, nothing allocated twice)
@@ -162,8 +165,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, max_
 
     def init_state():
         params = make_params()
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-                "rng": jax.random.key_data(jax.random.key(t.seed))}
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
     abstract_state = jax.eval_shape(init_state)
     state_sharding = sharding.state_shardings(abstract_state, mesh, fsdp=t.fsdp)
@@ -175,7 +177,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, max_
         context_length=model_config.text.context_length, worker_count=config.data.workers))
 
     # ---- restore or initialise
-    manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), config.checkpoint.keep,
+    manager = checkpoint.make_manager(workdir / "checkpoints", config.checkpoint.keep,
                                       config.checkpoint.every_steps, config.checkpoint.async_save)
     step, state = checkpoint.restore_latest(manager, checkpoint.abstract_like(abstract_state, state_sharding),
                                             data_iter)
@@ -189,11 +191,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, max_
                          in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None),
                          donate_argnums=(0,))
 
-    if evaluate_fn is None and config.data.val:
-        from bioclip_jax.evaluate.zero_shot import validation_metrics
-
-        evaluate_fn = lambda model, _: validation_metrics(model, config.data.val, config.eval.batch_size)  # noqa: E731
-
     # ---- the loop
     flops_per_step = metrics_lib.train_flops_per_pair(model_config) * t.global_batch_size
     peak = metrics_lib.peak_flops_per_device()
@@ -206,7 +203,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, max_
     with _Preemption() as preemption:
         while step < last_step:
             fetch_start = time.perf_counter()
-            batch = pipeline.to_global(next(data_iter), batch_sharding)
+            batch = to_global(next(data_iter), batch_sharding)
             data_wait += time.perf_counter() - fetch_start
             try:
                 state, step_metrics = train_step(state, batch)
@@ -265,15 +262,3 @@ def _eval_model(eval_model: Model | None, model_config: CLIPConfig, state, prepr
         eval_model = Model(model_config, params, preprocess)
     eval_model.params = params
     return eval_model
-
-
-def _write_run_file(workdir: str, model_config: CLIPConfig, preprocess: Preprocess, config) -> None:
-    """What `bioclip_jax.load(workdir)` needs to rebuild the model, and the config that trained it."""
-    import json
-
-    from bioclip_jax.convert.files import FORMAT_VERSION, RUN_FILE
-
-    run = {"format": "bioclip_jax_run", "format_version": FORMAT_VERSION, "model_cfg": model_config.to_open_clip(),
-           "preprocess_cfg": preprocess.to_open_clip(), "config": json.loads(config.to_json())}
-    with open(os.path.join(workdir, RUN_FILE), "w") as f:
-        json.dump(run, f, indent=2)

@@ -1,0 +1,76 @@
+"""A training run's folder as a weights source: the run file (what rebuilds the model) and the Orbax checkpoints.
+
+    <workdir>/bioclip_jax_run.json   {"format": "bioclip_jax_run", "format_version", "model_cfg", "preprocess_cfg",
+                                      "config": the training config}
+    <workdir>/checkpoints/<step>/    Orbax steps; finalized ones carry commit_success.txt
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+from bioclip_jax import paths
+from bioclip_jax.convert.files import FORMAT_VERSION, RUN_FILE, Checkpoint, read_json, write_json
+from bioclip_jax.errors import InputError
+
+
+def is_training_run(path: str | os.PathLike) -> bool:
+    return (paths.resolve(path) / RUN_FILE).exists()
+
+
+def write_run_file(workdir: str | os.PathLike, model_cfg: dict[str, Any], preprocess_cfg: dict[str, Any],
+                   config: dict[str, Any]) -> epath.Path:
+    """What `bioclip_jax.load(workdir)` needs to rebuild the model, and the config that trained it."""
+    path = paths.resolve(workdir) / RUN_FILE
+    write_json(path, {"format": "bioclip_jax_run", "format_version": FORMAT_VERSION, "model_cfg": model_cfg,
+                      "preprocess_cfg": preprocess_cfg, "config": config})
+    return path
+
+
+def read_run_file(workdir: str | os.PathLike) -> dict[str, Any]:
+    path = paths.resolve(workdir) / RUN_FILE
+    run = read_json(path)
+    if run.get("format") != "bioclip_jax_run" or run.get("format_version", FORMAT_VERSION + 1) > FORMAT_VERSION:
+        raise InputError(f"{path}: expected format 'bioclip_jax_run' with format_version <= {FORMAT_VERSION}, got "
+                         f"{run.get('format')!r} version {run.get('format_version')!r}")
+    return run
+
+
+def finished_steps(workdir: str | os.PathLike) -> list[int]:
+    """Finalized checkpoint steps, newest first."""
+    directory = paths.resolve(workdir) / "checkpoints"
+    if not directory.exists():
+        return []
+    return sorted((int(p.name) for p in directory.iterdir()
+                   if p.name.isdigit() and (p / "commit_success.txt").exists()), reverse=True)
+
+
+def read_training_run(workdir: str | os.PathLike) -> Checkpoint:
+    """The newest finished checkpoint's params as host numpy arrays."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    workdir = paths.resolve(workdir)
+    run = read_run_file(workdir)
+    steps = finished_steps(workdir)
+    if not steps:
+        raise FileNotFoundError(f"{workdir}: a training run without any finished checkpoint in checkpoints/")
+    checkpointer = ocp.PyTreeCheckpointer()
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # Orbax warns about per-item metadata files it does not need here
+    try:
+        path = workdir / "checkpoints" / str(steps[0]) / "state"
+        tree = checkpointer.metadata(path)
+        tree = getattr(getattr(tree, "item_metadata", None), "tree", tree)
+        args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        state = checkpointer.restore(path, restore_args=args)
+    finally:
+        absl_logger.setLevel(level)
+    return Checkpoint(f"{workdir} (step {steps[0]})", run["model_cfg"], run.get("preprocess_cfg"),
+                      params=state["params"])

@@ -1,0 +1,8 @@
+"""The one exception type for bad input (a file, a value, an option): the command line prints it as one line.
+
+Anything else that escapes is a bug and keeps its traceback. `InputError` is a ValueError, so callers that catch
+ValueError keep working."""
+
+
+class InputError(ValueError):
+    """Bad user input: the message names the file, key or value and what was expected."""

@@ -216,3 +216,33 @@ def test_catalog_without_id_column_is_a_one_line_error(published, tmp_path, caps
                  "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(bad) in err and "treeoflife_id" in err and "Traceback" not in err
+
+
+def test_repeated_rows_empty_splits_and_catalog_without_split(published, tmp_path):
+    images = _args(published)[1]
+    rows = [list(r) for r in ROWS]
+    rows.insert(1, ["val", _uuid(0), "", "", "", "", "", "", "", *ROSE])  # a repeated id: the first row wins
+    rows[2][0] = "nan"  # _uuid(1): no split, so not placed
+    with open(tmp_path / "catalog.csv", "w", newline="") as f:
+        csv.writer(f).writerows([HEADER, *rows])
+    summary = writers.write_tol10m_shards(tmp_path / "catalog.csv", images, tmp_path / "out", workers=1,
+                                          verbose=False)
+    cat = summary["catalog"]
+    assert cat["duplicate_row_ids"] == {"count": 1, "first": [_uuid(0)]}
+    tar1 = sorted(str(p) for p in (published / "dataset" / "EOL").glob("*.tar.gz"))[0]
+    assert cat["images_without_split"] == {"count": 1, "first": [f"{tar1}:image_set_01/{_uuid(1)}.jpg"]}
+    assert _records(tmp_path / "out", "train")[_uuid(0)].taxon.genus == "Pica" and summary["records"] == 9
+
+    rows[3][0] = "../val"
+    with open(tmp_path / "bad_split.csv", "w", newline="") as f:
+        csv.writer(f).writerows([HEADER, *rows])
+    with pytest.raises(ValueError, match=r"bad_split.csv: split value\(s\) '../val' cannot name an output folder"):
+        writers.write_tol10m_shards(tmp_path / "bad_split.csv", images, tmp_path / "bad", workers=1, verbose=False)
+
+    # A catalog without a split column: everything goes to train, and the summary says so.
+    with open(tmp_path / "nosplit.csv", "w", newline="") as f:
+        csv.writer(f).writerows([HEADER[1:]] + [r[1:] for r in ROWS])
+    summary = writers.write_tol10m_shards(tmp_path / "nosplit.csv", images, tmp_path / "nosplit", workers=1,
+                                          verbose=False)
+    assert list(summary["splits"]) == ["train"] and summary["records"] == 10
+    assert summary["catalog"]["absent_columns"] == ["split"]

@@ -85,18 +85,26 @@ def _clean(arr: pa.Array) -> pa.Array:
     return pc.if_else(pc.is_in(pc.utf8_lower(arr), value_set=NAN_LIKE), "", arr)
 
 
+def _clean_encoded(arr: pa.Array) -> pa.DictionaryArray:
+    """Like _clean, dictionary-encoded: the cleaning runs on the distinct values only (ranks repeat a lot, which is
+    also why 10M rows of them stay small)."""
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    encoded = pc.dictionary_encode(pc.cast(arr, pa.string()).fill_null(""))
+    return pa.DictionaryArray.from_arrays(encoded.indices, _clean(encoded.dictionary))
+
+
 def _normalise(catalog: Catalog, batch: pa.RecordBatch) -> pa.Table:
-    """A batch of the file -> the FIELDS columns: the id as strings, the rest dictionary-encoded (ranks repeat a lot,
-    so 10M rows stay small)."""
+    """A batch of the file -> the FIELDS columns: the id as strings, the rest dictionary-encoded."""
     n = batch.num_rows
     arrays = []
     for field in FIELDS:
         name = catalog.columns[field]
         if name is None:
-            arr = pa.array([DEFAULT_SPLIT if field == SPLIT else ""] * n, pa.string())
+            arr = pc.dictionary_encode(pa.array([DEFAULT_SPLIT if field == SPLIT else ""] * n, pa.string()))
         else:
-            arr = _clean(batch.column(name))
-        arrays.append(arr if field == "id" else pc.dictionary_encode(arr))
+            arr = (_clean if field == "id" else _clean_encoded)(batch.column(name))
+        arrays.append(arr)
     return pa.Table.from_arrays(arrays, names=list(FIELDS))
 
 
@@ -121,7 +129,7 @@ class _CountingFile:
 
 
 def iter_catalog(catalog: Catalog, verbose: bool = True) -> Iterator[pa.Table]:
-    """The catalog in batches of normalised FIELDS columns (about 64 MB of file each), with a progress bar."""
+    """The catalog in batches of normalised FIELDS columns (about 16 MB of file each), with a progress bar."""
     wanted = [c for c in catalog.columns.values() if c is not None]
     try:
         if catalog.parquet:
@@ -140,7 +148,7 @@ def iter_catalog(catalog: Catalog, verbose: bool = True) -> Iterator[pa.Table]:
             stream = _CountingFile(catalog.path, bar)
             try:
                 reader = pcsv.open_csv(
-                    stream, read_options=pcsv.ReadOptions(block_size=64 << 20),
+                    stream, read_options=pcsv.ReadOptions(block_size=16 << 20),
                     convert_options=pcsv.ConvertOptions(include_columns=wanted,
                                                         column_types={c: pa.string() for c in wanted}))
                 for batch in reader:
@@ -212,6 +220,7 @@ def iter_tar_images(path: str, wanted) -> Iterator[tuple[int, str, bytes | Skip]
 # ----------------------------------------------------------------------------------------------------- join
 
 FIRST = 20  # how many ids the summary lists for each kind of mismatch
+PROBE_ROWS = 1 << 22  # catalog rows matched against the image ids at once (about 300 MB, dictionary-encoded)
 _SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -245,14 +254,24 @@ def join(catalog: Catalog, tars: list[str], names: list[list[str]], plan_paths: 
     image_ids = pa.chunked_array([pa.array([image_id(n) for n in tar_names], pa.string()) for tar_names in names],
                                  pa.string())
     value_set = image_ids.combine_chunks()
-    kept, rows, without_image, without_image_first = [], 0, 0, []
-    for batch in iter_catalog(catalog, verbose):
+    kept, pending, rows, orphans = [], [], 0, _Mismatches()
+
+    def probe() -> None:  # one hash table of the image ids per PROBE_ROWS catalog rows, not one per file block
+        batch = pa.concat_tables(pending)
+        pending.clear()
         has_image = pc.is_in(batch["id"], value_set=value_set)
         kept.append(batch.filter(has_image))
+        missing = batch["id"].filter(pc.invert(has_image))
+        orphans.count += len(missing)
+        orphans.first += missing.slice(0, max(0, FIRST - len(orphans.first))).to_pylist()
+
+    for batch in iter_catalog(catalog, verbose):
+        pending.append(batch)
         rows += batch.num_rows
-        orphans = batch["id"].filter(pc.invert(has_image))
-        without_image += len(orphans)
-        without_image_first += orphans.slice(0, max(0, FIRST - len(without_image_first))).to_pylist()
+        if sum(b.num_rows for b in pending) >= PROBE_ROWS:
+            probe()
+    if pending:
+        probe()
     table = pa.concat_tables(kept).combine_chunks() if kept else _normalise(
         catalog, pa.RecordBatch.from_pylist([], pa.schema([(c, pa.string()) for c in catalog.columns.values()
                                                           if c is not None])))
@@ -300,7 +319,7 @@ def join(catalog: Catalog, tars: list[str], names: list[list[str]], plan_paths: 
     info = {"file": catalog.path, "rows": rows, "absent_columns": catalog.missing_optional,
             "images": len(row_of),
             "images_without_row": without_row.summary(),
-            "rows_without_image": _mismatch(without_image, without_image_first),
+            "rows_without_image": orphans.summary(),
             "images_without_split": without_split.summary(),
             "duplicate_row_ids": _mismatch(sum(repeated.field("counts").to_pylist()) - len(repeated),
                                            repeated.field("values").slice(0, FIRST).to_pylist())}

@@ -59,7 +59,10 @@ def open_catalog(path: str) -> Catalog:
     if parquet:
         import pyarrow.parquet as pq
 
-        names = pq.ParquetFile(path).schema_arrow.names
+        try:
+            names = pq.ParquetFile(path).schema_arrow.names
+        except pa.ArrowException as e:
+            raise ValueError(f"{path}: not a readable Parquet catalog ({str(e).splitlines()[0]})") from None
     else:
         import csv
 

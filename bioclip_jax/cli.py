@@ -98,6 +98,8 @@ def _make_shards(args) -> int:
         if args.source == "treeoflife":
             writers.write_treeoflife_shards(args.inputs, args.out, val_fraction=args.val_fraction, seed=args.seed,
                                             **common)
+        elif args.source == "tol10m":
+            writers.write_tol10m_shards(args.catalog, args.images, args.out, **common)
         elif args.source == "folder":
             writers.write_folder_shards(args.csv, args.out, val_fraction=args.val_fraction, seed=args.seed, **common)
         else:
@@ -299,12 +301,22 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--image-size", type=int, default=64)
     synthetic.add_argument("--heldout-fraction", type=float, default=0.1)
     synthetic.add_argument("--val-per-species", type=int, default=2, help="images of every seen species in val")
-    for q, per_shard, workers in ((tol, 10000, None), (folder, 10000, None), (synthetic, 1000, 1)):
+    tol10m = by_source.add_parser("tol10m", help="TreeOfLife-10M as published: image_set_NN.tar.gz + catalog",
+                                  description="Joins tar members <treeoflife_id>.jpg to catalog rows; the split is "
+                                              "the catalog's.")
+    tol10m.add_argument("--catalog", required=True,
+                        help="metadata/catalog.csv, or a .parquet catalog with the same columns")
+    tol10m.add_argument("--images", nargs="+", required=True,
+                        help="the image tars (.tar.gz or .tar): files, folders, globs or brace patterns "
+                             "('dataset/EOL/image_set_*.tar.gz')")
+    for q, per_shard, workers in ((tol, 10000, None), (folder, 10000, None), (synthetic, 1000, 1),
+                                  (tol10m, 10000, None)):
         q.add_argument("--out", required=True, help="output folder")
         q.add_argument("--records-per-shard", type=int, default=per_shard)
-        if q is not synthetic:
+        if q in (tol, folder):
             q.add_argument("--val-fraction", type=float, default=0.05, help="share of ids in val (0: no val)")
-        q.add_argument("--seed", type=int, default=0, help="train/val assignment (synthetic: also the generator)")
+        if q is not tol10m:
+            q.add_argument("--seed", type=int, default=0, help="train/val assignment (synthetic: also the generator)")
         q.add_argument("--resize", type=int, help="squash every image to RESIZE x RESIZE (bicubic), e.g. 224")
         q.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
         q.add_argument("--workers", type=int, default=workers,

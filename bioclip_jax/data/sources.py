@@ -206,15 +206,16 @@ def expand_braces(pattern: str) -> list[str]:
     return [p for part in parts for p in expand_braces(head + part + tail)]
 
 
-def find_tars(patterns: list[str] | str) -> list[str]:
-    """Tar files from folders (every *.tar in it), globs and brace patterns, in the order given (sorted within a
-    folder or glob) so the plan, and thus the output, does not depend on the file system's listing order."""
+def find_tars(patterns: list[str] | str, suffixes: tuple[str, ...] = (".tar",)) -> list[str]:
+    """Tar files from folders (every file in it ending in one of `suffixes`), globs and brace patterns, in the order
+    given (sorted within a folder or glob) so the plan, and thus the output, does not depend on the file system's
+    listing order."""
     patterns = [patterns] if isinstance(patterns, (str, os.PathLike)) else list(patterns)
     found, missing = [], []
     for pattern in patterns:
         for p in expand_braces(str(pattern)):
             if os.path.isdir(p):
-                paths = sorted(glob.glob(os.path.join(p, "*.tar")))
+                paths = sorted(q for suffix in suffixes for q in glob.glob(os.path.join(p, "*" + suffix)))
             elif glob.has_magic(p):
                 paths = sorted(glob.glob(p))
             else:

@@ -17,17 +17,19 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import multiprocessing
 import os
+import shutil
 import signal
 import time
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from bioclip_jax.data import sources
+from bioclip_jax.data import sources, tol10m
 from bioclip_jax.data.records import FORMAT_VERSION, SHARD_SUFFIX, Record, ShardWriter
 from bioclip_jax.data.sources import Skip
 from bioclip_jax.errors import InputError
@@ -60,7 +62,9 @@ class _Task:
     items: list
     resize: int | None
     quality: int
-    root: str = ""  # folder source: where `filepath` is relative to; synthetic: the spool file
+    root: str = ""  # folder source: where `filepath` is relative to; synthetic: the spool file; tol10m: the tar
+    plan: str = ""  # tol10m: the tar's plan file (its images' catalog rows); items index its rows of `split`
+    split: str = ""
 
 
 # ----------------------------------------------------------------------------------------------------- workers
@@ -96,39 +100,98 @@ def _load(task: _Task, item, files: dict) -> tuple[str, bytes, sources.Taxon, st
     return example_id, sources.read_at(files, task.root, offset, size), sources.Taxon.from_ranks(ranks, common), ""
 
 
+class _ShardOutput:
+    """One shard being filled, item by item: records go to its ShardWriter (none when the shard exists and only its
+    lost stats are recounted), counts to its stats. `finish` writes the stats, then renames the shard into place, so a
+    shard under its final name always has its stats."""
+
+    def __init__(self, task: _Task):
+        self.task, self.left = task, len(task.items)
+        self.writer = None if os.path.exists(task.path) else ShardWriter(task.path)
+        self.stats = {"file": os.path.basename(task.path), "records": 0, "skipped": [],
+                      "kingdoms": collections.Counter()}
+
+    def add(self, load, name) -> None:
+        """load() -> (id, JPEG bytes, taxon, label) or raises Skip; name() names a skipped sample."""
+        try:
+            example_id, jpeg, taxon, label = load()
+        except Skip as s:
+            self.stats["skipped"].append({"name": name(), "reason": s.reason, "detail": s.detail})
+        else:
+            if self.writer is not None:
+                self.writer.write(Record(id=example_id, image=jpeg, taxon=taxon, source=self.task.source,
+                                         label=label))
+            self.stats["records"] += 1
+            self.stats["kingdoms"][taxon.ranks[0] or "(none)"] += 1
+        self.left -= 1
+        if _TICK is not None:
+            _TICK(1)
+
+    def finish(self) -> dict:
+        _save_json(self.task.stats_path, self.stats)
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        return self.stats
+
+    def abort(self, e: BaseException) -> None:
+        if self.writer is not None:
+            self.writer.__exit__(type(e), e, None)  # closes and removes the .partial file
+            self.writer = None
+
+
 def _write_shard(task: _Task) -> dict:
     """Writes one shard (or, when the shard exists but its stats file was lost, only recounts it) -> its stats."""
     if os.path.exists(task.path) and os.path.exists(task.stats_path):
         with open(task.stats_path) as f:
             return json.load(f)
-    writer = None if os.path.exists(task.path) else ShardWriter(task.path)
-    stats = {"file": os.path.basename(task.path), "records": 0, "skipped": [], "kingdoms": collections.Counter()}
+    output = _ShardOutput(task)
     files: dict = {}
     try:
         for item in task.items:
-            try:
-                example_id, jpeg, taxon, label = _load(task, item, files)
-            except Skip as s:
-                stats["skipped"].append({"name": _item_name(task, item), "reason": s.reason, "detail": s.detail})
-            else:
-                if writer is not None:
-                    writer.write(Record(id=example_id, image=jpeg, taxon=taxon, source=task.source, label=label))
-                stats["records"] += 1
-                stats["kingdoms"][taxon.ranks[0] or "(none)"] += 1
-            if _TICK is not None:
-                _TICK(1)
-        # Stats first, then the rename: a shard under its final name always has its stats.
-        _save_json(task.stats_path, stats)
-        if writer is not None:
-            writer.close()
+            output.add(lambda: _load(task, item, files), lambda: _item_name(task, item))
+        return output.finish()
     except BaseException as e:
-        if writer is not None:
-            writer.__exit__(type(e), e, None)  # closes and removes the .partial file
+        output.abort(e)
         raise
     finally:
         for f in files.values():
             f.close()
-    return stats
+
+
+def _write_tar_unit(tasks: list[_Task]) -> list[dict]:
+    """The unfinished shards of one tol10m tar, written from a single streamed pass over the tar (gzip cannot seek)
+    -> their stats. Each shard is finished as soon as its last image has been read."""
+    tar, plan = tasks[0].root, tol10m.read_plan(tasks[0].plan)
+    outputs = [_ShardOutput(t) for t in tasks]
+    wanted = {plan[t.split][i]["ordinal"]: (output, plan[t.split][i]) for t, output in zip(tasks, outputs)
+              for i in t.items}
+    resize, quality = tasks[0].resize, tasks[0].quality
+
+    def load(row: dict, data):
+        if isinstance(data, Skip):
+            raise data
+        taxon = tol10m.catalog_taxon(row)
+        if taxon.empty and not taxon.common_name:
+            raise Skip("no taxonomy")
+        return row["id"], sources.encode_image(data, resize=resize, quality=quality), taxon, ""
+
+    def not_reached():  # what the stream never yielded: the tar ended (damaged) before these members
+        for ordinal in sorted(wanted):
+            yield ordinal, Skip("missing image", "the tar ended before this member")
+
+    try:
+        streamed = ((ordinal, data) for ordinal, _, data in tol10m.iter_tar_images(tar, wanted))
+        for ordinal, data in itertools.chain(streamed, not_reached()):
+            output, row = wanted.pop(ordinal)
+            output.add(lambda: load(row, data), lambda: f"{tar}:{row['member']}")
+            if output.left == 0:
+                output.finish()
+    except BaseException as e:
+        for output in outputs:
+            output.abort(e)
+        raise
+    return [output.stats for output in outputs]
 
 
 def _save_json(path: str, obj: Any) -> None:
@@ -230,24 +293,46 @@ def _write_plan(out: str, source: str, manifest: dict, plan: dict[str, list], sk
     for split, items in plan.items():
         if not items and not skipped.get(split):
             continue
-        os.makedirs(os.path.join(out, split, ".stats"), exist_ok=True)
         count = math.ceil(len(items) / records_per_shard)
-        tasks[split] = []
-        for i in range(count):
-            name = shard_name(prefix or split, i, count)
-            tasks[split].append(_Task(source, os.path.join(out, split, name),
-                                      os.path.join(out, split, ".stats", name + ".json"),
-                                      items[i * records_per_shard:(i + 1) * records_per_shard], resize, quality, root))
+        tasks[split] = [_Task(source, *_shard_paths(out, split, prefix, i, count),
+                              items[i * records_per_shard:(i + 1) * records_per_shard], resize, quality, root)
+                        for i in range(count)]
+    return _write_tasks(out, source, manifest, tasks, skipped, input_errors, workers=workers, verbose=verbose,
+                        started=started)
+
+
+def _shard_paths(out: str, split: str, prefix: str | None, index: int, count: int) -> tuple[str, str]:
+    """-> (shard path, its stats path)."""
+    name = shard_name(prefix or split, index, count)
+    return os.path.join(out, split, name), os.path.join(out, split, ".stats", name + ".json")
+
+
+def _write_tasks(out: str, source: str, manifest: dict, tasks: dict[str, list[_Task]], skipped: dict[str, list],
+                 input_errors: list[dict], *, workers: int, verbose: bool, started: float | None = None,
+                 extra: dict | None = None, unit=None) -> dict:
+    """Writes the shards not finished by an earlier run, then the summaries (`extra` joins OUT/summary.json).
+    Without `unit` every shard is one job; with it, the shards with the same unit(task) key are one job of
+    _write_tar_unit (tasks are handed to it in plan order)."""
+    for split in tasks:
+        os.makedirs(os.path.join(out, split, ".stats"), exist_ok=True)
     flat = [t for split_tasks in tasks.values() for t in split_tasks]
     finished = [os.path.exists(t.path) and os.path.exists(t.stats_path) for t in flat]  # from an earlier run
     todo = [t for t, done in zip(flat, finished) if not done]
     total, pending = sum(len(t.items) for t in flat), sum(len(t.items) for t in todo)
     with tqdm(total=total, initial=total - pending, unit="img", desc=f"make-shards {source}",
               disable=not verbose) as bar:
-        written = iter(map_ordered(_write_shard, todo, workers, bar))
+        if unit is None:
+            written = iter(map_ordered(_write_shard, todo, workers, bar))
+        else:
+            jobs: dict = collections.defaultdict(list)
+            for t in todo:
+                jobs[unit(t)].append(t)
+            results = map_ordered(_write_tar_unit, list(jobs.values()), workers, bar)
+            by_task = {id(t): st for job, job_stats in zip(jobs.values(), results) for t, st in zip(job, job_stats)}
+            written = iter([by_task[id(t)] for t in todo])
     stats = [_write_shard(t) if done else next(written) for t, done in zip(flat, finished)]  # done: reads its stats
     summary = {"format_version": FORMAT_VERSION, "source": source, "settings": manifest, "records": 0,
-               "skipped": len(input_errors), "input_errors": input_errors, "splits": {}}
+               "skipped": len(input_errors), "input_errors": input_errors, **(extra or {}), "splits": {}}
     for split, split_tasks in tasks.items():
         split_stats, stats = stats[:len(split_tasks)], stats[len(split_tasks):]
         info = _split_summary(source, split, split_stats, skipped.get(split, []))
@@ -274,6 +359,8 @@ def print_summary(summary: dict, out: str, seconds: float | None = None) -> None
     if kingdoms:
         top = ", ".join(f"{k} {n}" for k, n in kingdoms.most_common(8))
         print(f"  kingdoms: {top}" + (f" and {len(kingdoms) - 8} more" if len(kingdoms) > 8 else ""))
+    if "catalog" in summary:
+        print("  " + tol10m.describe_join(summary["catalog"]))
     for err in summary["input_errors"]:
         print(f"  input error: {err['name']}: {err['reason']} ({err['detail']})")
 
@@ -420,3 +507,65 @@ def write_synthetic_shards(out: str, config=None, *, records_per_shard: int = 10
                            root=spool, started=started)
     finally:
         os.remove(spool)
+
+
+def write_tol10m_shards(catalog: str, images: str | list[str], out: str, *, records_per_shard: int = 10000,
+                        resize: int | None = None, quality: int = 95, workers: int | None = None,
+                        prefix: str | None = None, verbose: bool = True) -> dict:
+    """TreeOfLife-10M as published (tars of `<treeoflife_id>.jpg`, gzip or not, plus catalog.csv or a Parquet
+    catalog with the same columns) -> OUT/<split>/ shards, the split being the catalog's. Returns the summary (also
+    in OUT/summary.json), whose `catalog` section names the images without a row and the rows without an image.
+
+    Gzip tars cannot seek, so a tar is a unit of work: one worker streams it once and fills all its shards. A shard
+    never spans two tars, so each tar's shards are numbered in the plan before any is written, and a rerun streams
+    only the tars with unfinished shards."""
+    started, out, workers = time.perf_counter(), str(out), workers or default_workers()
+    columns = tol10m.open_catalog(catalog)  # a bad header fails before the long passes over the tars
+    tars = sources.find_tars(images, suffixes=tol10m.TAR_SUFFIXES)
+    manifest = _settings(source="tol10m", inputs=[[t, os.path.getsize(t)] for t in tars],
+                         catalog=[os.path.abspath(columns.path), _file_sha256(columns.path)],
+                         records_per_shard=records_per_shard, resize=resize, quality=quality, prefix=prefix)
+    done = _finished_before(out, manifest, verbose, started)
+    if done is not None:
+        return done
+    with tqdm(total=len(tars), unit="tar", desc="indexing tars", disable=not verbose) as bar:
+        indexed = map_ordered(_index_tar, tars, workers, bar)
+    plans = os.path.join(out, ".plan")
+    os.makedirs(plans, exist_ok=True)
+    plan_paths = [os.path.join(plans, f"{k:05d}.arrow") for k in range(len(tars))]
+    input_errors = [e for _, errors in indexed for e in errors]
+    names = [tar_names for tar_names, _ in indexed]
+    del indexed
+    counts, duplicates, info = tol10m.join(columns, tars, names, plan_paths, verbose)
+    del names  # the plan files hold what the workers need
+    tasks: dict[str, list[_Task]] = {}
+    for split in sorted({s for c in counts for s in c} | set(duplicates)):
+        per_tar = [math.ceil(c.get(split, 0) / records_per_shard) for c in counts]
+        tasks[split] = []
+        for tar, plan_path, n, shards in zip(tars, plan_paths, (c.get(split, 0) for c in counts), per_tar):
+            for i in range(shards):  # numbered across tars: shard k of the split is the k-th in tar order
+                paths = _shard_paths(out, split, prefix, len(tasks[split]), sum(per_tar))
+                tasks[split].append(_Task("tol10m", *paths, range(i * records_per_shard,
+                                                                  min(n, (i + 1) * records_per_shard)),
+                                          resize, quality, root=tar, plan=plan_path, split=split))
+    summary = _write_tasks(out, "tol10m", manifest, tasks, duplicates, input_errors,
+                           workers=workers, verbose=verbose, started=started, extra={"catalog": info},
+                           unit=lambda t: t.root)
+    shutil.rmtree(plans)  # the output is complete: a rerun returns its summary without planning again
+    return summary
+
+
+def _index_tar(path: str) -> tuple[list[str], list[dict]]:
+    result = tol10m.list_tar_images(path)
+    if _TICK is not None:
+        _TICK(1)
+    return result
+
+
+def _file_sha256(path: str) -> str:
+    """An edited catalog is another plan (read in blocks: the published catalog is several GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from bioclip_jax.data.sources import IMAGE_EXTS, Skip, describe, row_taxon
 from bioclip_jax.data.taxonomy import RANKS, Taxon
+from bioclip_jax.errors import InputError
 
 ID = "treeoflife_id"
 SPLIT = "split"
@@ -62,7 +63,7 @@ def open_catalog(path: str) -> Catalog:
         try:
             names = pq.ParquetFile(path).schema_arrow.names
         except pa.ArrowException as e:
-            raise ValueError(f"{path}: not a readable Parquet catalog ({str(e).splitlines()[0]})") from None
+            raise InputError(f"{path}: not a readable Parquet catalog ({str(e).splitlines()[0]})") from None
     else:
         import csv
 
@@ -74,7 +75,7 @@ def open_catalog(path: str) -> Catalog:
                **{rank: pick(RANK_COLUMNS[rank]) for rank in RANKS}}
     missing = [ID if f == "id" else "/".join(RANK_COLUMNS[f]) for f in ("id", *RANKS) if columns[f] is None]
     if missing:
-        raise ValueError(f"{path}: missing catalog column(s) {', '.join(missing)} (found: "
+        raise InputError(f"{path}: missing catalog column(s) {', '.join(missing)} (found: "
                          f"{', '.join(stripped) or 'none'}; expected {ID}, {', '.join(RANKS)}, optional "
                          f"{SPLIT}, common)")
     return Catalog(path, parquet, columns)
@@ -159,7 +160,7 @@ def iter_catalog(catalog: Catalog, verbose: bool = True) -> Iterator[pa.Table]:
             finally:
                 stream.close()
     except pa.ArrowException as e:  # e.g. a row with the wrong number of cells
-        raise ValueError(f"{catalog.path}: unreadable catalog ({str(e).splitlines()[0]})") from None
+        raise InputError(f"{catalog.path}: unreadable catalog ({str(e).splitlines()[0]})") from None
 
 
 def catalog_taxon(row: dict) -> Taxon:
@@ -290,7 +291,7 @@ def join(catalog: Catalog, tars: list[str], names: list[list[str]], plan_paths: 
     placed = first_time & (split_of != no_split)
     bad = [split_names[c] for c in np.unique(split_of[placed]) if not _SPLIT_NAME.fullmatch(split_names[c])]
     if bad:
-        raise ValueError(f"{catalog.path}: split value(s) {', '.join(map(repr, bad[:5]))} cannot name an output "
+        raise InputError(f"{catalog.path}: split value(s) {', '.join(map(repr, bad[:5]))} cannot name an output "
                          f"folder (expected letters, digits, '_', '.', '-')")
 
     counts: list[dict[str, int]] = []

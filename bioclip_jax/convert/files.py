@@ -25,6 +25,8 @@ from flax import traverse_util
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from bioclip_jax.convert import hub
+from bioclip_jax.convert import transformers as hf
 from bioclip_jax.models.config import CLIPConfig
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -49,7 +51,11 @@ class Checkpoint:
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Reads any supported source: open_clip folder or file, bioclip_jax folder or params file."""
+    """Reads any supported source: open_clip folder or file, bioclip_jax folder or params file, transformers CLIP
+    folder, or a Hugging Face hub name (hf-hub:ORG/NAME, bioclip, bioclip-2; a local path of that name wins)."""
+    repo_id = hub.hub_repo_id(path)
+    if repo_id is not None:
+        return dataclasses.replace(read_checkpoint(hub.download_model(repo_id)), source=f"{hub.HUB_PREFIX}{repo_id}")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
@@ -60,11 +66,16 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
             return _read_native_folder(path)
         if (path / OPEN_CLIP_CONFIG).exists():
             return _read_open_clip_folder(path)
-        raise ValueError(f"{path}: a folder without {OPEN_CLIP_CONFIG} or {NATIVE_CONFIG}; expected an open_clip "
-                         "model folder (HF hub layout) or a bioclip_jax model folder")
+        if (path / hf.CONFIG).exists():
+            return _read_transformers_folder(path)
+        raise ValueError(f"{path}: a folder without {OPEN_CLIP_CONFIG}, {NATIVE_CONFIG} or {hf.CONFIG}; expected an "
+                         "open_clip model folder (HF hub layout), a bioclip_jax model folder or a transformers CLIP "
+                         "folder")
     tensors = read_tensor_file(path)
     if any("/" in k for k in tensors):
         return Checkpoint(str(path), params=traverse_util.unflatten_dict(tensors, sep="/"))
+    if hf.is_transformers_state_dict(tensors):  # bare transformers CLIPModel weights: same tensors, other names
+        tensors = hf.to_open_clip_state_dict(tensors, str(path))
     return Checkpoint(str(path), state_dict=tensors)
 
 
@@ -123,6 +134,23 @@ def _read_open_clip_folder(folder: Path) -> Checkpoint:
             return Checkpoint(str(folder), config["model_cfg"], config.get("preprocess_cfg"),
                               state_dict=read_tensor_file(folder / name))
     raise FileNotFoundError(f"{folder}: has {OPEN_CLIP_CONFIG} but neither {OPEN_CLIP_SAFETENSORS} nor {OPEN_CLIP_BIN}")
+
+
+def _read_transformers_folder(folder: Path) -> Checkpoint:
+    model_cfg = hf.model_cfg_from_config(_read_json(folder / hf.CONFIG), str(folder / hf.CONFIG))
+    preprocess_cfg = None
+    if (folder / hf.PREPROCESSOR_CONFIG).exists():
+        preprocess_cfg = hf.preprocess_cfg_from_config(_read_json(folder / hf.PREPROCESSOR_CONFIG),
+                                                       str(folder / hf.PREPROCESSOR_CONFIG))
+    elif (folder / hf.PROCESSOR_CONFIG).exists():
+        processor = _read_json(folder / hf.PROCESSOR_CONFIG).get("image_processor")
+        if processor is not None:
+            preprocess_cfg = hf.preprocess_cfg_from_config(processor, str(folder / hf.PROCESSOR_CONFIG))
+    for name in hf.WEIGHTS:
+        if (folder / name).exists():
+            state_dict = hf.to_open_clip_state_dict(read_tensor_file(folder / name), str(folder / name))
+            return Checkpoint(str(folder), model_cfg, preprocess_cfg, state_dict=state_dict)
+    raise FileNotFoundError(f"{folder}: has {hf.CONFIG} but neither {' nor '.join(hf.WEIGHTS)}")
 
 
 def _read_native_folder(folder: Path) -> Checkpoint:

@@ -105,7 +105,7 @@ def test_bare_transformers_weights_load_with_an_architecture(tmp_path):
 
 
 def test_processor_loads_and_agrees(tmp_path):
-    from transformers import CLIPProcessor, CLIPTokenizer
+    from transformers import CLIPModel, CLIPProcessor, CLIPTokenizer
 
     model = bioclip_jax.create_model("tiny")
     export_transformers(model, tmp_path / "hf")
@@ -117,6 +117,13 @@ def test_processor_loads_and_agrees(tmp_path):
         ids = tokenizer(texts)["input_ids"]
         for row, expected in zip(ids, ours):  # same ids up to EOT; transformers pads with EOT, open_clip with 0
             assert row == [int(t) for t in expected[:len(row)]] and row[-1] == 49407
+    # Padding with EOT instead of 0 changes nothing: the text is pooled at the first EOT, behind a causal mask.
+    padded = processor.tokenizer(texts, padding="max_length", max_length=77, return_tensors="np")["input_ids"]
+    hf_model = CLIPModel.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        hf_text = _normalised(hf_model.get_text_features(input_ids=torch.from_numpy(padded.astype(np.int64))))
+    assert np.abs(hf_text - bioclip_jax.encode(model, texts=texts)).max() <= TOL
+    assert np.abs(bioclip_jax.encode(model, texts=texts) - _normalised(model.encode_tokens(padded))).max() <= TOL
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 96, 3), dtype=np.uint8))
     pixels = processor(images=image, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
     expected = model.preprocess(image)

@@ -7,7 +7,8 @@
 
 Naming (open_clip -> transformers), per tower (`visual.` -> `vision_model.`, top level -> `text_model.`):
   transformer.resblocks.{i}.attn.in_proj_weight  -> encoder.layers.{i}.self_attn.{q,k,v}_proj.weight (split on dim 0)
-  ...ln_1 / ln_2 / mlp.c_fc / mlp.c_proj / attn.out_proj -> layer_norm1 / layer_norm2 / mlp.fc1 / mlp.fc2 / self_attn.out_proj
+  ...ln_1 / ln_2 / mlp.c_fc / mlp.c_proj / attn.out_proj
+                                                 -> layer_norm1 / layer_norm2 / mlp.fc1 / mlp.fc2 / self_attn.out_proj
   visual.conv1, class_embedding, positional_embedding, ln_pre, ln_post -> embeddings.patch_embedding, .class_embedding,
   .position_embedding, pre_layrnorm (sic), post_layernorm; token_embedding, positional_embedding, ln_final ->
   embeddings.token_embedding, .position_embedding, final_layer_norm. `visual.proj` and `text_projection` are applied as

@@ -4,9 +4,7 @@ nothing here reaches the network (sockets refuse to connect)."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import shutil
 import socket
 import time
 from pathlib import Path

@@ -19,11 +19,14 @@ import os
 import re
 from pathlib import Path
 
+from bioclip_jax.convert import transformers as hf
+
+# files.py's names (it imports this module, so they are spelled out here), in open_clip's order of preference.
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-TRANSFORMERS_CONFIG = "config.json"
-TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
-TRANSFORMERS_OPTIONAL = ("preprocessor_config.json", "processor_config.json")
+TRANSFORMERS_CONFIG = hf.CONFIG
+TRANSFORMERS_WEIGHTS = hf.WEIGHTS
+TRANSFORMERS_OPTIONAL = (hf.PREPROCESSOR_CONFIG, hf.PROCESSOR_CONFIG)
 
 HUB_PREFIX = "hf-hub:"
 ALIASES = {"bioclip": "imageomics/bioclip", "bioclip-2": "imageomics/bioclip-2"}

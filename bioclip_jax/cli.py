@@ -15,7 +15,7 @@ def _convert(args) -> int:
     from bioclip_jax.convert.checkpoint import convert_checkpoint
 
     written, folder = convert_checkpoint(args.src, args.dst, model=args.model,
-                                         write_bin=False if args.no_bin else None)
+                                         write_bin=False if args.no_bin else None, to=args.to)
     print(f"wrote {written} model folder {folder}")
     return 0
 
@@ -139,9 +139,10 @@ def _predict(args) -> int:
     if args.rank:
         from bioclip_jax.inference.tree_of_life import TreeOfLifeClassifier
 
-        if not args.txt_emb:
-            raise InputError("--rank needs --txt-emb DIR (txt_emb_species.npy + .json; see make-txt-emb)")
-        classifier = TreeOfLifeClassifier(model, args.txt_emb)
+        from bioclip_jax.convert.hub import resolve_txt_emb
+
+        # BioCLIP releases' species embeddings come from the hub, as in pybioclip; other models need --txt-emb.
+        classifier = TreeOfLifeClassifier(model, args.txt_emb or resolve_txt_emb(args.model))
         if args.subset:
             classifier.restrict(*io.read_subset(args.subset))
         predictions = classifier.predict(args.images, rank=args.rank, min_prob=args.min_prob, k=args.k,
@@ -204,26 +205,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bioclip-jax", description="BioCLIP in JAX: convert, encode, train, evaluate")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("convert", help="open_clip <-> bioclip_jax weights (direction from SRC's format)",
+    p = sub.add_parser("convert", help="open_clip <-> bioclip_jax weights (direction from SRC's format), or to "
+                                       "transformers",
                        description="SRC in open_clip format (folder with open_clip_config.json, .safetensors, "
-                                   ".bin/.pt) becomes a bioclip_jax model folder; a bioclip_jax folder becomes an "
-                                   "open_clip folder (open_clip_config.json, .safetensors, .bin).")
+                                   ".bin/.pt), a transformers CLIP folder or a hub name (hf-hub:ORG/NAME, bioclip, "
+                                   "bioclip-2) becomes a bioclip_jax model folder; a bioclip_jax folder becomes an "
+                                   "open_clip folder (open_clip_config.json, .safetensors, .bin). --to picks the "
+                                   "format instead.")
     p.add_argument("src")
     p.add_argument("dst")
+    p.add_argument("--to", choices=["bioclip_jax", "open_clip", "transformers"],
+                   help="format to write (default: the other side of SRC's format); transformers writes a "
+                        "CLIPModel folder with tokenizer and image processor files")
     p.add_argument("--model", help="architecture for bare weight files, e.g. ViT-B-16-quickgelu (BioCLIP)")
     p.add_argument("--no-bin", action="store_true", help="write only safetensors (no torch needed)")
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("predict", help="classify images with custom labels or label bins (pybioclip's predict)")
     p.add_argument("images", nargs="+")
-    p.add_argument("--model", required=True, help="weights: open_clip folder/file, bioclip_jax folder or run")
+    p.add_argument("--model", required=True, help="weights: open_clip folder/file, bioclip_jax folder or run, "
+                                                  "transformers CLIP folder, hf-hub:ORG/NAME, bioclip or bioclip-2")
     p.add_argument("--arch", help="architecture of a bare weights file, e.g. ViT-B-16-quickgelu")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--rank", choices=["kingdom", "phylum", "class", "order", "family", "genus", "species"],
                        help="tree-of-life prediction at this rank (needs --txt-emb)")
     group.add_argument("--cls", help="labels: comma-separated, or a file with one label per line")
     group.add_argument("--bins", help="CSV of label,bin: a bin's score sums its labels' probabilities")
-    p.add_argument("--txt-emb", help="folder with txt_emb_species.npy/.json (pybioclip format), for --rank")
+    p.add_argument("--txt-emb", help="folder with txt_emb_species.npy/.json (pybioclip format), for --rank; "
+                                     "default for bioclip / bioclip-2: the TreeOfLife embeddings on the hub")
     p.add_argument("--subset", help="CSV whose header names a rank and whose rows the taxa to keep, for --rank")
     p.add_argument("--min-prob", type=float, default=1e-9, help="species below this are not summed, for --rank")
     p.add_argument("--k", type=int, default=5, help="predictions per image")

@@ -17,3 +17,10 @@ def resolve(path: str | os.PathLike) -> epath.Path:
     places; `os.path.abspath` must never see a URL, which it would turn into a local `gs:` folder)."""
     path = os.fspath(path)
     return epath.Path(path if is_url(path) else os.path.abspath(path))
+
+
+def write_atomic(path: epath.Path, data: bytes) -> None:
+    """Write to a temporary name, then rename: an interrupted export never leaves a truncated file behind."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)

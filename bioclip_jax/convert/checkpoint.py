@@ -1,5 +1,6 @@
-"""Checkpoint resolution and whole conversions: any weights source -> (architecture, params, preprocessing), and
-writing those as an open_clip or bioclip_jax folder.
+"""Checkpoint resolution and whole conversions: any weights source (a file, a folder, a training run, a Hugging Face
+hub name) -> (architecture, params, preprocessing), and writing those as an open_clip, bioclip_jax or transformers
+folder.
 
 The exporters take anything with `config`, `params` and `preprocess` (a `bioclip_jax.Model`, a training result).
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
 from typing import Any
 
 import jax
@@ -15,8 +17,9 @@ import numpy as np
 from etils import epath
 from flax import traverse_util
 
-from bioclip_jax.convert import files, run_file
+from bioclip_jax.convert import files, hub, run_file
 from bioclip_jax.convert import state_dict as sd
+from bioclip_jax.convert import transformers as hf
 from bioclip_jax.data.transforms import Preprocess
 from bioclip_jax.errors import InputError
 from bioclip_jax.models.config import CLIPConfig, get_model_config
@@ -33,7 +36,12 @@ class Resolved:
 
 
 def read(path: str | os.PathLike) -> files.Checkpoint:
-    """Any supported source: open_clip folder or file, bioclip_jax folder or params file, or a training run."""
+    """Any supported source: open_clip folder or file, bioclip_jax folder or params file, transformers CLIP folder,
+    a training run, or a Hugging Face hub name (hf-hub:ORG/NAME, bioclip, bioclip-2; a local path of that name wins)."""
+    repo_id = hub.hub_repo_id(path)
+    if repo_id is not None:
+        return dataclasses.replace(files.read_checkpoint(hub.download_model(repo_id)),
+                                   source=f"{hub.HUB_PREFIX}{repo_id}")
     if run_file.is_training_run(path):
         return run_file.read_training_run(path)
     return files.read_checkpoint(path)
@@ -91,29 +99,39 @@ def export_open_clip(model, folder: str | os.PathLike, write_bin: bool | None = 
     return files.write_open_clip_folder(folder, state_dict, model.config, model.preprocess.to_open_clip(), write_bin)
 
 
+def export_transformers(model, folder: str | os.PathLike) -> epath.Path:
+    """Writes a transformers CLIPModel folder (config, safetensors, tokenizer and image processor files)."""
+    plain = dataclasses.replace(model.config, custom_text=False)  # transformers has one layout for both
+    state_dict = sd.to_open_clip(host_params(model.params), plain)
+    return hf.write_transformers_folder(folder, state_dict, model.config, model.preprocess.to_open_clip())
+
+
 def save_model(model, folder: str | os.PathLike) -> epath.Path:
     """Writes a bioclip_jax model folder (flax layout, safetensors)."""
     return files.write_native_folder(folder, host_params(model.params), model.config, model.preprocess.to_open_clip())
 
 
+FORMATS = ("bioclip_jax", "open_clip", "transformers")
+
+
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, model: str | None = None,
-                       write_bin: bool | None = None) -> tuple[str, epath.Path]:
-    """Converts in the direction SRC's format implies: open_clip -> bioclip_jax folder, bioclip_jax -> open_clip
-    folder. Returns (the format written, the folder)."""
+                       write_bin: bool | None = None, to: str | None = None) -> tuple[str, epath.Path]:
+    """Writes SRC's weights in format `to`; by default in the direction SRC's format implies: open_clip (or
+    transformers) -> bioclip_jax folder, bioclip_jax -> open_clip folder. Returns (the format written, the folder)."""
+    if to is not None and to not in FORMATS:
+        raise InputError(f"to={to!r}: expected one of {', '.join(FORMATS)}")
     ckpt = read(src)
     resolved = resolve(ckpt, model=model)
-    preprocess_cfg = _preprocess_cfg(resolved)
-    if ckpt.state_dict is not None:  # open_clip keys
-        return "bioclip_jax", files.write_native_folder(dst, resolved.params, resolved.config, preprocess_cfg)
-    if write_bin is None:
-        write_bin = _torch_available()
-    state_dict = sd.to_open_clip(resolved.params, resolved.config)
-    return "open_clip", files.write_open_clip_folder(dst, state_dict, resolved.config, preprocess_cfg, write_bin)
-
-
-def _preprocess_cfg(resolved: Resolved) -> dict[str, Any]:
-    """The source's preprocessing in open_clip's form, with its defaults filled in (as a loaded Model writes it)."""
-    return Preprocess.from_open_clip(resolved.preprocess_cfg, resolved.config.vision.image_size).to_open_clip()
+    weights = types.SimpleNamespace(  # what the exporters read of a Model
+        config=resolved.config, params=resolved.params,
+        preprocess=Preprocess.from_open_clip(resolved.preprocess_cfg, resolved.config.vision.image_size))
+    if to is None:
+        to = "bioclip_jax" if ckpt.state_dict is not None else "open_clip"  # state_dict: open_clip keys
+    if to == "bioclip_jax":
+        return to, save_model(weights, dst)
+    if to == "transformers":
+        return to, export_transformers(weights, dst)
+    return to, export_open_clip(weights, dst, write_bin)
 
 
 def _torch_available() -> bool:

@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_safetensors, save as save_safetensors
 
 from bioclip_jax import paths
+from bioclip_jax.convert import transformers as hf
 from bioclip_jax.errors import InputError
 from bioclip_jax.models.config import CLIPConfig
 
@@ -52,8 +53,8 @@ class Checkpoint:
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Reads any supported source: open_clip folder or file, bioclip_jax folder or params file (a training run's
-    folder is `run_file.read_training_run`'s)."""
+    """Reads a local or epath source: open_clip folder or file, bioclip_jax folder or params file, transformers CLIP
+    folder (hub names and training runs are resolved by `checkpoint.read`)."""
     path = paths.resolve(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
@@ -62,11 +63,16 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
             return _read_native_folder(path)
         if (path / OPEN_CLIP_CONFIG).exists():
             return _read_open_clip_folder(path)
-        raise InputError(f"{path}: a folder without {OPEN_CLIP_CONFIG} or {NATIVE_CONFIG}; expected an open_clip "
-                         "model folder (HF hub layout), a bioclip_jax model folder or a training run")
+        if (path / hf.CONFIG).exists():
+            return _read_transformers_folder(path)
+        raise InputError(f"{path}: a folder without {OPEN_CLIP_CONFIG}, {NATIVE_CONFIG} or {hf.CONFIG}; expected an "
+                         "open_clip model folder (HF hub layout), a bioclip_jax model folder, a transformers CLIP "
+                         "folder or a training run")
     tensors = read_tensor_file(path)
     if any("/" in k for k in tensors):
         return Checkpoint(str(path), params=traverse_util.unflatten_dict(tensors, sep="/"))
+    if hf.is_transformers_state_dict(tensors):  # bare transformers CLIPModel weights: same tensors, other names
+        tensors = hf.to_open_clip_state_dict(tensors, str(path))
     return Checkpoint(str(path), state_dict=tensors)
 
 
@@ -126,6 +132,23 @@ def _read_open_clip_folder(folder: epath.Path) -> Checkpoint:
     raise FileNotFoundError(f"{folder}: has {OPEN_CLIP_CONFIG} but neither {OPEN_CLIP_SAFETENSORS} nor {OPEN_CLIP_BIN}")
 
 
+def _read_transformers_folder(folder: epath.Path) -> Checkpoint:
+    model_cfg = hf.model_cfg_from_config(read_json(folder / hf.CONFIG), str(folder / hf.CONFIG))
+    preprocess_cfg = None
+    if (folder / hf.PREPROCESSOR_CONFIG).exists():
+        preprocess_cfg = hf.preprocess_cfg_from_config(read_json(folder / hf.PREPROCESSOR_CONFIG),
+                                                       str(folder / hf.PREPROCESSOR_CONFIG))
+    elif (folder / hf.PROCESSOR_CONFIG).exists():
+        processor = read_json(folder / hf.PROCESSOR_CONFIG).get("image_processor")
+        if processor is not None:
+            preprocess_cfg = hf.preprocess_cfg_from_config(processor, str(folder / hf.PROCESSOR_CONFIG))
+    for name in hf.WEIGHTS:
+        if (folder / name).exists():
+            state_dict = hf.to_open_clip_state_dict(read_tensor_file(folder / name), str(folder / name))
+            return Checkpoint(str(folder), model_cfg, preprocess_cfg, state_dict=state_dict)
+    raise FileNotFoundError(f"{folder}: has {hf.CONFIG} but neither {' nor '.join(hf.WEIGHTS)}")
+
+
 def _read_native_folder(folder: epath.Path) -> Checkpoint:
     config = read_json(folder / NATIVE_CONFIG)
     version = config.get("format_version")
@@ -145,13 +168,13 @@ def write_open_clip_folder(folder: str | os.PathLike, state_dict: dict[str, np.n
     folder = paths.resolve(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / OPEN_CLIP_CONFIG, {"model_cfg": config.to_open_clip(), "preprocess_cfg": preprocess_cfg})
-    write_atomic(folder / OPEN_CLIP_SAFETENSORS, save_safetensors(state_dict))
+    paths.write_atomic(folder / OPEN_CLIP_SAFETENSORS, save_safetensors(state_dict))
     if write_bin:
         import torch
 
         buffer = io.BytesIO()
         torch.save({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, buffer)
-        write_atomic(folder / OPEN_CLIP_BIN, buffer.getvalue())
+        paths.write_atomic(folder / OPEN_CLIP_BIN, buffer.getvalue())
     return folder
 
 
@@ -160,18 +183,11 @@ def write_native_folder(folder: str | os.PathLike, params: dict, config: CLIPCon
     folder = paths.resolve(folder)
     folder.mkdir(parents=True, exist_ok=True)
     flat = {k: np.asarray(v, order="C") for k, v in traverse_util.flatten_dict(params, sep="/").items()}
-    write_atomic(folder / NATIVE_PARAMS, save_safetensors(flat))
+    paths.write_atomic(folder / NATIVE_PARAMS, save_safetensors(flat))
     write_json(folder / NATIVE_CONFIG, {"format": "bioclip_jax", "format_version": FORMAT_VERSION,
                                          "model_cfg": config.to_open_clip(), "preprocess_cfg": preprocess_cfg})
     return folder
 
 
 def write_json(path: epath.Path, obj: dict) -> None:
-    write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
-def write_atomic(path: epath.Path, data: bytes) -> None:
-    """Write to a temporary name, then rename: an interrupted export never leaves a truncated file behind."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    paths.write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())

@@ -104,6 +104,16 @@ def test_bad_command_lines_are_one_line_errors(capsys, argv, message):
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
+def test_config_must_travel_or_be_said_to_exist_on_the_workers(capsys):
+    code, _, err = _dry_run(capsys, "--accelerator", "v4-8", "--workdir", "gs://b/r",
+                            train=["--config", "configs/bioclip_vitb61.py"])
+    assert code == 2 and "--config configs/bioclip_vitb61.py: no such file" in err
+    code, out, err = _dry_run(capsys, "--accelerator", "v4-8", "--workdir", "gs://b/r",
+                              train=["--config=/mnt/shared/my_config.py"])
+    assert code == 0 and "note: --config /mnt/shared/my_config.py is not under configs/" in err
+    assert "--config=/mnt/shared/my_config.py" in out
+
+
 def test_local_workdir_is_fine_on_one_host_or_when_allowed(capsys):
     code, out, _ = _dry_run(capsys, "--accelerator", "v5litepod-8", "--workdir", "/data/run")
     assert code == 0 and "8 chips on 1 workers" in out and "gcloud storage" not in out
@@ -175,6 +185,25 @@ def test_watch_recreates_a_preempted_slice_and_restarts_training(capsys):
     # The same training command after the restart: the copied train.sh is the same file.
     starts = [c for c in fake.calls if "train.sh start" in c[-1]]
     assert len(starts) == 2 and starts[0] == starts[1]
+
+
+def test_watch_outlives_a_few_failed_steps_but_not_many(capsys):
+    class Flaky(FakeGcloud):
+        def __call__(self, command, capture=False):
+            if "train.sh start" in command[-1] and self.failures:
+                self.failures -= 1
+                self.calls.append(command)
+                return subprocess.CompletedProcess(command, 255, "", "ssh: connect to host: Connection refused")
+            return super().__call__(command, capture)
+
+    fake = Flaky(states=["ACTIVE"] * 3, statuses=[["bare"] * 2, ["bare"] * 2, ["finished"] * 2])
+    fake.failures = 3  # one pass: 3 tries (--ssh-retries) all refused; the next pass starts it
+    assert _launch(fake, "--watch")[0] == 0
+    assert fake.verbs().count("start") == 4
+    fake = Flaky(states=["ACTIVE"] * 3, statuses=[["bare"] * 2] * 3)
+    fake.failures = 99
+    code, _ = _launch(fake, "--watch")
+    assert code == 1 and "install, start training failed: exit 255" in capsys.readouterr().err
 
 
 def test_watch_gives_up_after_max_restarts(capsys):

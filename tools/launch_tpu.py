@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,6 +55,7 @@ RUNTIME_VERSIONS = {"v4": "tpu-ubuntu2204-base", "v5e": "v2-alpha-tpuv5-lite", "
 ACTIVE = "ACTIVE"
 RECREATE_STATES = {"SUSPENDED", "FAILED"}  # spot preemption leaves the queued resource SUSPENDED
 STATUS_PREFIX = "bioclip-status:"
+MAX_FAILED_PASSES = 3  # --watch: consecutive passes with a failed gcloud step before giving up
 
 
 class UsageError(Exception):
@@ -125,7 +128,8 @@ def make_parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--watch", action="store_true", help="stay up: recreate the slice after preemption and restart")
     mode.add_argument("--ensure", action="store_true", help="one --watch pass, then exit (for cron)")
-    p.add_argument("--poll-seconds", type=int, default=300, help="--watch / waiting for ACTIVE: seconds between looks")
+    p.add_argument("--poll-seconds", type=int, default=300,
+                   help="--watch: seconds between looks (at most 60 while the slice is being created)")
     p.add_argument("--max-restarts", type=int, default=10, help="--watch: recreations before giving up")
     p.add_argument("--ssh-retries", type=int, default=3, help="tries of each ssh/scp (fresh VMs refuse ssh a while)")
     p.add_argument("--dry-run", action="store_true", help="print every command and the worker script, run nothing")
@@ -163,7 +167,25 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         raise UsageError(f"--workdir {args.workdir!r} is not gs:// but {args.slice.accelerator} has "
                          f"{args.slice.hosts} workers that must all see the same run directory; use gs://BUCKET/PATH,"
                          " or --allow-local-workdir for a disk mounted at that path on every worker")
+    check_config_path(train_args)
     return args, train_args
+
+
+def check_config_path(train_args: list[str]) -> None:
+    """configs/ travels to the workers (training runs in ~/bioclip_run): a config there must exist here; any other
+    path must exist on every worker (said, not checked)."""
+    for i, arg in enumerate(train_args):
+        path = arg.split("=", 1)[1] if arg.startswith("--config=") else \
+            train_args[i + 1] if arg == "--config" and i + 1 < len(train_args) else None
+        if path is None:
+            continue
+        if Path(path).parts[:1] == ("configs",):
+            if not (REPO / path).is_file():
+                raise UsageError(f"--config {path}: no such file in {REPO / 'configs'} (the folder copied to the "
+                                 "workers)")
+        else:
+            print(f"launch_tpu.py: note: --config {path} is not under configs/ (the folder copied to the workers): "
+                  "it must exist at that path on every worker", file=sys.stderr)
 
 
 def is_gcs(path: str) -> bool:
@@ -216,7 +238,7 @@ def delete_command(args) -> list[str]:
 
 def ssh_command(args, remote: str, worker: str = "all") -> list[str]:
     return ["gcloud", "compute", "tpus", "tpu-vm", "ssh", args.name, *_scope(args), f"--worker={worker}",
-            "--command", remote]
+            "--quiet", "--command", remote]
 
 
 def prepare_command(args) -> list[str]:
@@ -235,7 +257,7 @@ def prepare_command(args) -> list[str]:
 
 def copy_command(args, wheel: str, script: str) -> list[str]:
     return ["gcloud", "compute", "tpus", "tpu-vm", "scp", "--recurse", wheel, script, str(REPO / "configs"),
-            f"{args.name}:bioclip_run/", *_scope(args), "--worker=all"]
+            f"{args.name}:bioclip_run/", *_scope(args), "--worker=all", "--quiet"]
 
 
 def start_command(args, wheel: str) -> list[str]:
@@ -385,7 +407,8 @@ class Launcher:
     """The launch, --watch and --ensure passes over an injectable command runner and clock (tests fake both)."""
 
     def __init__(self, args, train_args: list[str], runner: Runner = run_subprocess,
-                 sleep: Callable[[float], None] = time.sleep, say: Callable[[str], None] = print):
+                 sleep: Callable[[float], None] = time.sleep,
+                 say: Callable[[str], None] = functools.partial(print, flush=True)):
         self.args, self.train_args, self.runner, self.sleep, self.say = args, train_args, runner, sleep, say
         self.files_dir: str | None = None
 
@@ -470,12 +493,23 @@ class Launcher:
         return "started"
 
     def loop(self) -> int:
-        """Launch (return once training started), --watch (until training exits) or --ensure (one pass)."""
+        """Launch (return once training started), --watch (until training exits) or --ensure (one pass).
+        --watch outlives a failed ssh/gcloud step (the slice may be going away under it) up to MAX_FAILED_PASSES
+        passes in a row."""
         a = self.args
         self.check_workdir()
-        restarts, first = 0, True
+        restarts, first, failed_passes = 0, True, 0
         while True:
-            outcome = self.reconcile(restart_failed=not (a.watch or a.ensure))
+            try:
+                outcome = self.reconcile(restart_failed=not (a.watch or a.ensure))
+                failed_passes = 0
+            except LaunchError as e:
+                failed_passes += 1
+                if not a.watch or failed_passes >= MAX_FAILED_PASSES:
+                    raise
+                self.say(f"{e}; trying again in {a.poll_seconds} s ({failed_passes}/{MAX_FAILED_PASSES})")
+                self.sleep(a.poll_seconds)
+                continue
             if outcome == "recreated" or (outcome == "created" and not first):
                 restarts += 1
                 self.say(f"recreation {restarts} of at most {a.max_restarts}")
@@ -493,7 +527,8 @@ class Launcher:
                 if outcome == "running" and not a.ensure:
                     self.say(f"training is already running; logs: {log_location(a)}")
                 return 0
-            self.sleep(a.poll_seconds)
+            creating = outcome in ("created", "recreated", "waiting")
+            self.sleep(min(a.poll_seconds, 60) if creating else a.poll_seconds)
 
 
 def _reason(text: str | None) -> str:
@@ -512,7 +547,12 @@ def main(argv: list[str] | None = None, runner: Runner = run_subprocess,
         if args.dry_run:
             print(format_plan(args, train_args))
             return 0
-        return Launcher(args, train_args, runner, sleep).loop()
+        launcher = Launcher(args, train_args, runner, sleep)
+        try:
+            return launcher.loop()
+        finally:
+            if launcher.files_dir:
+                shutil.rmtree(launcher.files_dir, ignore_errors=True)
     except UsageError as e:
         print(f"launch_tpu.py: error: {e}", file=sys.stderr)
         return 2

@@ -24,7 +24,10 @@ Launcher options go before `--`; everything after it is passed verbatim to `bioc
      gone, delete and recreate it and redo 4-6 with the same command and workdir, at most --max-restarts times.
      Training resumes from the workdir's newest checkpoint by design. Stops when every worker's training exits
      (0 when all finished). --ensure does one such pass and exits: run it from cron instead of keeping --watch up.
-Without --watch/--ensure the launcher returns as soon as training has started on every worker.
+Without --watch/--ensure the launcher returns as soon as training has started on every worker. Cron, every 10 min:
+    */10 * * * * cd ~/bioclip_jax && python tools/launch_tpu.py ...same options... --ensure -- ... >> ensure.log 2>&1
+(--ensure recreates a lost slice but does not count recreations: cron's schedule is the bound; it never restarts a
+run that failed, and stops doing anything once every worker has finished.)
 """
 
 from __future__ import annotations

@@ -87,16 +87,57 @@ def test_deterministic_for_a_seed(shards):
     assert first[0]["tokens"].shape == (8, 77)
 
 
-@pytest.mark.parametrize("worker_count", [0, 1])
-def test_exact_resume_from_iterator_state(shards, worker_count):
-    uninterrupted, _ = _take(_train(shards, worker_count=worker_count), 12)  # crosses epoch boundaries (61 records)
-    head, it = _take(_train(shards, worker_count=worker_count), 5)
+@pytest.mark.parametrize("worker_count,prefetch", [(0, 2), (1, 2), (2, 3), (0, 1)])
+def test_exact_resume_from_iterator_state(shards, worker_count, prefetch):
+    uninterrupted, _ = _take(_train(shards), 12)  # crosses epoch boundaries (61 records)
+    opts = dict(worker_count=worker_count, prefetch_batches=prefetch)
+    head, it = _take(_train(shards, **opts), 5)
     state = it.get_state()
-    resumed = iter(_train(shards, worker_count=worker_count))
+    assert state["worker_count"] == worker_count
+    resumed = iter(_train(shards, **{**opts, "prefetch_batches": 1}))  # prefetch depth is not part of the state
     resumed.set_state(state)
     tail = [next(resumed) for _ in range(7)]
-    for a, b in zip(uninterrupted, head + tail):
+    for a, b in zip(uninterrupted, head + tail):  # the same stream whatever the workers and prefetch
         assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["tokens"], b["tokens"])
+
+
+def test_resume_into_another_worker_count_is_a_clear_error(shards):
+    _, it = _take(_train(shards, worker_count=1), 2)
+    resumed = iter(_train(shards))
+    with pytest.raises(ValueError, match="ran with 1 worker processes, this run has 0: .*--config.data.workers=1"):
+        resumed.set_state(it.get_state())
+    legacy = iter(_train(shards))  # a state saved before the worker count was recorded still restores
+    legacy.set_state({"next_index": 3})
+    assert np.array_equal(next(legacy)["image"], _take(_train(shards), 4)[0][3]["image"])
+
+
+def _devices(kind, n, platform="tpu"):
+    from types import SimpleNamespace
+
+    return [SimpleNamespace(platform=platform, device_kind=kind)] * n
+
+
+@pytest.mark.parametrize("cpus,devices,expected", [
+    (2, _devices("cpu", 1, "cpu"), 0),  # this machine, CI: threads in the training process
+    (64, _devices("cpu", 1, "cpu"), 0),  # CPU-only hosts need their cores for the step
+    (2, _devices("Tesla T4", 1, "gpu"), 0),  # a 2-core GPU notebook: one process would not pay
+    (112, _devices("TPU v5 lite", 4), 9),  # v5e host: ceil(2 * 4 * 640 / 600)
+    (224, _devices("TPU v5 lite", 8), 18),  # v5litepod-8: one host, 8 chips
+    (240, _devices("TPU v4", 4), 12),
+    (208, _devices("TPU v5", 4), 20),
+    (180, _devices("TPU v6 lite", 4), 40),
+    (180, _devices("TPU v6 lite", 8), 80),
+    (16, _devices("TPU v6 lite", 8), 8),  # capped at half the CPUs
+])
+def test_auto_worker_count(cpus, devices, expected):
+    assert pipeline.auto_worker_count(cpus, devices) == expected
+
+
+def test_auto_workers_on_this_cpu_host_are_threads(shards):
+    assert pipeline.auto_worker_count() == 0
+    first, it = _take(_train(shards, worker_count=pipeline.AUTO_WORKERS), 2)
+    assert it.get_state()["worker_count"] == 0
+    assert np.array_equal(first[1]["image"], _take(_train(shards), 2)[0][1]["image"])
 
 
 def test_resume_through_orbax(shards, tmp_path):
@@ -149,6 +190,10 @@ def test_bad_configurations_are_named(shards):
         _train(shards, text_type="species")
     with pytest.raises(FileNotFoundError, match="no .array_record shards"):
         _train(shards / "nowhere")
+    with pytest.raises(ValueError, match="data.workers=-2: expected -1 \\(auto\\), 0 \\(threads\\)"):
+        _train(shards, worker_count=-2)
+    with pytest.raises(ValueError, match="data.prefetch_batches=0: expected at least 1"):
+        _train(shards, prefetch_batches=0)
 
 
 @pytest.mark.parametrize("process_count,batch_size", [(1, 16), (2, 16), (2, 7), (3, 5)])

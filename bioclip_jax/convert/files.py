@@ -54,8 +54,11 @@ class Checkpoint:
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Reads a local or epath source: open_clip folder or file, bioclip_jax folder or params file, transformers CLIP
-    folder (hub names and training runs are resolved by `checkpoint.read`)."""
-    path = paths.resolve(path)
+    folder (hub names and training runs are resolved by `checkpoint.read`). Its `source` is the path as given."""
+    return dataclasses.replace(_read(paths.resolve(path)), source=os.fspath(path))
+
+
+def _read(path: epath.Path) -> Checkpoint:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
     if path.is_dir():

@@ -14,6 +14,7 @@ last batches padded and masked so that every process runs the same number of bat
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Any, Iterator, Sequence
@@ -32,6 +33,7 @@ from bioclip_jax.tokenizer import tokenize
 
 # "mixed": one of BioCLIP's five types per global batch, from the step; "mixed_per_sample": one per example.
 TEXT_TYPE_CHOICES = ("mixed", "mixed_per_sample") + TEXT_TYPES
+log = logging.getLogger(__name__)
 
 
 def open_source(data: Any):
@@ -123,17 +125,51 @@ class Captioner:
                 "tokens": tokenize(captions, self.context_length)}
 
 
+# ---------------------------------------------------------------------------------------- input workers (TPU host)
+AUTO_WORKERS = -1  # data.workers = -1: sized from this host's accelerators and CPUs (auto_worker_count)
+# Images/s one chip consumes training ViT-B/16 at 128 pairs/chip and 40% MFU: bf16 peak x 0.4 / 123.3 GFLOP per pair
+# (train.metrics.train_flops_per_pair). Keyed by device_kind; others (GPUs) get the fastest. docs/performance.md.
+B16_IMAGES_PER_S_PER_CHIP = {"TPU v4": 890, "TPU v5 lite": 640, "TPU v5": 1490, "TPU v6 lite": 2980}
+IMAGES_PER_S_PER_WORKER = 600  # one worker process: decode + crop + resize 224 px JPEGs, tokenize (measured)
+WORKER_HEADROOM = 2  # photos larger than 224 px decode slower; a worker shares its core with the host's other work
+READ_THREADS = 2  # without worker processes: batches made concurrently by threads of the training process
+
+
+def auto_worker_count(cpu_count: int | None = None, devices: Sequence[Any] | None = None) -> int:
+    """Worker processes that feed this host's accelerators B/16 at the rate above, twice over, using at most half
+    of the CPUs (the rest: the training process, the TPU runtime). 0 (threads in the training process) on a CPU-only
+    host, or where fewer than 2 processes would fit (2-core machines)."""
+    devices = jax.local_devices() if devices is None else devices
+    if cpu_count is None:
+        cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if not devices or devices[0].platform == "cpu":
+        return 0
+    per_chip = B16_IMAGES_PER_S_PER_CHIP.get(devices[0].device_kind, max(B16_IMAGES_PER_S_PER_CHIP.values()))
+    needed = math.ceil(WORKER_HEADROOM * len(devices) * per_chip / IMAGES_PER_S_PER_WORKER)
+    workers = min(needed, cpu_count // 2)
+    return workers if workers >= 2 else 0
+
+
 def train_dataset(data: Any, *, global_batch_size: int, image_size: int, seed: int = 0, text_type: str = "mixed",
                   scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3), context_length: int = 77, num_epochs: int | None = None,
-                  worker_count: int = 0, worker_buffer_size: int = 2, process_index: int | None = None,
+                  worker_count: int = 0, prefetch_batches: int = 2, process_index: int | None = None,
                   process_count: int | None = None) -> grain.IterDataset:
     """This process's share of each global batch: {"image": uint8 [B, S, S, 3], "tokens": int32 [B, L]}, with
-    B = global_batch_size / process_count. Deterministic for a seed; its iterator state checkpoints exactly."""
+    B = global_batch_size / process_count. Deterministic for a seed; its iterator state checkpoints exactly.
+
+    worker_count: Grain worker processes, each making whole batches (0: READ_THREADS threads in this process;
+    AUTO_WORKERS (-1): `auto_worker_count()`). It is part of the iterator state: a checkpoint restores only into the
+    same count (a clear error otherwise). prefetch_batches: host batches made ahead of the training step (with
+    processes: split over them, at least one each)."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if global_batch_size % process_count:
         raise InputError(f"global batch size {global_batch_size} is not divisible by the number of processes "
                          f"({process_count})")
+    if worker_count < AUTO_WORKERS:
+        raise InputError(f"data.workers={worker_count}: expected -1 (auto), 0 (threads) or a number of processes")
+    if prefetch_batches < 1:
+        raise InputError(f"data.prefetch_batches={prefetch_batches}: expected at least 1")
     source = open_source(data)
     if len(source) == 0:
         raise InputError("the training data is empty")
@@ -143,12 +179,18 @@ def train_dataset(data: Any, *, global_batch_size: int, image_size: int, seed: i
           .map(TrainTransform(image_size, seed, scale, ratio))
           .batch(global_batch_size // process_count, drop_remainder=True, batch_fn=list)
           .map_with_index(captioner))
-    iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if worker_count else 2, prefetch_buffer_size=
-                                                   0 if worker_count else 2 * global_batch_size))
-    if worker_count:
-        iter_ds = _multiprocess(iter_ds, grain.MultiprocessingOptions(num_workers=worker_count,
-                                                                      per_worker_buffer_size=worker_buffer_size))
-    return iter_ds
+    workers = auto_worker_count() if worker_count == AUTO_WORKERS else worker_count
+    log.info("training input: %d worker processes%s, %d batches prefetched", workers,
+             " (data.workers=-1: auto)" if worker_count == AUTO_WORKERS else "", prefetch_batches)
+    if workers:
+        # Elements of `ds` are whole batches: each worker process makes every workers-th batch.
+        iter_ds = _multiprocess(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)),
+                                grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(
+                                    1, math.ceil(prefetch_batches / workers))))
+    else:
+        iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=min(READ_THREADS, prefetch_batches),
+                                                       prefetch_buffer_size=prefetch_batches))
+    return _WorkerCountChecked(iter_ds, workers)
 
 
 def _multiprocess(iter_ds: grain.IterDataset, options: grain.MultiprocessingOptions) -> grain.IterDataset:
@@ -158,6 +200,47 @@ def _multiprocess(iter_ds: grain.IterDataset, options: grain.MultiprocessingOpti
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
     return iter_ds.mp_prefetch(options)
+
+
+class _WorkerCountChecked(grain.IterDataset):
+    """Adds the worker count to the iterator state, so that restoring into another count is a clear error instead of
+    Grain's KeyError/IndexError or, from 1 to 2 workers, a silently different data order. States saved without it
+    (older checkpoints) restore as before."""
+
+    def __init__(self, parent: grain.IterDataset, worker_count: int):
+        super().__init__(parent)
+        self.worker_count = worker_count
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _WorkerCountCheckedIterator(self._parent.__iter__(), self.worker_count)
+
+
+class _WorkerCountCheckedIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, worker_count: int):
+        super().__init__(parent)
+        self.worker_count = worker_count
+
+    def __next__(self):
+        return next(self._parent)
+
+    def get_state(self) -> dict:
+        return {"worker_count": self.worker_count, "pipeline": self._parent.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        if "worker_count" not in state:
+            self._parent.set_state(state)
+            return
+        if state["worker_count"] != self.worker_count:
+            raise InputError(f"the checkpointed data iterator ran with {state['worker_count']} worker processes, this "
+                             f"run has {self.worker_count}: exact resume needs the same number; pass "
+                             f"--config.data.workers={state['worker_count']}")
+        self._parent.set_state(state["pipeline"])
+
+
+def normalize_images(images: jax.Array, normalization: str = "openai", dtype=jnp.float32) -> jax.Array:
+    """uint8 [..., 3] -> normalised float, on the device (inside the jitted step)."""
+    mean, std = (jnp.asarray(v, jnp.float32) for v in NORMALIZATION[normalization])
+    return ((images.astype(jnp.float32) / 255.0 - mean) / std).astype(dtype)
 
 
 # ------------------------------------------------------------------------------------------------------- evaluation

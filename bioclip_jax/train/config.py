@@ -93,7 +93,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.normalization = "imagenet"  # BioCLIP's training scripts used ImageNet mean/std; "openai" for OpenAI's
     c.data.text_type = "mixed"  # one of sci/com/taxon/sci_com/taxon_com per step; or "mixed_per_sample", or a type
     c.data.crop_scale = (0.9, 1.0)
-    c.data.workers = 0  # Grain worker processes (0: threads in the training process)
+    c.data.workers = -1  # Grain worker processes; -1: sized for the host (0 on CPU-only hosts), 0: threads
+    c.data.prefetch_batches = 2  # host batches made ahead of the training step
 
     c.train = ml_collections.ConfigDict()
     c.train.seed = 0

@@ -174,7 +174,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, max_
     data_iter = iter(pipeline.train_dataset(
         config.data.train, global_batch_size=t.global_batch_size, image_size=model_config.vision.image_size,
         seed=t.seed, text_type=config.data.text_type, scale=tuple(config.data.crop_scale),
-        context_length=model_config.text.context_length, worker_count=config.data.workers))
+        context_length=model_config.text.context_length, worker_count=config.data.workers,
+        prefetch_batches=config.data.prefetch_batches))
 
     # ---- restore or initialise
     manager = checkpoint.make_manager(workdir / "checkpoints", config.checkpoint.keep,

@@ -63,9 +63,9 @@ def _validation(config):
     """The periodic evaluation the trainer logs: validation loss and per-rank zero-shot on config.data.val."""
     if not config.data.val:
         return None
-    from bioclip_jax.evaluate.zero_shot import validation_metrics
+    from bioclip_jax.evaluate.zero_shot import validation_evaluator
 
-    return lambda model, step: validation_metrics(model, config.data.val, config.eval.batch_size)
+    return validation_evaluator(config.data.val, config.eval.batch_size)
 
 
 def _train(args) -> int:

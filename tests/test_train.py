@@ -23,6 +23,7 @@ from PIL import Image
 import bioclip_jax
 from bioclip_jax.data.records import Record, ShardWriter
 from bioclip_jax.data.taxonomy import Taxon
+from bioclip_jax.evaluate.zero_shot import validation_evaluator
 from bioclip_jax.train.config import load_config
 from bioclip_jax.train.optimizer import decay_mask, make_optimizer, warmup_cosine
 from bioclip_jax.train.trainer import train
@@ -62,8 +63,9 @@ def _params(workdir) -> dict:
 
 
 def test_a_few_steps_lower_the_loss(shards, tmp_path):
-    result = train(_config(shards, "train.steps=24", "train.lr=2e-3", f"data.val={shards}", "eval.every_steps=12"),
-                   tmp_path / "run", progress=False)
+    config = _config(shards, "train.steps=24", "train.lr=2e-3", f"data.val={shards}", "eval.every_steps=12")
+    result = train(config, tmp_path / "run", progress=False,
+                   evaluate_fn=validation_evaluator(config.data.val, config.eval.batch_size))
     losses = [h["loss"] for h in result.history]
     assert len(losses) == 24 and all(np.isfinite(losses))
     assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.2, losses

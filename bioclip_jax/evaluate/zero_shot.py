@@ -119,6 +119,11 @@ def validation_metrics(model: Model, data: Any, batch_size: int = 256, loss_batc
     return out
 
 
+def validation_evaluator(data: Any, batch_size: int = 256):
+    """The trainer's `evaluate_fn` for periodic validation: `(model, step) -> validation_metrics(model, data)`."""
+    return lambda model, step: validation_metrics(model, data, batch_size)
+
+
 def hierarchy_consistency(model: Model, image_features: np.ndarray, candidates: Sequence[Taxon],
                           ranks: Sequence[str] = RANKS[:-1]) -> dict[str, float]:
     """{rank: fraction of images whose zero-shot prediction at that rank is the ancestor of their predicted species}.

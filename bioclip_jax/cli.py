@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bioclip_jax.errors import InputError
+from bioclip_jax.errors import InputError, ResourceError
 
 # What a user can cause by a value or a path; FileNotFoundError & co. name the path they could not use.
 USER_ERRORS = (InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
@@ -69,6 +69,7 @@ def _validation(config):
 
 
 def _train(args) -> int:
+    from bioclip_jax.train.stopping import EXIT_CODES
     from bioclip_jax.train.trainer import train
 
     _setup_logging()
@@ -77,6 +78,10 @@ def _train(args) -> int:
     result = train(config, args.workdir, evaluate_fn=_validation(config))
     if result.history:
         print(f"step {result.step}: loss {result.history[-1]['loss']:.4f}")
+    if result.stopped_by:
+        print(f"bioclip-jax train: stopped by {result.stopped_by} after saving step {result.step} in "
+              f"{result.workdir}; rerun the same command to resume", file=sys.stderr)
+        return EXIT_CODES[result.stopped_by]
     return 0
 
 
@@ -348,6 +353,12 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:  # bad input: one clear line; anything else is a bug and keeps its traceback
         print(f"bioclip-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except ResourceError as e:  # out of disk or device memory: what to do, in one line
+        print(f"bioclip-jax {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # before the training loop (which saves and returns on Ctrl-C) or in other commands
+        print(f"\nbioclip-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -6,3 +6,7 @@ ValueError keep working."""
 
 class InputError(ValueError):
     """Bad user input: the message names the file, key or value and what was expected."""
+
+
+class ResourceError(RuntimeError):
+    """The machine ran out of something the run needs (disk space, device memory): one line saying what to do."""

@@ -7,6 +7,8 @@ import os
 
 from etils import epath
 
+from bioclip_jax.errors import InputError
+
 
 def is_url(path: str | os.PathLike) -> bool:
     return "://" in os.fspath(path)
@@ -24,3 +26,20 @@ def write_atomic(path: epath.Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     tmp.replace(path)
+
+
+def make_dirs(path: epath.Path) -> None:
+    """mkdir -p, with an error that names the URL and what is missing when a remote file system cannot be used
+    (a package such as gcsfs, credentials, the network) instead of the file system's own."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except ImportError as e:  # epath's remote backends are optional packages
+        raise InputError(f"{path}: {e} (e.g. pip install gcsfs for gs://)") from None
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - remote backends raise their own types for credentials and network
+        if not is_url(path):
+            raise
+        raise InputError(f"{path}: cannot create the run directory ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); check the credentials (e.g. gcloud auth "
+                         "application-default login) and the network") from None

@@ -12,7 +12,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "bioclip_jax"
 # Lowest first. Modules of one layer may import each other (without cycles); the package __init__ is the public face.
 LAYERS = [
-    {"errors", "paths"},
+    {"errors"},
+    {"paths"},
     {"runtime", "tokenizer", "models"},
     {"data"},
     {"convert"},

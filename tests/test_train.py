@@ -175,7 +175,8 @@ def test_config_errors_name_the_problem(shards, tmp_path):
         train(_config(shards, "train.accum_steps=3"), tmp_path / "run2", progress=False)
 
 
-def test_sigterm_saves_before_exit(shards, tmp_path):
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_saves_then_exits_with_its_code(shards, tmp_path, signum, code):
     workdir = tmp_path / "run"
     command = [sys.executable, "-m", "bioclip_jax.cli", "train", "--config", str(CONFIG), "--workdir", str(workdir),
                f"--config.data.train={shards}", "--config.train.steps=100000", "--config.checkpoint.every_steps=100000"]
@@ -184,10 +185,11 @@ def test_sigterm_saves_before_exit(shards, tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline and (not metrics.exists() or metrics.read_text().count("\n") < 3):
         time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     output = proc.communicate(timeout=120)[0].decode()
-    assert proc.returncode == 0, output
-    assert "preemption signal: saving step" in output
+    assert proc.returncode == code, output  # distinct from 0 (finished): "stopped early, rerun to resume"
+    assert f"{signal.Signals(signum).name}: saving step" in output and "rerun the same command to resume" in output
+    assert "Traceback" not in output
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps[-1] >= 3 and (workdir / "checkpoints" / str(steps[-1]) / "commit_success.txt").exists()
 

@@ -18,17 +18,20 @@ from bioclip_jax import paths
 from bioclip_jax.convert.files import FORMAT_VERSION, RUN_FILE, Checkpoint, read_json, write_json
 from bioclip_jax.errors import InputError
 
+log = logging.getLogger(__name__)
+
 
 def is_training_run(path: str | os.PathLike) -> bool:
     return (paths.resolve(path) / RUN_FILE).exists()
 
 
 def write_run_file(workdir: str | os.PathLike, model_cfg: dict[str, Any], preprocess_cfg: dict[str, Any],
-                   config: dict[str, Any]) -> epath.Path:
-    """What `bioclip_jax.load(workdir)` needs to rebuild the model, and the config that trained it."""
+                   config: dict[str, Any], state: dict[str, list] | None = None) -> epath.Path:
+    """What `bioclip_jax.load(workdir)` needs to rebuild the model, the config that trained it, and the structure of
+    its train state (leaf path -> [shape, dtype]), which a later command must match to resume it."""
     path = paths.resolve(workdir) / RUN_FILE
     write_json(path, {"format": "bioclip_jax_run", "format_version": FORMAT_VERSION, "model_cfg": model_cfg,
-                      "preprocess_cfg": preprocess_cfg, "config": config})
+                      "preprocess_cfg": preprocess_cfg, "config": config, "state": state})
     return path
 
 
@@ -51,26 +54,41 @@ def finished_steps(workdir: str | os.PathLike) -> list[int]:
 
 
 def read_training_run(workdir: str | os.PathLike) -> Checkpoint:
-    """The newest finished checkpoint's params as host numpy arrays."""
-    import jax
-    import orbax.checkpoint as ocp
-
+    """The newest readable finished checkpoint's params as host numpy arrays. An unreadable newest step is skipped
+    with one warning, as the trainer skips it when it resumes."""
     workdir = paths.resolve(workdir)
     run = read_run_file(workdir)
     steps = finished_steps(workdir)
     if not steps:
         raise FileNotFoundError(f"{workdir}: a training run without any finished checkpoint in checkpoints/")
-    checkpointer = ocp.PyTreeCheckpointer()
+    for step in steps:
+        try:
+            params = _read_params(workdir / "checkpoints" / str(step) / "state")
+        except Exception as e:  # noqa: BLE001 - any failure to read means "try the previous one", as the trainer
+            log.warning("%s: checkpoint step %d is unreadable (%s); using the previous one", workdir, step,
+                        first_line(e))
+            continue
+        return Checkpoint(f"{workdir} (step {step})", run["model_cfg"], run.get("preprocess_cfg"), params=params)
+    raise InputError(f"{workdir}: none of its checkpoints (steps {', '.join(map(str, steps))}) is readable")
+
+
+def _read_params(path: epath.Path) -> dict:
+    import jax
+    import orbax.checkpoint as ocp
+
     absl_logger = logging.getLogger("absl")
     level = absl_logger.level
-    absl_logger.setLevel(logging.ERROR)  # Orbax warns about per-item metadata files it does not need here
+    absl_logger.setLevel(logging.CRITICAL)  # Orbax logs per-item metadata warnings and its own failures at length
     try:
-        path = workdir / "checkpoints" / str(steps[0]) / "state"
-        tree = checkpointer.metadata(path)
-        tree = getattr(getattr(tree, "item_metadata", None), "tree", tree)
-        args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        state = checkpointer.restore(path, restore_args=args)
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            tree = checkpointer.metadata(path)
+            tree = getattr(getattr(tree, "item_metadata", None), "tree", tree)
+            args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+            return checkpointer.restore(path, restore_args=args)["params"]
     finally:
         absl_logger.setLevel(level)
-    return Checkpoint(f"{workdir} (step {steps[0]})", run["model_cfg"], run.get("preprocess_cfg"),
-                      params=state["params"])
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"

@@ -237,12 +237,6 @@ class _WorkerCountCheckedIterator(grain.DatasetIterator):
         self._parent.set_state(state["pipeline"])
 
 
-def normalize_images(images: jax.Array, normalization: str = "openai", dtype=jnp.float32) -> jax.Array:
-    """uint8 [..., 3] -> normalised float, on the device (inside the jitted step)."""
-    mean, std = (jnp.asarray(v, jnp.float32) for v in NORMALIZATION[normalization])
-    return ((images.astype(jnp.float32) / 255.0 - mean) / std).astype(dtype)
-
-
 # ------------------------------------------------------------------------------------------------------- evaluation
 class EvalTransform(grain.transforms.Map):
     def __init__(self, preprocess: transforms.Preprocess):

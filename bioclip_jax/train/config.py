@@ -109,6 +109,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.grad_clip_norm = 0.0  # 0 = no clipping (BioCLIP)
     c.train.accum_steps = 1
     c.train.fsdp = False
+    # A command whose model or optimizer structure differs from the run in its workdir is refused; True starts it in a
+    # new sub-folder (workdir/restart-N) instead, never over the old run.
+    c.train.allow_restart = False
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 1000

@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
-import signal
 import time
 from typing import Any
 
@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from etils import epath
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from bioclip_jax import paths
@@ -22,14 +24,16 @@ from bioclip_jax.convert import run_file
 from bioclip_jax.data import pipeline
 from bioclip_jax.data.taxonomy import text_type_for_step
 from bioclip_jax.data.transforms import NORMALIZATION, Preprocess
-from bioclip_jax.errors import InputError
+from bioclip_jax.errors import InputError, ResourceError
 from bioclip_jax.inference.model import Model, load
 from bioclip_jax.models.clip import CLIP, init_params
 from bioclip_jax.models.config import CLIPConfig, get_model_config
 from bioclip_jax.models.loss import clip_loss
 from bioclip_jax.train import checkpoint, metrics as metrics_lib, sharding
+from bioclip_jax.train import workdir as workdir_lib
 from bioclip_jax.train.device_batch import normalize_images, to_global
 from bioclip_jax.train.optimizer import clamp_logit_scale, make_optimizer, skipped_updates
+from bioclip_jax.train.stopping import StopSignals
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -42,32 +46,12 @@ class TrainResult:
     model_config: CLIPConfig
     preprocess: Preprocess
     history: list[dict]
+    workdir: epath.Path
+    stopped_by: str | None = None  # "SIGTERM" or "SIGINT" when a signal stopped the run early (it saved first)
 
     def model(self, attn_implementation: str = "xla") -> Model:
-        return Model(self.model_config, jax.device_get(self.params), self.preprocess,
+        return Model(self.model_config, host_params(self.params), self.preprocess,
                      attn_implementation=attn_implementation, source="trained")
-
-
-class _Preemption:
-    """SIGTERM (preemption, scancel, kill) sets a flag; the loop saves a checkpoint and returns."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: rely on Orbax's preemption check only
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 def make_train_step(module: CLIP, tx, schedule, normalization: str, accum_steps: int = 1):
@@ -134,16 +118,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, max_
     stops early (still saving), e.g. for tests. Every config.eval.every_steps, `evaluate_fn(model, step) -> dict of
     scalars` is logged (the caller wires it, e.g. `bioclip_jax.evaluate.zero_shot.validation_metrics`)."""
     workdir = paths.resolve(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    paths.make_dirs(workdir)
+    with workdir_lib.WorkdirLock(workdir):
+        return _train(config, workdir, max_steps, progress, evaluate_fn)
+
+
+def _train(config, workdir, max_steps, progress, evaluate_fn) -> TrainResult:
     t = config.train
 
     # ---- model and mesh
     model_config = get_model_config(config.model)
     mean, std = NORMALIZATION[config.data.normalization]
     preprocess = Preprocess(size=model_config.vision.image_size, mean=mean, std=std)
-    if jax.process_index() == 0:
-        run_file.write_run_file(workdir, model_config.to_open_clip(), preprocess.to_open_clip(),
-                                json.loads(config.to_json()))
     dtype = DTYPES[config.dtype]
     module = CLIP(model_config, dtype=dtype, attn_implementation=config.attn_implementation or None,
                   remat=config.remat or None)
@@ -169,6 +155,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, max_
 
     abstract_state = jax.eval_shape(init_state)
     state_sharding = sharding.state_shardings(abstract_state, mesh, fsdp=t.fsdp)
+    # The run this command continues, checked before anything is written (another model or optimizer structure
+    # would make its checkpoints unusable).
+    signature = workdir_lib.state_signature(abstract_state)
+    workdir = workdir_lib.choose(workdir, model_config.to_open_clip(), signature, t.allow_restart)
 
     # ---- data
     data_iter = iter(pipeline.train_dataset(
@@ -186,6 +176,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, max_
         step, state = 0, jax.jit(init_state, out_shardings=state_sharding)()
     else:
         log.info("resumed from step %d in %s", step, workdir)
+    if jax.process_index() == 0:  # only now: the config, the data and the checkpoints have all been checked
+        run_file.write_run_file(workdir, model_config.to_open_clip(), preprocess.to_open_clip(),
+                                json.loads(config.to_json()), signature)
+        workdir_lib.truncate_metrics(workdir, step)
 
     batch_sharding = sharding.batch_sharding(mesh)
     train_step = jax.jit(make_train_step(module, tx, schedule, config.data.normalization, t.accum_steps),
@@ -201,7 +195,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, max_
     eval_model = None
     bar = tqdm(total=t.steps, initial=step, desc="train", disable=not progress or jax.process_index() != 0)
     window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-    with _Preemption() as preemption:
+    with StopSignals() as stop:
         while step < last_step:
             fetch_start = time.perf_counter()
             batch = to_global(next(data_iter), batch_sharding)
@@ -227,19 +221,41 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, max_
                 bar.set_postfix(loss=f"{fetched['loss']:.3f}", img_s=f"{fetched['images_per_second']:.0f}")
                 window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
             bar.update(1)
-            checkpoint.save(manager, step, state, data_iter)
+            _save(manager, step, state, data_iter)
             if evaluate_fn is not None and config.eval.every_steps and step % config.eval.every_steps == 0:
                 eval_model = _eval_model(eval_model, model_config, state, preprocess)
                 writer.write(step, evaluate_fn(eval_model, step))
-            if preemption.requested or manager.reached_preemption(step):
-                log.warning("preemption signal: saving step %d and stopping", step)
+            if stop.should_stop(manager, step):
+                log.warning("%s: saving step %d and stopping (rerun the same command to resume)", stop.received,
+                            step)
                 break
     bar.close()
-    checkpoint.save(manager, step, state, data_iter, force=manager.latest_step() != step)
-    manager.wait_until_finished()
+    _save(manager, step, state, data_iter, force=manager.latest_step() != step, wait=True)
     manager.close()
     writer.close()
-    return TrainResult(step, state["params"], model_config, preprocess, history)
+    return TrainResult(step, state["params"], model_config, preprocess, history, workdir, stop.received)
+
+
+def _save(manager, step: int, state, data_iter, force: bool = False, wait: bool = False) -> None:
+    """A checkpoint save; a full disk (now, or in the async write of an earlier save) is one clear error that leaves
+    the earlier checkpoints as they were (Orbax finalizes a step only when all of it is written)."""
+    try:
+        checkpoint.save(manager, step, state, data_iter, force=force)
+        if wait:
+            manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - async failures arrive wrapped; only a full disk is translated
+        if not _is_disk_full(e):
+            raise
+        raise ResourceError(f"no space left on device while saving step {step} to {manager.directory}; the "
+                            "earlier checkpoints are intact: free space and rerun the same command to resume") from e
+
+
+def _is_disk_full(error: BaseException | None) -> bool:
+    while error is not None:
+        if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _raise_with_memory_advice(error: Exception, config) -> None:
@@ -247,7 +263,7 @@ def _raise_with_memory_advice(error: Exception, config) -> None:
     if "RESOURCE_EXHAUSTED" not in message and "out of memory" not in message.lower():
         raise error
     t = config.train
-    raise MemoryError(
+    raise ResourceError(
         f"the training step ran out of device memory (global batch {t.global_batch_size} over "
         f"{jax.device_count()} devices, model {config.model}, dtype {config.dtype}, remat {config.remat or 'off'}, "
         f"fsdp {t.fsdp}). Try, in this order: --config.remat=dots (or full); --config.dtype=bfloat16; "
@@ -256,9 +272,17 @@ def _raise_with_memory_advice(error: Exception, config) -> None:
     ) from error
 
 
+def host_params(params):
+    """The params as host numpy arrays on every process, also when FSDP spreads them over hosts (device_get would
+    fail on arrays that are not fully addressable here)."""
+    if jax.process_count() == 1:
+        return jax.device_get(params)
+    return multihost_utils.process_allgather(params, tiled=True)
+
+
 def _eval_model(eval_model: Model | None, model_config: CLIPConfig, state, preprocess: Preprocess) -> Model:
     """One Model reused across evaluations (its jitted encoders compile once); params swapped in each time."""
-    params = jax.device_get(state["params"])
+    params = host_params(state["params"])
     if eval_model is None:
         eval_model = Model(model_config, params, preprocess)
     eval_model.params = params

@@ -85,6 +85,7 @@ def write_hf_rare_species(folder: Path) -> None:
 
 def test_hugging_face_rare_species_layout(tmp_path, caplog):
     write_hf_rare_species(tmp_path)
+    (tmp_path / "metadata.csv").write_text("file_name,label\n")  # some other top-level CSV: skipped for the catalog
     rows, layout, csv_path = read_task(tmp_path)
     assert layout == "hf_rare_species" and csv_path == tmp_path / "metadata" / "rarespecies-catalog.csv"
     assert rows[0] == EvalRow(

@@ -234,6 +234,20 @@ def test_eval_merges_classes_that_share_a_name(tmp_path):
     assert "| merged classes | 1 |" in (tmp_path / "out" / "results.md").read_text()
 
 
+def test_eval_cli_defaults_are_bioclips():
+    from bioclip_jax.cli import build_parser
+    from bioclip_jax.data.taxonomy import EVAL_TEXT_TYPES
+
+    args = build_parser().parse_args(["eval", "--model", "m", "--out", "o"])
+    assert (args.templates, args.few_shot_sampling, args.text_type, args.folds) == ("bioclip", "bioclip", "taxon_com", 5)
+    action = next(a for a in build_parser()._subparsers._group_actions[0].choices["eval"]._actions
+                  if a.dest == "text_type")
+    assert tuple(action.choices) == EVAL_TEXT_TYPES
+    args = build_parser().parse_args(["eval", "--model", "m", "--out", "o", "--templates", "openai",
+                                      "--few-shot-sampling", "independent"])
+    assert (args.templates, args.few_shot_sampling) == ("openai", "independent")
+
+
 def test_hierarchy_consistency_and_plot(tmp_path):
     import bioclip_jax
     from bioclip_jax.evaluate.plots import plot_embeddings

@@ -169,15 +169,24 @@ def _hf_rows(folder: epath.Path, csv_path: epath.Path, cells: list[dict[str, str
 
 
 def read_task(folder: str | os.PathLike) -> tuple[list[EvalRow], str, epath.Path]:
-    """Every row of a task folder's CSV, in CSV order (missing images included) -> (rows, layout, CSV path)."""
+    """Every row of a task folder's CSV, in CSV order (missing images included) -> (rows, layout, CSV path). The
+    first of CSV_NAMES whose columns match a layout is read (a clone of the Hugging Face repository may also hold a
+    top-level metadata.csv of its own); if none matches, the error names the first one found."""
     folder = epath.Path(folder)
-    csv_path = find_task_csv(folder)
-    if csv_path is None:
+    candidates = [folder / name for name in CSV_NAMES if (folder / name).is_file()]
+    if not candidates:
         raise FileNotFoundError(f"no task CSV in {folder}: expected one of {', '.join(CSV_NAMES)}")
-    columns, cells = _read_csv(csv_path)
-    layout = detect_layout(csv_path, columns)
-    rows = _hf_rows(folder, csv_path, cells) if layout == "hf_rare_species" else [_bioclip_row(c) for c in cells]
-    return rows, layout, csv_path
+    first_error = None
+    for csv_path in candidates:
+        columns, cells = _read_csv(csv_path)
+        try:
+            layout = detect_layout(csv_path, columns)
+        except ValueError as e:
+            first_error = first_error or e
+            continue
+        rows = _hf_rows(folder, csv_path, cells) if layout == "hf_rare_species" else [_bioclip_row(c) for c in cells]
+        return rows, layout, csv_path
+    raise first_error
 
 
 def first_appearance(values) -> list:

@@ -213,13 +213,10 @@ def test_eval_merges_classes_that_share_a_name(tmp_path):
     """A folder laid out like the published rare_species/metadata.csv with two species called 'staghorn coral':
     `--text-type com` merges them into one zero-shot class instead of stopping on duplicate names."""
     import json
-    import sys
 
     import bioclip_jax
     from bioclip_jax.cli import main
-
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from test_eval_sets import write_rare_species
+    from test_eval_sets import write_rare_species  # tests/ is on sys.path under pytest (rootdir, no package)
 
     (tmp_path / "tasks" / "rare_species").mkdir(parents=True)
     write_rare_species(tmp_path / "tasks" / "rare_species", per_class=3)

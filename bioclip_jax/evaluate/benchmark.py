@@ -199,7 +199,8 @@ def results_table(results: dict, model_name: str) -> list[list[str]]:
                 means.append(100 * r["mean"])
             else:
                 cells.append("skipped" if "skipped" in r else "")
-        mean = f"{np.mean(means):.1f}" + ("" if len(means) == len(tasks) else f" ({len(means)} tasks)") if means else ""
+        partial = "" if len(means) == len(tasks) else f" ({len(means)} task{'s' if len(means) > 1 else ''})"
+        mean = f"{np.mean(means):.1f}{partial}" if means else ""
         rows.append([metric, model_name, ours, *cells, mean, ""])
         rows += _published_rows(metric, tasks)
     for metric, key in SIZE_METRICS.items():

@@ -124,6 +124,8 @@ def test_task_folders_as_published(tmp_path):
     assert found["birds_525"].folder.name == "kaggle_bird" and found["rare_species"].folder.name == "rare-species"
     (tmp_path / "kaggle_bird").rename(tmp_path / "birds_525")
     assert find_tasks(tmp_path)["birds_525"].folder.name == "birds_525"
+    with pytest.raises(FileNotFoundError, match="tasks folder .*nowhere does not exist"):
+        find_tasks(tmp_path / "nowhere")
 
 
 def test_folder_evaluation_does_not_import_tfds(tmp_path):

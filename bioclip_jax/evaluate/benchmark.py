@@ -67,6 +67,8 @@ def find_tasks(tasks_dir: str | os.PathLike | None, tfds_data_dir: str | os.Path
     (`eval_sets.TASK_FOLDERS`, e.g. kaggle_bird/ or birds_525/ for Birds 525) or named like the task, or a TFDS build
     in `tfds_data_dir`. Any other sub-folder holding a task CSV is a custom task named after the folder. TFDS is only
     imported when `tfds_data_dir` is given."""
+    if tasks_dir and not Path(tasks_dir).is_dir():
+        raise FileNotFoundError(f"tasks folder {tasks_dir} does not exist")
     found, used = {}, set()
     for task, folders in TASK_FOLDERS.items():
         if tasks_dir:

@@ -20,8 +20,8 @@ Task folders as published: Birds 525 ships as `kaggle_bird/`, the Meta-Album tas
 as `rare_species/` (BioCLIP's CSV) or `rare-species/` (a clone of the Hugging Face repository); `TASK_FOLDERS` lists
 the names tried for each task.
 
-Every row becomes an `EvalRow`; `FolderEvalSource` serves them as the dicts of `bioclip_jax.data.records.
-decode_record` ({"id", "image", "ranks", "common", "label"}) in CSV order, so it plugs into the evaluation pipeline.
+Every row becomes an `EvalRow`; `FolderEvalSource` serves them as the dicts of `records.decode_record`
+({"id", "image", "ranks", "common", "label"}) in CSV order, so it plugs into the evaluation pipeline.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from bioclip_jax.data.taxonomy import Taxon
-from bioclip_jax.evaluate.few_shot import simpleshot, simpleshot_fold
+from bioclip_jax.evaluate.few_shot import (BioclipSupportSampler, few_shot, simpleshot, simpleshot_accuracy,
+                                           simpleshot_fold)
 from bioclip_jax.evaluate.zero_shot import topk_accuracy
 from bioclip_jax.inference.templates import BIOCLIP_TEMPLATES, OPENAI_IMAGENET_TEMPLATES
 from bioclip_jax.inference.zero_shot import class_texts
@@ -16,7 +17,9 @@ def test_templates_are_open_clips():
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES as theirs
 
     assert list(OPENAI_IMAGENET_TEMPLATES) == [t("{}") for t in theirs] and len(OPENAI_IMAGENET_TEMPLATES) == 80
-    assert len(BIOCLIP_TEMPLATES) == 81 and "a photo of {}." in BIOCLIP_TEMPLATES
+    # BioCLIP's openai_imagenet_template (src/training/imagenet_zeroshot_data.py) puts its extra template first.
+    assert len(BIOCLIP_TEMPLATES) == 81 and BIOCLIP_TEMPLATES[0] == "a photo of {}."
+    assert BIOCLIP_TEMPLATES[1:] == OPENAI_IMAGENET_TEMPLATES
 
 
 def test_topk_and_mean_per_class_accuracy():
@@ -64,6 +67,75 @@ def test_simpleshot_folds_are_seeded_and_differ():
     assert std > 0 and 0 <= mean <= 1  # random features: folds disagree
     with pytest.raises(ValueError, match="leaves no query images"):
         simpleshot(features[:8], np.repeat(np.arange(4), 2), k=5)
+
+
+def bioclip_few_shot_supports(labels, kshot_list=(1, 5), nfold=5):
+    """BioCLIP's src/evaluation/few_shot.py sampling loop, re-stated in plain Python on image indices: one list per
+    class (order of first appearance, indices in dataset order), `random.seed(fold)` then `random.shuffle` of every
+    class's list in place, supports = the first k; the lists carry over between folds and from one k to the next."""
+    import random
+
+    select = {}
+    for idx, cat in enumerate(labels):
+        select.setdefault(cat, {"feature": []})["feature"].append(idx)
+    out = {}
+    for kshot in kshot_list:
+        for n in range(nfold):
+            random.seed(n)
+            train = []
+            for v in select.values():
+                random.shuffle(v["feature"])
+                train += v["feature"][:kshot]
+            out[(kshot, n)] = train
+    return out
+
+
+LABELS = ["b", "b", "a", "c", "b", "a", "c", "a", "b", "c", "a", "b", "c", "a", "b", "c", "a", "b", "a", "c", "b"]
+
+
+def test_bioclip_sampling_reproduces_its_loop():
+    expected = bioclip_few_shot_supports(LABELS)
+    sampler = BioclipSupportSampler(LABELS)
+    got = {(k, fold): sampler.supports(k, fold).tolist() for k in (1, 5) for fold in range(5)}
+    assert got == expected
+    # Pinned (classes in order of first appearance: b, a, c), so a change in the loop or in Python's `random` shows.
+    assert got[(1, 0)] == [11, 5, 19] and got[(1, 1)] == [4, 13, 12]
+    assert got[(5, 0)] == [20, 1, 11, 14, 0, 7, 16, 5, 10, 13, 15, 9, 6, 3, 12]
+    # The k=5 folds continue from the lists the k=1 folds left: run alone, k=5 picks other images.
+    alone = BioclipSupportSampler(LABELS)
+    assert alone.supports(5, 0).tolist() == [11, 1, 14, 4, 0, 5, 2, 13, 16, 18, 19, 12, 3, 9, 6]
+    assert bioclip_few_shot_supports(LABELS, kshot_list=(5,))[(5, 0)] == [11, 1, 14, 4, 0, 5, 2, 13, 16, 18, 19, 12,
+                                                                           3, 9, 6]
+
+
+def test_few_shot_uses_the_bioclip_supports():
+    rng = np.random.default_rng(3)
+    labels = np.array(LABELS)
+    centres = {"a": np.eye(6)[0], "b": np.eye(6)[1], "c": np.eye(6)[2]}
+    features = np.stack([2.0 * centres[c] for c in LABELS]) + rng.normal(size=(len(labels), 6))
+    expected = bioclip_few_shot_supports(LABELS)
+    result = few_shot(features, labels, shots=(1, 5), folds=5, sampling="bioclip")
+    for k in (1, 5):
+        scores = [simpleshot_accuracy(features, labels, np.array(expected[(k, n)])) for n in range(5)]
+        assert result[k]["folds"] == scores
+        assert result[k]["mean"] == pytest.approx(np.mean(scores)) and result[k]["std"] == pytest.approx(np.std(scores))
+    independent = few_shot(features, labels, shots=(1,), sampling="independent")[1]
+    assert independent["folds"] == [simpleshot_fold(features, labels, 1, n) for n in range(5)]
+    assert few_shot(features[:6], labels[:6], shots=(5,))[5] == {
+        "skipped": "k=5 leaves no query images: every class has at most 5 images"}
+    with pytest.raises(ValueError, match="unknown few-shot sampling"):
+        few_shot(features, labels, sampling="random")
+
+
+def test_merge_classes_in_order_of_first_appearance():
+    from bioclip_jax.evaluate.benchmark import merge_classes
+
+    names = ["staghorn coral", "'Oma'o", "staghorn coral", "newt", "'Oma'o"]
+    labels = ["Acropora acuminata", "Myadestes obscurus", "Acropora millepora", "Tylototriton shanjing",
+              "Myadestes obscurus"]
+    classes, truth, merged = merge_classes(names, labels)
+    assert classes == ["staghorn coral", "'Oma'o", "newt"] and truth.tolist() == [0, 1, 0, 2, 1]
+    assert merged == {"staghorn coral": ["Acropora acuminata", "Acropora millepora"]}
 
 
 def test_zero_shot_classifier_averages_normalised_template_embeddings():
@@ -118,14 +190,61 @@ def test_benchmark_runner_writes_the_paper_table(tmp_path):
     bioclip_jax.save_model(bioclip_jax.create_model("tiny"), bioclip_jax_model)
     assert main(["eval", "--model", str(bioclip_jax_model), "--tasks", str(tmp_path / "tasks"), "--shots", "1",
                  "--templates", "single", "--name", "tiny", "--out", str(tmp_path / "out")]) == 0
-    results = json.loads((tmp_path / "out" / "results.json").read_text())["tasks"]
-    assert set(results) == {"rare_species", "plankton", "my_set"}
-    assert results["rare_species"]["classes"] == 3 and results["rare_species"]["images"] == 12
-    assert 0.0 <= results["plankton"]["zero_shot"]["top1"] <= 1.0 and "1_shot" in results["plankton"]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    tasks = results["tasks"]
+    assert set(tasks) == {"rare_species", "plankton", "my_set"}
+    assert tasks["rare_species"]["classes"] == 3 and tasks["rare_species"]["images"] == 12
+    assert tasks["rare_species"]["few_shot_sampling"] == "bioclip" and tasks["rare_species"]["merged_classes"] == 0
+    assert 0.0 <= tasks["plankton"]["zero_shot"]["top1"] <= 1.0 and len(tasks["plankton"]["1_shot"]["folds"]) == 5
     table = (tmp_path / "out" / "results.md").read_text()
-    assert "| model | Plankton | Rare Species | my_set | mean |" in table
-    assert "| BioCLIP (paper) | 6.1 | 37.8 |  | 39.4 (10 tasks) |" in table
-    assert (tmp_path / "out" / "results.csv").read_text().startswith("model,Plankton,Rare Species,my_set,mean")
+    assert "| model | source | Plankton | Rare Species | my_set | mean | published 10-task mean |" in table
+    for section in ("## zero-shot top-1", "## zero-shot top-5", "## 1-shot top-1", "## Tasks"):
+        assert section in table
+    assert "| BioCLIP | BioCLIP paper, CVPR 2024 | 6.1 | 37.8 |  |  | 39.4 |" in table
+    assert "| CLIP | BioCLIP paper, CVPR 2024 |  |  |  |  | 21.4 |" in table
+    assert "| BioCLIP | Rare Species dataset card (huggingface.co/datasets/imageomics/rare-species) |  | 44.9 |" in table
+    ours = next(line for line in table.splitlines() if line.startswith("| tiny | measured here") and "±" in line)
+    assert ours.count("±") == 3  # 1-shot mean ± std for each task
+    csv_text = (tmp_path / "out" / "results.csv").read_text()
+    assert csv_text.startswith("metric,model,source,Plankton,Rare Species,my_set,mean,published 10-task mean")
+    assert results["table"][0] == csv_text.splitlines()[0].split(",")
+    assert {p["source"] for p in results["published"]} >= {"BioCLIP paper, CVPR 2024"}
+
+
+def test_eval_merges_classes_that_share_a_name(tmp_path):
+    """A folder laid out like the published rare_species/metadata.csv with two species called 'staghorn coral':
+    `--text-type com` merges them into one zero-shot class instead of stopping on duplicate names."""
+    import json
+
+    import bioclip_jax
+    from bioclip_jax.cli import main
+    from test_eval_sets import write_rare_species  # tests/ is on sys.path under pytest (rootdir, no package)
+
+    (tmp_path / "tasks" / "rare_species").mkdir(parents=True)
+    write_rare_species(tmp_path / "tasks" / "rare_species", per_class=3)
+    bioclip_jax.save_model(bioclip_jax.create_model("tiny"), tmp_path / "model")
+    assert main(["eval", "--model", str(tmp_path / "model"), "--tasks", str(tmp_path / "tasks"), "--text-type", "com",
+                 "--shots", "1", "--name", "tiny", "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "results.json").read_text())["tasks"]["rare_species"]
+    assert (result["classes"], result["zero_shot_classes"], result["merged_classes"]) == (3, 2, 1)
+    assert result["merged"] == {"staghorn coral": ["Acropora acuminata", "Acropora millepora"]}
+    assert (result["templates"], result["template_count"]) == ("bioclip", 81)  # BioCLIP's 81 by default
+    assert "1_shot" in result  # few-shot runs on the 3 species of the class column
+    assert "| merged classes | 1 |" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_eval_cli_defaults_are_bioclips():
+    from bioclip_jax.cli import build_parser
+    from bioclip_jax.data.taxonomy import EVAL_TEXT_TYPES
+
+    args = build_parser().parse_args(["eval", "--model", "m", "--out", "o"])
+    assert (args.templates, args.few_shot_sampling, args.text_type, args.folds) == ("bioclip", "bioclip", "taxon_com", 5)
+    action = next(a for a in build_parser()._subparsers._group_actions[0].choices["eval"]._actions
+                  if a.dest == "text_type")
+    assert tuple(action.choices) == EVAL_TEXT_TYPES
+    args = build_parser().parse_args(["eval", "--model", "m", "--out", "o", "--templates", "openai",
+                                      "--few-shot-sampling", "independent"])
+    assert (args.templates, args.few_shot_sampling) == ("openai", "independent")
 
 
 def test_hierarchy_consistency_and_plot(tmp_path):

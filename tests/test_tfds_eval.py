@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bioclip_jax.data import tfds_eval
+from bioclip_jax.data import eval_sets, tfds_eval
 
 HEADER = ["filepath", "class", "kingdom", "phylum", "cls", "order", "family", "genus", "species", "common_name"]
 MAGPIE = ["Animalia", "Chordata", "Aves", "Passeriformes", "Corvidae", "Pica", "hudsonia"]
@@ -72,7 +72,7 @@ NO_TF_SCRIPT = textwrap.dedent("""
             return importlib.machinery.PathFinder.find_spec(name, path, target)
 
     sys.meta_path[:] = [HideTensorFlow() if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
-    from bioclip_jax.data import tfds_eval
+    from bioclip_jax.data import eval_sets, tfds_eval
     manual_dir, data_dir, out = sys.argv[1:]
     tfds_eval.build("plankton", manual_dir, data_dir)
     source = tfds_eval.EvalSetSource("plankton", data_dir)
@@ -103,9 +103,9 @@ def built(manual_dir, tmp_path_factory) -> Path:
 def test_tfds_build_without_tensorflow(manual_dir, built):
     with open(built / "examples.pkl", "rb") as f:
         class_names, examples = pickle.load(f)
-    assert class_names == ["Corvidae", "Pica hudsonia", "Rosa canina"]
+    assert class_names == ["Pica hudsonia", "Rosa canina", "Corvidae"]  # order of first appearance, as BioCLIP
     assert examples == expected_examples(manual_dir / "PLK_Mini")  # every file once, in CSV order, bytes identical
-    files = list((built / "bioclip_eval" / "plankton" / "1.0.0").glob("*.array_record*"))
+    files = list((built / "bioclip_eval" / "plankton" / "1.1.0").glob("*.array_record*"))
     assert files, "expected ArrayRecord shards"
 
 
@@ -124,10 +124,12 @@ def test_eval_set_source_random_access(manual_dir, built):
 
 
 def test_folder_source_matches_tfds(manual_dir, built):
-    folder = tfds_eval.FolderEvalSource(manual_dir / "PLK_Mini")
+    folder = eval_sets.FolderEvalSource(manual_dir / "PLK_Mini")
     source = tfds_eval.EvalSetSource("plankton", built)
     assert folder.class_names == source.class_names
     assert [folder[i] for i in range(len(folder))] == [source[i] for i in range(len(source))]
+    assert folder.rows == source.rows  # what BioCLIP's class naming reads
+    assert tfds_eval.FolderEvalSource is eval_sets.FolderEvalSource  # still importable from here
 
 
 def test_custom_config_and_minimal_csv(tmp_path):
@@ -137,6 +139,7 @@ def test_custom_config_and_minimal_csv(tmp_path):
     write_folder(folder, rows=PRESENT[:2], header=["filepath", "class"])
     builder = tfds_eval.build("custom", folder, tmp_path / "data")
     assert builder.info.features["label"].names == ["Pica hudsonia", "Rosa canina"]
+    assert tfds_eval.EvalSetSource("custom", tmp_path / "data").rows[0].subspecies == ""
     source = tfds_eval.EvalSetSource("custom", tmp_path / "data")
     assert source[1] == {"id": "img/rose_0.png", "image": (folder / "img/rose_0.png").read_bytes(),
                          "ranks": ("",) * 7, "common": "", "label": "Rosa canina"}
@@ -154,10 +157,10 @@ def test_folder_override(tmp_path):
 def test_missing_class_column(tmp_path):
     write_folder(tmp_path, rows=PRESENT[:1], header=["filepath", "kingdom"])
     csv_path = str(tmp_path / "metadata.csv")
-    with pytest.raises(ValueError, match=r"missing required column\(s\) class ") as err:
-        tfds_eval.FolderEvalSource(tmp_path)
+    with pytest.raises(ValueError, match=r"columns \(filepath, kingdom\) match no evaluation-task layout") as err:
+        eval_sets.FolderEvalSource(tmp_path)
     assert csv_path in str(err.value)
-    with pytest.raises(ValueError, match=r"missing required column\(s\) class "):
+    with pytest.raises(ValueError, match="match no evaluation-task layout"):
         tfds_eval.build("custom", tmp_path, tmp_path / "data")
 
 
@@ -165,18 +168,38 @@ def test_every_task_has_a_config():
     configs = tfds_eval.BioclipEvalSet.builder_configs
     assert set(tfds_eval.TASK_FOLDERS) | {"custom"} == set(configs)
     assert configs["insects_2"].folder == "INS_2_Mini"
+    assert configs["birds_525"].folders == ("kaggle_bird", "birds_525")  # as published, then our old name
+
+
+def test_published_folder_names_and_subspecies(tmp_path):
+    """Birds 525 builds from kaggle_bird/; a subspecies column survives the build."""
+    header = ["", *HEADER, "subspecies"]
+    rows = [(fp, cls, ranks, common) for fp, cls, ranks, common in PRESENT[:2]]
+    write_folder(tmp_path / "manual" / "kaggle_bird", rows=rows, header=HEADER)
+    with open(tmp_path / "manual" / "kaggle_bird" / "metadata.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for i, (fp, cls, ranks, common) in enumerate(rows):
+            w.writerow([i, fp, cls, *ranks, common, "Ssp" if i == 0 else ""])
+    tfds_eval.build("birds_525", tmp_path / "manual", tmp_path / "data")
+    source = tfds_eval.EvalSetSource("birds_525", tmp_path / "data")
+    assert source.rows == eval_sets.FolderEvalSource(tmp_path / "manual" / "kaggle_bird").rows
+    assert source.rows[0].subspecies == "Ssp" and source.rows[0].eval_name("sci") == "Pica hudsonia ssp"
 
 
 def test_folder_taxa_read_as_make_shards_reads_them(tmp_path):
-    """A binomial in the species column (no genus column) gives the same caption in evaluation as in the shards."""
+    """A binomial in the species column (no genus column) gives the same ranks in evaluation as in the shards; the
+    common name stays as written (BioCLIP's evaluation naming has no fallback to drop)."""
     from bioclip_jax.data.sources import row_taxon
     from bioclip_jax.data.taxonomy import Taxon
 
     header = ["filepath", "class", "kingdom", "species", "common_name"]
     write_folder(tmp_path, [("img/magpie_0.jpg", "Pica hudsonia", ["Animalia", "Pica hudsonia"], "Pica hudsonia")],
                  header)
-    row = tfds_eval.FolderEvalSource(tmp_path).rows[0]
-    evaluated = Taxon.from_ranks(row.ranks, row.common)
+    row = eval_sets.FolderEvalSource(tmp_path).rows[0]
     sharded = row_taxon({"kingdom": "Animalia", "species": "Pica hudsonia", "common_name": "Pica hudsonia"})
-    assert evaluated == sharded
-    assert evaluated.text("taxon") == "a photo of Animalia Pica hudsonia."
+    assert Taxon.from_ranks(row.ranks) == Taxon.from_ranks(sharded.ranks)
+    assert Taxon.from_ranks(row.ranks).text("taxon") == "a photo of Animalia Pica hudsonia."
+    assert row.common == "Pica hudsonia" and sharded.common_name == ""
+    # BioCLIP joins all seven ranks: four empty ones between kingdom and genus leave five spaces.
+    assert row.eval_name("taxon_com") == "Animalia" + " " * 5 + "Pica hudsonia with common name Pica hudsonia"

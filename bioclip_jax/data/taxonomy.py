@@ -4,6 +4,9 @@ The strings follow BioCLIP's TreeOfLife-10M writer (Imageomics/bioclip scripts/e
 ranks kingdom..genus are capitalised, the species epithet is lower case, missing ranks are dropped, and the common
 name falls back to the scientific name, then to the taxonomic name. Training mixes sci/com/taxon/sci_com/taxon_com,
 one type per global batch chosen from the step (as BioCLIP's `--text-type random`), or one per sample.
+
+Evaluation names classes differently (`eval_class_name`, BioCLIP's src/imageomics/naming_eval.py): no fallbacks, so a
+missing common name stays empty and the taxonomic name is "Genus species" when the kingdom is missing.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ RANKS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
 RANK_COLUMNS = ("kingdom", "phylum", "cls", "order", "family", "genus", "species")
 TEXT_TYPES = ("sci", "com", "taxon", "sci_com", "taxon_com", "taxonTag", "taxonTag_com")
 MIXED_TEXT_TYPES = ("sci", "com", "taxon", "sci_com", "taxon_com")  # what BioCLIP samples from in training
+# What BioCLIP's evaluation accepts (`--text_type`); "asis" is the task's `class` column, named by the task reader.
+EVAL_TEXT_TYPES = ("asis", "sci", "com", "taxon", "sci_com", "taxon_com")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +92,44 @@ class Taxon:
     def text(self, text_type: str) -> str:
         """The caption of one text type, e.g. text("taxon_com")."""
         return f"a photo of {self.name(text_type)}."
+
+
+def eval_class_name(taxon: Taxon, text_type: str, subspecies: str = "") -> str:
+    """The class name BioCLIP's evaluation prompts with (naming_eval), from the taxon's fields as given (not its
+    training fallbacks): kingdom..genus capitalised, species and subspecies lower case.
+
+    - sci: "Genus species[ subspecies]"; "Genus" without a species; "" without a genus either.
+    - com: the common name as given, possibly "".
+    - taxon: all seven ranks joined by single spaces, empty ranks included (so a missing middle rank leaves a double
+      space, which the tokenizer collapses), then the subspecies; just "Genus species[ subspecies]" when the kingdom
+      is missing.
+    - sci_com / taxon_com: "<sci / taxon> with common name <common>", or the sci / taxon name alone without a common
+      name.
+    ("asis", the task's class column, is not a property of the taxon: the caller uses the label.)
+    BioCLIP reads the CSV with pandas, where an empty cell is NaN and becomes the text "nan" (or breaks the
+    capitalisation); empty cells are "" here.
+    """
+    kingdom, phylum, cls, order, family, genus = (r.capitalize() for r in (
+        taxon.kingdom, taxon.phylum, taxon.cls, taxon.order, taxon.family, taxon.genus))
+    species, subspecies = taxon.species.lower(), (subspecies or "").strip().lower()
+    if subspecies:
+        sci = f"{genus} {species} {subspecies}"
+    elif species:
+        sci = f"{genus} {species}"
+    else:
+        sci = genus
+    lowest = [genus, species] + ([subspecies] if subspecies else [])
+    ranks = lowest if not taxon.kingdom else [kingdom, phylum, cls, order, family] + lowest
+    taxonomic = " ".join(ranks)
+    common = taxon.common_name
+    names = {
+        "sci": sci, "com": common, "taxon": taxonomic,
+        "sci_com": f"{sci} with common name {common}" if common else sci,
+        "taxon_com": f"{taxonomic} with common name {common}" if common else taxonomic,
+    }
+    if text_type not in names:
+        raise InputError(f"unknown evaluation text type {text_type!r}; expected one of {EVAL_TEXT_TYPES}")
+    return names[text_type]
 
 
 def text_type_for_step(step: int, choices: tuple[str, ...] = MIXED_TEXT_TYPES) -> str:

@@ -1,5 +1,12 @@
-"""The paper's evaluation table: zero-shot (and optionally 1-/5-shot) top-1 on the 10 tasks, for whichever task folders
-(metadata.csv layout) or TFDS builds are present, written as markdown, CSV and JSON next to the published numbers.
+"""The paper's evaluation table with BioCLIP's own protocol: zero-shot top-1/top-5 and 1-/5-shot on the tasks present
+(task folders as published, read by `bioclip_jax.data.eval_sets`, or TFDS builds), written as markdown, CSV and JSON
+next to the published numbers.
+
+As BioCLIP's evaluation (Imageomics/bioclip src/evaluation): every image gets its class name by `naming_eval`
+(`EvalRow.eval_name`), classes whose names coincide MERGE (the class list is the distinct names in order of first
+appearance, pandas' `unique()`, and each image's label is its name's position), prompts are the 81 templates,
+and few-shot runs on the task's `class` column (BioCLIP's few_shot.py reads the CSV with text type asis, so merging
+never touches it) with its in-place shuffled sampling.
 """
 
 from __future__ import annotations
@@ -13,82 +20,129 @@ from typing import Sequence
 
 import numpy as np
 
-from bioclip_jax.data.taxonomy import Taxon
-from bioclip_jax.data.tfds_eval import TASK_FOLDERS, EvalSetSource, FolderEvalSource
-from bioclip_jax.evaluate.few_shot import simpleshot
+from bioclip_jax.data.eval_sets import TASK_FOLDERS, EvalRow, FolderEvalSource, find_task_csv, first_appearance
+from bioclip_jax.data.taxonomy import EVAL_TEXT_TYPES
+from bioclip_jax.errors import InputError
+from bioclip_jax.evaluate.few_shot import few_shot
 from bioclip_jax.evaluate.zero_shot import embed_eval_set, topk_accuracy
 from bioclip_jax.inference.model import Model
 from bioclip_jax.inference.templates import TEMPLATE_SETS
-from bioclip_jax.inference.zero_shot import class_texts, zero_shot_classifier
+from bioclip_jax.inference.zero_shot import zero_shot_classifier
 
 log = logging.getLogger(__name__)
 TASK_NAMES = {"birds_525": "Birds 525", "plankton": "Plankton", "insects": "Insects", "insects_2": "Insects 2",
               "plantnet": "PlantNet", "fungi": "Fungi", "plantvillage": "PlantVillage",
               "medicinal_leaf": "Med. Leaf", "plantdoc": "PlantDoc", "rare_species": "Rare Species"}
-# Zero-shot top-1 of the BioCLIP paper (CVPR 2024, Table 4); per task for BioCLIP, means for CLIP and OpenCLIP.
-PUBLISHED_ZERO_SHOT = {
-    "BioCLIP (paper)": {"birds_525": 72.1, "plankton": 6.1, "insects": 34.8, "insects_2": 20.4, "plantnet": 91.4,
-                        "fungi": 40.7, "plantvillage": 24.4, "medicinal_leaf": 38.6, "plantdoc": 28.4,
-                        "rare_species": 37.8, "mean": 39.4},
-    "CLIP (paper)": {"mean": 21.4},
-    "OpenCLIP (paper)": {"mean": 20.6},
-}
+_PAPER = "BioCLIP paper, CVPR 2024"
+_OLD_CARD = "older BioCLIP model card (Imageomics/bioclip repo)"
+_RARE_CARD = "Rare Species dataset card (huggingface.co/datasets/imageomics/rare-species)"
+# Published rows: (metric, model, source, {task: %}, published mean over the 10 tasks or None). Sources disagree
+# (REFERENCE.md section 7), so each row says where it comes from.
+PUBLISHED = [
+    ("zero-shot top-1", "BioCLIP", _PAPER,
+     {"birds_525": 72.1, "plankton": 6.1, "insects": 34.8, "insects_2": 20.4, "plantnet": 91.4, "fungi": 40.7,
+      "plantvillage": 24.4, "medicinal_leaf": 38.6, "plantdoc": 28.4, "rare_species": 37.8}, 39.4),
+    ("zero-shot top-1", "CLIP", _PAPER, {}, 21.4),
+    ("zero-shot top-1", "OpenCLIP", _PAPER, {}, 20.6),
+    ("zero-shot top-1", "BioCLIP", _OLD_CARD,
+     {"birds_525": 74.7, "plankton": 5.4, "insects": 32.7, "insects_2": 21.2, "plantnet": 91.0, "fungi": 51.8,
+      "plantvillage": 24.0, "medicinal_leaf": 48.1, "plantdoc": 27.5, "rare_species": 39.2}, None),
+    ("zero-shot top-1", "BioCLIP", _RARE_CARD, {"rare_species": 38.09}, None),
+    ("zero-shot top-1", "CLIP", _RARE_CARD, {"rare_species": 31.81}, None),
+    ("zero-shot top-1", "OpenCLIP", _RARE_CARD, {"rare_species": 29.85}, None),
+    ("1-shot top-1", "BioCLIP", _RARE_CARD, {"rare_species": 44.9}, None),
+    ("1-shot top-1", "CLIP", _RARE_CARD, {"rare_species": 28.52}, None),
+    ("1-shot top-1", "OpenCLIP", _RARE_CARD, {"rare_species": 29.26}, None),
+    ("5-shot top-1", "BioCLIP", _RARE_CARD, {"rare_species": 65.7}, None),
+    ("5-shot top-1", "CLIP", _RARE_CARD, {"rare_species": 46.07}, None),
+    ("5-shot top-1", "OpenCLIP", _RARE_CARD, {"rare_species": 47.45}, None),
+]
+
+
+# Rows that describe the tasks rather than score them (the markdown puts them in one table).
+SIZE_METRICS = {"images": "images", "classes": "classes", "zero-shot classes": "zero_shot_classes",
+                "merged classes": "merged_classes"}
 
 
 def find_tasks(tasks_dir: str | os.PathLike | None, tfds_data_dir: str | os.PathLike | None = None) -> dict:
-    """{task: source} for every task present: a folder `tasks_dir/<task folder>/metadata.csv` (or one named like the
-    task), or a TFDS build in `tfds_data_dir`. Any other sub-folder with a metadata.csv is a custom task named after
-    the folder."""
-    found = {}
-    used = set()
-    for task, folder in TASK_FOLDERS.items():
+    """{task: source} for every task present: a folder under `tasks_dir` with one of the published names
+    (`eval_sets.TASK_FOLDERS`, e.g. kaggle_bird/ or birds_525/ for Birds 525) or named like the task, or a TFDS build
+    in `tfds_data_dir`. Any other sub-folder holding a task CSV is a custom task named after the folder. TFDS is only
+    imported when `tfds_data_dir` is given."""
+    if tasks_dir and not Path(tasks_dir).is_dir():
+        raise FileNotFoundError(f"tasks folder {tasks_dir} does not exist")
+    found, used = {}, set()
+    for task, folders in TASK_FOLDERS.items():
         if tasks_dir:
-            for name in (folder, task):
-                if (Path(tasks_dir) / name / "metadata.csv").is_file():
+            for name in dict.fromkeys((*folders, task)):
+                if find_task_csv(Path(tasks_dir) / name) is not None:
                     found[task] = FolderEvalSource(Path(tasks_dir) / name)
                     used.add(name)
                     break
         if task not in found and tfds_data_dir:
+            from bioclip_jax.data.tfds_eval import EvalSetSource
+
             try:
                 found[task] = EvalSetSource(task, tfds_data_dir)
             except FileNotFoundError:
                 pass
     if tasks_dir:
-        for csv_path in sorted(Path(tasks_dir).glob("*/metadata.csv")):
-            if csv_path.parent.name not in used:
-                found[csv_path.parent.name] = FolderEvalSource(csv_path.parent)
+        for folder in sorted(p for p in Path(tasks_dir).iterdir() if p.is_dir()):
+            if folder.name not in used and find_task_csv(folder) is not None:
+                found[folder.name] = FolderEvalSource(folder)
     return found
 
 
-def _class_taxa(labels: Sequence[str], ranks: Sequence, commons: Sequence[str]) -> dict[str, Taxon]:
-    """The taxon of each class, from the first of its examples that carries ranks."""
-    taxa: dict[str, Taxon] = {}
-    for label, r, common in zip(labels, ranks, commons):
-        taxon = Taxon.from_ranks(r, common)
-        if label not in taxa and not taxon.empty:
-            taxa[label] = taxon
-    return taxa
+def merge_classes(names: Sequence[str], labels: Sequence[str]) -> tuple[list[str], np.ndarray, dict[str, list[str]]]:
+    """BioCLIP's class list from per-image names: (distinct names in order of first appearance, each image's index
+    into them, {name: the labels it merged} for names shared by more than one label)."""
+    classes = first_appearance(names)
+    index = {name: i for i, name in enumerate(classes)}
+    labels_of: dict[str, dict] = {}
+    for name, label in zip(names, labels):
+        labels_of.setdefault(name, {})[label] = None
+    merged = {name: list(ls) for name, ls in labels_of.items() if len(ls) > 1}
+    return classes, np.array([index[n] for n in names], dtype=np.int64), merged
 
 
-def evaluate_task(model: Model, source, text_type: str = "taxon_com", templates: str = "openai",
-                  shots: Sequence[int] = (), batch_size: int = 64) -> dict:
-    features, ranks, labels, commons = embed_eval_set(model, source, batch_size=batch_size, desc="embedding")
-    classes = list(source.class_names)
-    index = {c: i for i, c in enumerate(classes)}
-    truth = np.array([index[label] for label in labels])
-    taxa = _class_taxa(labels, ranks, commons) if text_type != "asis" else {}
-    # Classes without ranks fall back to their label as given (BioCLIP does the same for datasets without taxonomy).
-    names = [class_texts([taxa[c]], text_type)[0] if c in taxa else c for c in classes]
-    weights = zero_shot_classifier(model, names, TEMPLATE_SETS[templates])
-    result = {"images": len(labels), "classes": len(classes), "text_type": text_type,
+def _rows_of(source, labels, ranks, commons) -> list[EvalRow]:
+    """Each embedded image's row: the source's own (with subspecies) where it has them, else rebuilt."""
+    rows = getattr(source, "rows", None)
+    if rows is not None and [r.class_name for r in rows] == list(labels):
+        return list(rows)
+    return [EvalRow(filepath="", class_name=label, ranks=tuple(r), common=common)
+            for label, r, common in zip(labels, ranks, commons)]
+
+
+def evaluate_task(model: Model, source, text_type: str = "taxon_com", templates: str = "bioclip",
+                  shots: Sequence[int] = (), batch_size: int = 64, few_shot_sampling: str = "bioclip",
+                  folds: int = 5, name: str = "task") -> dict:
+    """Zero-shot (top-1/3/5, mean per class) and k-shot (mean, std over `folds`) results of one task."""
+    if text_type not in EVAL_TEXT_TYPES:
+        raise InputError(f"unknown evaluation text type {text_type!r}; expected one of {EVAL_TEXT_TYPES}")
+    if templates not in TEMPLATE_SETS:
+        raise InputError(f"unknown template set {templates!r}; expected one of {tuple(TEMPLATE_SETS)}")
+    features, ranks, labels, commons = embed_eval_set(model, source, batch_size=batch_size, desc=f"embedding {name}")
+    names = [row.eval_name(text_type) for row in _rows_of(source, labels, ranks, commons)]
+    classes, truth, merged = merge_classes(names, labels)
+    species = first_appearance(labels)
+    merged_count = sum(len(ls) - 1 for ls in merged.values())
+    if merged:
+        shown = "; ".join(f"{n!r} <- {', '.join(ls)}" for n, ls in list(merged.items())[:10])
+        log.warning("%s: %d classes have %d distinct %s names; merged as BioCLIP does: %s", name, len(species),
+                    len(classes), text_type, shown)
+    if "" in classes:
+        log.warning("%s: some classes have an empty %s name (e.g. no common name); they share one class", name,
+                    text_type)
+    weights = zero_shot_classifier(model, classes, TEMPLATE_SETS[templates])
+    result = {"images": len(labels), "classes": len(species), "zero_shot_classes": len(classes),
+              "merged_classes": merged_count, "merged": merged, "text_type": text_type, "templates": templates,
+              "template_count": len(TEMPLATE_SETS[templates]), "few_shot_sampling": few_shot_sampling,
               "zero_shot": topk_accuracy(model.logit_scale * features @ weights.T, truth)}
-    for k in shots:
-        try:
-            mean, std = simpleshot(features, truth, k=k)
-            result[f"{k}_shot"] = {"mean": mean, "std": std}
-        except ValueError as e:  # too few images per class for k: say so, keep the other results
-            log.warning("%d-shot skipped: %s", k, e)
-            result[f"{k}_shot"] = {"skipped": str(e)}
+    for k, scores in few_shot(features, labels, shots=shots, folds=folds, sampling=few_shot_sampling).items():
+        if "skipped" in scores:
+            log.warning("%s: %d-shot skipped: %s", name, k, scores["skipped"])
+        result[f"{k}_shot"] = scores
     return result
 
 
@@ -96,33 +150,94 @@ def run_benchmark(model: Model, sources: dict, out_dir: str | os.PathLike, model
                   **kwargs) -> dict:
     """Evaluates every task in `sources` and writes results.{json,csv,md} to `out_dir`."""
     if not sources:
-        raise FileNotFoundError("no evaluation task found: expected folders such as PLK_Mini/metadata.csv or "
-                                "rare_species/metadata.csv, or TFDS builds (bioclip_jax.data.tfds_eval.build)")
-    results = {task: evaluate_task(model, source, **kwargs) for task, source in sources.items()}
+        raise FileNotFoundError("no evaluation task found: expected folders such as PLK_Mini/metadata.csv, "
+                                "kaggle_bird/metadata.csv, rare_species/metadata.csv or rare-species/metadata/"
+                                "rarespecies-catalog.csv, or TFDS builds (bioclip_jax.data.tfds_eval.build)")
+    results = {task: evaluate_task(model, source, name=task, **kwargs) for task, source in sources.items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps({"model": model_name, "tasks": results}, indent=2) + "\n")
-    table = _table(results, model_name)
+    table = results_table(results, model_name)
+    (out_dir / "results.json").write_text(json.dumps(
+        {"model": model_name, "tasks": results,
+         "published": [{"metric": m, "model": n, "source": s, "tasks": v, "mean_10_tasks": mean}
+                       for m, n, s, v, mean in PUBLISHED],
+         "table": table}, indent=2) + "\n")
     with open(out_dir / "results.csv", "w", newline="") as f:
         csv.writer(f).writerows(table)
-    (out_dir / "results.md").write_text(_markdown(table))
+    (out_dir / "results.md").write_text(results_markdown(table))
     return results
 
 
-def _table(results: dict, model_name: str) -> list[list[str]]:
-    """Rows: models (ours, then the published ones); columns: tasks present, then their mean. Zero-shot top-1 %."""
-    tasks = [t for t in TASK_NAMES if t in results] + sorted(t for t in results if t not in TASK_NAMES)
-    ours = [100 * results[t]["zero_shot"]["top1"] for t in tasks]
-    rows = [["model", *[TASK_NAMES.get(t, t) for t in tasks], "mean"],
-            [model_name, *[f"{v:.1f}" for v in ours], f"{np.mean(ours):.1f}"]]
-    for name, numbers in PUBLISHED_ZERO_SHOT.items():
-        cells = [f"{numbers[t]:.1f}" if t in numbers else "" for t in tasks]
-        mean = f"{numbers['mean']:.1f} (10 tasks)" if "mean" in numbers else ""
-        rows.append([name, *cells, mean])
+def _ordered_tasks(results: dict) -> list[str]:
+    return [t for t in TASK_NAMES if t in results] + sorted(t for t in results if t not in TASK_NAMES)
+
+
+def _shots(results: dict) -> list[int]:
+    return sorted({int(key[:-len("_shot")]) for r in results.values() for key in r
+                   if key.endswith("_shot") and key[:-len("_shot")].isdigit()})
+
+
+def _percent(values: list[float | None]) -> list[str]:
+    return [f"{v:.1f}" if v is not None else "" for v in values]
+
+
+def results_table(results: dict, model_name: str) -> list[list[str]]:
+    """Header + rows (metric, model, source, one column per task present, mean over those tasks, published mean over
+    the paper's 10 tasks): everything measured, each metric followed by the published rows for it, then the task
+    sizes. Percentages with one decimal; k-shot cells are "mean ± std" over the folds."""
+    tasks = _ordered_tasks(results)
+    header = ["metric", "model", "source", *[TASK_NAMES.get(t, t) for t in tasks], "mean", "published 10-task mean"]
+    rows = [header]
+    ours = "measured here"
+    for metric, key in (("zero-shot top-1", "top1"), ("zero-shot top-5", "top5")):
+        values = [100 * results[t]["zero_shot"][key] for t in tasks]
+        rows.append([metric, model_name, ours, *_percent(values), f"{np.mean(values):.1f}", ""])
+        rows += _published_rows(metric, tasks)
+    for k in _shots(results):
+        metric = f"{k}-shot top-1"
+        cells, means = [], []
+        for t in tasks:
+            r = results[t].get(f"{k}_shot", {})
+            if "mean" in r:
+                cells.append(f"{100 * r['mean']:.1f} ± {100 * r['std']:.1f}")
+                means.append(100 * r["mean"])
+            else:
+                cells.append("skipped" if "skipped" in r else "")
+        partial = "" if len(means) == len(tasks) else f" ({len(means)} task{'s' if len(means) > 1 else ''})"
+        mean = f"{np.mean(means):.1f}{partial}" if means else ""
+        rows.append([metric, model_name, ours, *cells, mean, ""])
+        rows += _published_rows(metric, tasks)
+    for metric, key in SIZE_METRICS.items():
+        rows.append([metric, model_name, ours, *[str(results[t][key]) for t in tasks], "", ""])
     return rows
 
 
-def _markdown(table: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
-    lines += ["| " + " | ".join(row) + " |" for row in table[1:]]
-    return "Zero-shot top-1 accuracy (%)\n\n" + "\n".join(lines) + "\n"
+def _published_rows(metric: str, tasks: list[str]) -> list[list[str]]:
+    rows = []
+    for m, model, source, values, mean10 in PUBLISHED:
+        if m != metric or not (mean10 is not None or any(t in values for t in tasks)):
+            continue
+        shown = [values.get(t) for t in tasks]
+        cells = [f"{v:g}" if v is not None else "" for v in shown]
+        mean = f"{np.mean(shown):.1f}" if all(v is not None for v in shown) else ""
+        rows.append([metric, model, source, *cells, mean, f"{mean10:g}" if mean10 is not None else ""])
+    return rows
+
+
+def results_markdown(table: list[list[str]]) -> str:
+    """One markdown table per metric (ours first, then the published rows), then the task sizes."""
+    header, rows = table[0], table[1:]
+    columns = ["model", "source", *header[3:]]
+    out = ["# Evaluation results", "",
+           "Top-1 / top-5 accuracy in %; k-shot = mean ± std over the folds. 'mean' averages the tasks shown; the "
+           "published 10-task mean is the paper's. Published rows name their source.", ""]
+    for metric in dict.fromkeys(r[0] for r in rows if r[0] not in SIZE_METRICS):
+        out += [f"## {metric}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        out += ["| " + " | ".join(r[1:]) + " |" for r in rows if r[0] == metric]
+        out.append("")
+    tasks = header[3:-2]
+    out += ["## Tasks", "", "Zero-shot classes are the distinct class names after merging (BioCLIP merges classes "
+            "whose names coincide); few-shot uses the `class` column.", "",
+            "| | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
+    out += ["| " + r[0] + " | " + " | ".join(r[3:3 + len(tasks)]) + " |" for r in rows if r[0] in SIZE_METRICS]
+    return "\n".join(out) + "\n"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -241,3 +242,43 @@ def test_multi_device_multi_process_and_resharding(shards, tmp_path):
     failed = _run(run, "--devices", "8", "--workdir", str(tmp_path / "bad"), "--data", str(shards),
                   "--config.train.global_batch_size=12", devices=8, check=False)
     assert failed.returncode != 0 and "global batch size 12 is not divisible by the 8 devices" in failed.stderr
+
+
+def _two_hosts(shards, workdir, port, *overrides):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    return [subprocess.Popen([sys.executable, "-m", "bioclip_jax.cli", "train", "--config", str(CONFIG),
+                              "--workdir", str(workdir), f"--config.data.train={shards}", *overrides,
+                              "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) for i in range(2)]
+
+
+@pytest.mark.slow
+def test_two_hosts_fsdp_with_evaluation_stop_together_on_sigterm_and_resume_bitwise(shards, tmp_path):
+    """FSDP over 2 processes x 4 devices with periodic evaluation (params spread over hosts): SIGTERM to one host
+    makes both save the same step and exit 143; rerunning finishes with the params of an uninterrupted run."""
+    common = ["--config.train.fsdp=True", f"--config.data.val={shards}", "--config.eval.every_steps=2",
+              "--config.train.steps=12", "--config.checkpoint.every_steps=100"]
+    reference = _two_hosts(shards, tmp_path / "straight", _free_port(), *common)
+    for proc in reference:
+        output = proc.communicate(timeout=900)[0].decode()
+        assert proc.returncode == 0, output[-3000:]
+
+    workdir = tmp_path / "stopped"
+    procs = _two_hosts(shards, workdir, _free_port(), *common)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and (not metrics.exists() or metrics.read_text().count("val/loss") < 1):
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    outputs = [proc.communicate(timeout=600)[0].decode() for proc in procs]
+    assert [p.returncode for p in procs] == [143, 143], outputs[0][-2000:] + outputs[1][-2000:]
+    stopped_at = {int(re.search(r"SIGTERM: saving step (\d+)", out).group(1)) for out in outputs}
+    assert len(stopped_at) == 1 and 2 <= stopped_at.pop() < 12  # the same step on both hosts, before the end
+    evaluated = [json.loads(line) for line in metrics.read_text().splitlines() if "val/loss" in line]
+    assert evaluated and all(np.isfinite(m["val/loss"]) for m in evaluated)
+
+    for proc in _two_hosts(shards, workdir, _free_port(), *common):
+        output = proc.communicate(timeout=900)[0].decode()
+        assert proc.returncode == 0, output[-3000:]
+    straight, resumed = _params(tmp_path / "straight"), _params(workdir)
+    assert all(np.array_equal(straight[k], resumed[k]) for k in straight)

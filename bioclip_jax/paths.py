@@ -10,6 +10,9 @@ from etils import epath
 from bioclip_jax.errors import InputError
 
 
+GCS_HINT = "pip install 'bioclip_jax[gcs]' for gs:// paths"
+
+
 def is_url(path: str | os.PathLike) -> bool:
     return "://" in os.fspath(path)
 
@@ -34,7 +37,7 @@ def make_dirs(path: epath.Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except ImportError as e:  # epath's remote backends are optional packages
-        raise InputError(f"{path}: {e} (e.g. pip install gcsfs for gs://)") from None
+        raise InputError(f"{path}: {e} ({GCS_HINT})") from None
     except OSError:
         raise
     except Exception as e:  # noqa: BLE001 - remote backends raise their own types for credentials and network

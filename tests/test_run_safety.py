@@ -117,3 +117,19 @@ def test_a_full_disk_is_one_line_and_keeps_earlier_checkpoints(shards, tmp_path,
     err = capsys.readouterr().err
     assert code == 1 and "no space left on device" in err and "Traceback" not in err
     assert bioclip_jax.load(workdir).source.endswith("(step 2)")
+
+
+def test_a_gs_workdir_without_its_package_names_the_url_and_writes_nothing_locally(shards, tmp_path,  # noqa: F811
+                                                                                 monkeypatch):
+    pytest.importorskip("etils.epath")
+    try:
+        import gcsfs  # noqa: F401
+        pytest.skip("gcsfs is installed: this checks the error without it")
+    except ImportError:
+        pass
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match=r"gs://bucket/run: .*gcsfs.*bioclip_jax\[gcs\]"):
+        train(_config(shards), "gs://bucket/run", progress=False)
+    with pytest.raises(InputError, match=r"gs://bucket/run: .*gcsfs"):
+        bioclip_jax.load("gs://bucket/run")
+    assert list(tmp_path.iterdir()) == []  # no local "gs:" folder

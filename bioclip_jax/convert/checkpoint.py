@@ -17,6 +17,7 @@ import numpy as np
 from etils import epath
 from flax import traverse_util
 
+from bioclip_jax import paths
 from bioclip_jax.convert import files, hub, run_file
 from bioclip_jax.convert import state_dict as sd
 from bioclip_jax.convert import transformers as hf
@@ -42,9 +43,12 @@ def read(path: str | os.PathLike) -> files.Checkpoint:
     if repo_id is not None:
         return dataclasses.replace(files.read_checkpoint(hub.download_model(repo_id)),
                                    source=f"{hub.HUB_PREFIX}{repo_id}")
-    if run_file.is_training_run(path):
-        return run_file.read_training_run(path)
-    return files.read_checkpoint(path)
+    try:
+        if run_file.is_training_run(path):
+            return run_file.read_training_run(path)
+        return files.read_checkpoint(path)
+    except ImportError as e:  # a remote file system whose package is missing (epath's backends are optional)
+        raise InputError(f"{path}: {e} ({paths.GCS_HINT})") from None
 
 
 def resolve(ckpt: files.Checkpoint, model: str | None = None) -> Resolved:

@@ -47,19 +47,27 @@ def peak_flops_per_device() -> float:
 
 
 class MetricWriter:
-    """Writes scalars to `metrics.jsonl` and TensorBoard event files (tensorboardX, no TensorFlow); process 0 only."""
+    """Writes scalars to `metrics.jsonl` and TensorBoard event files (tensorboardX, no TensorFlow); process 0 only.
+
+    Object stores (gs://) cannot append: there the JSONL file is rewritten whole at each write (a few hundred lines
+    for a whole run), so it is complete after every log interval as a local file is."""
 
     def __init__(self, workdir: str | os.PathLike):
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
         workdir = paths.resolve(workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = (workdir / "metrics.jsonl").open("a")
+        paths.make_dirs(workdir)
+        self._path = workdir / "metrics.jsonl"
+        self._remote = paths.is_url(workdir)
+        if self._remote:
+            self._lines = self._path.read_text().splitlines(keepends=True) if self._path.exists() else []
+        else:
+            self._jsonl = self._path.open("a")
         try:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(workdir / "tensorboard"))
+            self._tb = SummaryWriter(str(workdir / "tensorboard"))  # tensorboardX writes gs:// itself
         except ImportError:
             self._tb = None
 
@@ -67,14 +75,20 @@ class MetricWriter:
         if not self.enabled:
             return
         scalars = {k: float(v) for k, v in metrics.items()}
-        self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-        self._jsonl.flush()
+        line = json.dumps({"step": step, **scalars}) + "\n"
+        if self._remote:
+            self._lines.append(line)
+            self._path.write_text("".join(self._lines))
+        else:
+            self._jsonl.write(line)
+            self._jsonl.flush()
         if self._tb is not None:
             for key, value in scalars.items():
                 self._tb.add_scalar(key, value, step)
 
     def close(self) -> None:
         if self.enabled:
-            self._jsonl.close()
+            if not self._remote:
+                self._jsonl.close()
             if self._tb is not None:
                 self._tb.close()

@@ -12,11 +12,14 @@ def get_config():
     c.model = "ViT-L-14"
     c.dtype = "bfloat16"
     c.remat = "dots"
+    c.require_init = True  # BioCLIP 2 starts from LAION-2B open_clip weights (--config.init=PATH or =scratch)
     c.init_model = "ViT-L-14"
+    c.eval.normalization = "openai"
     c.data.train = "shards/treeoflife-200m/train"
     c.data.val = "shards/treeoflife-200m/val"
     c.train.global_batch_size = 90112
-    c.train.steps = 30 * 214_000_000 // 90112
+    c.train.epochs = 30  # over the training split, counted at start
+    c.train.steps = 0
     c.train.fsdp = True
     c.checkpoint.every_steps = 500
     c.eval.every_steps = 2000

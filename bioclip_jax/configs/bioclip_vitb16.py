@@ -15,11 +15,14 @@ def get_config():
     c.model = "ViT-B-16-quickgelu"
     c.dtype = "bfloat16"
     c.remat = "dots"  # BioCLIP used gradient checkpointing to fit 4,096 per GPU
+    c.require_init = True  # BioCLIP starts from OpenAI's CLIP: --config.init=PATH (or =scratch to train from random)
     c.init_model = "ViT-B-16-quickgelu"  # OpenAI's weights: QuickGELU
+    c.eval.normalization = "openai"  # trained on ImageNet statistics, evaluated and exported with OpenAI's
     c.data.train = "shards/treeoflife-10m/train"
     c.data.val = "shards/treeoflife-10m/val"
     c.train.global_batch_size = 32768
-    c.train.steps = 100 * 10_400_000 // 32768  # 100 epochs of TreeOfLife-10M
+    c.train.epochs = 100  # over the training split (counted at start: ~9.9M images of TreeOfLife-10M)
+    c.train.steps = 0
     c.checkpoint.every_steps = 500
     c.eval.every_steps = 2000
     return c

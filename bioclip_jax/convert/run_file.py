@@ -26,12 +26,15 @@ def is_training_run(path: str | os.PathLike) -> bool:
 
 
 def write_run_file(workdir: str | os.PathLike, model_cfg: dict[str, Any], preprocess_cfg: dict[str, Any],
-                   config: dict[str, Any], state: dict[str, list] | None = None) -> epath.Path:
-    """What `bioclip_jax.load(workdir)` needs to rebuild the model, the config that trained it, and the structure of
-    its train state (leaf path -> [shape, dtype]), which a later command must match to resume it."""
+                   config: dict[str, Any], state: dict[str, list] | None = None,
+                   train_normalization: dict[str, Any] | None = None) -> epath.Path:
+    """What `bioclip_jax.load(workdir)` needs to rebuild the model (`preprocess_cfg`: the evaluation and export
+    preprocessing), the config that trained it, the pixel statistics it was trained with (which may differ), and the
+    structure of its train state (leaf path -> [shape, dtype]), which a later command must match to resume it."""
     path = paths.resolve(workdir) / RUN_FILE
     write_json(path, {"format": "bioclip_jax_run", "format_version": FORMAT_VERSION, "model_cfg": model_cfg,
-                      "preprocess_cfg": preprocess_cfg, "config": config, "state": state})
+                      "preprocess_cfg": preprocess_cfg, "train_normalization": train_normalization,
+                      "config": config, "state": state})
     return path
 
 

@@ -82,7 +82,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.dtype = "float32"  # compute dtype: "bfloat16" on accelerators; params stay float32
     c.attn_implementation = "xla"  # "cudnn" for flash attention on GPU (bf16)
     c.remat = ""  # "", "full", "dots" or "dots_all" (layers.REMAT_POLICIES)
-    c.init = ""  # open_clip weights to start from ("" = from scratch)
+    c.init = ""  # weights to start from (any bioclip_jax.load source); "" or "scratch": random initialisation
+    c.require_init = False  # True in fine-tuning recipes: starting from random weights needs init="scratch"
     c.init_model = ""  # architecture of a bare init file, e.g. "ViT-B-16-quickgelu"
     c.log_every_steps = 50
 
@@ -90,7 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.train = ""  # ArrayRecord shards: folder, glob or file
     c.data.val = ""  # held-out images of training taxa (validation loss and zero-shot)
     c.data.heldout = ""  # images of taxa never trained on (zero-shot through the higher ranks)
-    c.data.normalization = "imagenet"  # BioCLIP's training scripts used ImageNet mean/std; "openai" for OpenAI's
+    c.data.normalization = "imagenet"  # training pixels: BioCLIP's training scripts used ImageNet mean/std
     c.data.text_type = "mixed"  # one of sci/com/taxon/sci_com/taxon_com per step; or "mixed_per_sample", or a type
     c.data.crop_scale = (0.9, 1.0)
     c.data.workers = -1  # Grain worker processes; -1: sized for the host (0 on CPU-only hosts), 0: threads
@@ -100,6 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.seed = 0
     c.train.global_batch_size = 32768
     c.train.steps = 30_000
+    c.train.epochs = 0.0  # > 0: steps = epochs x (training split size) / global batch, counted at start
     c.train.lr = 1e-4
     c.train.warmup_steps = 1000
     c.train.weight_decay = 0.2
@@ -119,6 +121,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.async_save = True
 
     c.eval = ml_collections.ConfigDict()
+    # The preprocessing of evaluation and of the exported model ("" = the training normalization). BioCLIP trained
+    # with ImageNet statistics but evaluates and releases its model with OpenAI's.
+    c.eval.normalization = ""
     c.eval.every_steps = 0  # 0 = no periodic validation (evaluate the result afterwards)
     c.eval.batch_size = 256
     return c

@@ -103,7 +103,7 @@ def make_train_step(module: CLIP, tx, schedule, normalization: str, accum_steps:
 
 
 def _initial_params(config: ml_collections.ConfigDict, model_config: CLIPConfig, seed: int):
-    if config.init:
+    if config.init and config.init != "scratch":
         loaded = load(config.init, model=config.init_model or None)
         if loaded.config.to_open_clip() != model_config.to_open_clip():
             raise InputError(f"init weights {config.init} are a {loaded.config.to_open_clip()} model, but "
@@ -127,9 +127,15 @@ def _train(config, workdir, max_steps, progress, evaluate_fn) -> TrainResult:
     t = config.train
 
     # ---- model and mesh
+    if config.require_init and not config.init:
+        raise InputError("this recipe fine-tunes pretrained weights (BioCLIP starts from OpenAI's CLIP): pass "
+                         "--config.init=PATH (weights of config.model), or --config.init=scratch to train from random "
+                         "weights")
     model_config = get_model_config(config.model)
-    mean, std = NORMALIZATION[config.data.normalization]
+    # Evaluation and the exported model use eval.normalization (BioCLIP: OpenAI's), training data.normalization.
+    mean, std = NORMALIZATION[config.eval.normalization or config.data.normalization]
     preprocess = Preprocess(size=model_config.vision.image_size, mean=mean, std=std)
+    total_steps = _total_steps(config)
     dtype = DTYPES[config.dtype]
     module = CLIP(model_config, dtype=dtype, attn_implementation=config.attn_implementation or None,
                   remat=config.remat or None)
@@ -145,7 +151,7 @@ def _train(config, workdir, max_steps, progress, evaluate_fn) -> TrainResult:
     # ---- state: created already sharded (eval_shape first, nothing allocated twice)
     make_params = _initial_params(config, model_config, t.seed)
     abstract_params = jax.eval_shape(make_params)
-    tx, schedule = make_optimizer(abstract_params, lr=t.lr, warmup_steps=t.warmup_steps, total_steps=t.steps,
+    tx, schedule = make_optimizer(abstract_params, lr=t.lr, warmup_steps=t.warmup_steps, total_steps=total_steps,
                                   weight_decay=t.weight_decay, b1=t.b1, b2=t.b2, eps=t.eps,
                                   grad_clip_norm=t.grad_clip_norm or None)
 
@@ -177,8 +183,10 @@ def _train(config, workdir, max_steps, progress, evaluate_fn) -> TrainResult:
     else:
         log.info("resumed from step %d in %s", step, workdir)
     if jax.process_index() == 0:  # only now: the config, the data and the checkpoints have all been checked
+        mean, std = NORMALIZATION[config.data.normalization]
         run_file.write_run_file(workdir, model_config.to_open_clip(), preprocess.to_open_clip(),
-                                json.loads(config.to_json()), signature)
+                                json.loads(config.to_json()), signature,
+                                {"name": config.data.normalization, "mean": list(mean), "std": list(std)})
         workdir_lib.truncate_metrics(workdir, step)
 
     batch_sharding = sharding.batch_sharding(mesh)
@@ -191,9 +199,9 @@ def _train(config, workdir, max_steps, progress, evaluate_fn) -> TrainResult:
     peak = metrics_lib.peak_flops_per_device()
     writer = metrics_lib.MetricWriter(workdir)
     history: list[dict] = []
-    last_step = t.steps if max_steps is None else min(t.steps, max_steps)
+    last_step = total_steps if max_steps is None else min(total_steps, max_steps)
     eval_model = None
-    bar = tqdm(total=t.steps, initial=step, desc="train", disable=not progress or jax.process_index() != 0)
+    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not progress or jax.process_index() != 0)
     window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
     with StopSignals() as stop:
         while step < last_step:
@@ -234,6 +242,20 @@ def _train(config, workdir, max_steps, progress, evaluate_fn) -> TrainResult:
     manager.close()
     writer.close()
     return TrainResult(step, state["params"], model_config, preprocess, history, workdir, stop.received)
+
+
+def _total_steps(config) -> int:
+    """train.steps, or with train.epochs > 0 the steps of that many passes over the training split."""
+    t = config.train
+    if t.epochs <= 0:
+        if t.steps <= 0:
+            raise InputError(f"train.steps={t.steps}: expected a positive number of steps, or train.epochs > 0")
+        return t.steps
+    images = len(pipeline.open_source(config.data.train))
+    steps = max(1, int(t.epochs * images // t.global_batch_size))
+    log.info("training split: %d images; %g epochs at global batch %d = %d steps", images, t.epochs,
+             t.global_batch_size, steps)
+    return steps
 
 
 def _save(manager, step: int, state, data_iter, force: bool = False, wait: bool = False) -> None:

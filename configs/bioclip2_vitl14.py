@@ -12,6 +12,7 @@ def get_config():
     c.model = "ViT-L-14"
     c.dtype = "bfloat16"
     c.remat = "dots"
+    c.scan_layers = True  # one compiled block per tower (docs/performance.md, "Scan over layers")
     c.init_model = "ViT-L-14"
     c.data.train = "shards/treeoflife-200m/train"
     c.data.val = "shards/treeoflife-200m/val"

@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from bioclip_jax.models.config import CLIPConfig
+from bioclip_jax.models.scan import unstack_layers
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_SAFETENSORS = "open_clip_model.safetensors"
@@ -162,8 +163,11 @@ def _read_training_run(workdir: Path) -> Checkpoint:
         state = checkpointer.restore(path, restore_args=args)
     finally:
         absl_logger.setLevel(level)
+    # A run trained with scan_layers saved its blocks stacked; everything after loading speaks per-layer params. The
+    # layout is read from the params themselves, not from the run file's config.scan_layers: the run file is
+    # rewritten by each (re)start, so it can describe a different layout than an older checkpoint holds.
     return Checkpoint(f"{workdir} (step {steps[0]})", config["model_cfg"], config.get("preprocess_cfg"),
-                      params=state["params"])
+                      params=unstack_layers(state["params"]))
 
 
 def write_open_clip_folder(folder: str | os.PathLike, state_dict: dict[str, np.ndarray], config: CLIPConfig,

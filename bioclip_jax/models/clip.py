@@ -28,13 +28,14 @@ class CLIP(nn.Module):
     dtype: Any = jnp.float32  # compute dtype; params stay float32
     attn_implementation: str | None = "xla"
     remat: str | None = None
+    scan_layers: bool = False  # blocks under nn.scan, params stacked per tower (models/scan.py)
 
     def setup(self):
         c = self.config
         common = dict(embed_dim=c.embed_dim, quick_gelu=c.quick_gelu, dtype=self.dtype,
-                      attn_implementation=self.attn_implementation, remat=self.remat)
-        self.visual = VisionTransformer(c.vision, **common)
-        self.text = TextTransformer(c.text, **common)
+                      attn_implementation=self.attn_implementation, remat=self.remat, scan_layers=self.scan_layers)
+        self.visual = VisionTransformer(cfg=c.vision, **common)
+        self.text = TextTransformer(cfg=c.text, **common)
         self.logit_scale = self.param("logit_scale", nn.initializers.constant(INIT_LOGIT_SCALE), ())
 
     def encode_image(self, images: jax.Array, normalize: bool = False) -> jax.Array:

@@ -22,6 +22,7 @@ from bioclip_jax.data.transforms import Preprocess
 from bioclip_jax.inference.model import Model, load
 from bioclip_jax.models.clip import CLIP
 from bioclip_jax.models.config import CLIPConfig, get_model_config
+from bioclip_jax.models.scan import stack_layers, unstack_layers
 from bioclip_jax.train import checkpoint, metrics as metrics_lib, sharding
 from bioclip_jax.train.loss import clip_loss
 from bioclip_jax.train.optimizer import clamp_logit_scale, make_optimizer, skipped_updates
@@ -39,7 +40,7 @@ class TrainResult:
     history: list[dict]
 
     def model(self, attn_implementation: str = "xla") -> Model:
-        return Model(self.model_config, jax.device_get(self.params), self.preprocess,
+        return Model(self.model_config, unstack_layers(jax.device_get(self.params)), self.preprocess,
                      attn_implementation=attn_implementation, source="trained")
 
 
@@ -119,11 +120,11 @@ def _initial_params(config: ml_collections.ConfigDict, model_config: CLIPConfig,
         if loaded.config.to_open_clip() != model_config.to_open_clip():
             raise ValueError(f"init weights {config.init} are a {loaded.config.to_open_clip()} model, but "
                              f"config.model is {config.model!r}")
-        return lambda: loaded.params
+        return lambda: stack_layers(loaded.params) if config.scan_layers else loaded.params
     c = model_config
     images = jnp.zeros((1, c.vision.image_size, c.vision.image_size, 3), jnp.float32)
     tokens = jnp.zeros((1, c.text.context_length), jnp.int32)
-    return lambda: CLIP(c).init(jax.random.key(seed), images, tokens)["params"]
+    return lambda: CLIP(c, scan_layers=config.scan_layers).init(jax.random.key(seed), images, tokens)["params"]
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, max_steps: int | None = None,
@@ -143,7 +144,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, max_
         _write_run_file(workdir, model_config, preprocess, config)
     dtype = DTYPES[config.dtype]
     module = CLIP(model_config, dtype=dtype, attn_implementation=config.attn_implementation or None,
-                  remat=config.remat or None)
+                  remat=config.remat or None, scan_layers=config.scan_layers)
     mesh = sharding.make_mesh()
     devices = mesh.devices.size
     if t.global_batch_size % devices:
@@ -260,7 +261,7 @@ def _raise_with_memory_advice(error: Exception, config) -> None:
 
 def _eval_model(eval_model: Model | None, model_config: CLIPConfig, state, preprocess: Preprocess) -> Model:
     """One Model reused across evaluations (its jitted encoders compile once); params swapped in each time."""
-    params = jax.device_get(state["params"])
+    params = unstack_layers(jax.device_get(state["params"]))  # a Model holds per-layer params
     if eval_model is None:
         eval_model = Model(model_config, params, preprocess)
     eval_model.params = params

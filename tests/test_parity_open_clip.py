@@ -10,6 +10,7 @@ import bioclip_jax
 from bioclip_jax.convert import state_dict as sd
 from bioclip_jax.convert.files import OPEN_CLIP_BIN, OPEN_CLIP_SAFETENSORS, Checkpoint
 from bioclip_jax.inference.model import from_checkpoint
+from bioclip_jax.models import CLIP
 from conftest import CAPTIONS, open_clip_reference
 
 TOL = 1e-4  # max abs difference on normalised fp32 features
@@ -28,34 +29,50 @@ def _reference_features(torch_model, pixels_nhwc: np.ndarray, tokens: np.ndarray
     return image.numpy(), text.numpy(), logits.numpy()
 
 
-def _check_parity(name: str, batch: int = 3):
+def _scanned_features(name: str, pixels: np.ndarray, tokens: np.ndarray):
+    """The same weights converted to the stacked layout and run by the scanned towers (nn.scan over layers)."""
+    _, state_dict = open_clip_reference(name)
+    config = bioclip_jax.get_model_config(name)
+    params = sd.from_open_clip(state_dict, config, scan_layers=True)
+    module = CLIP(config, scan_layers=True)
+    image = module.apply({"params": params}, pixels, method="encode_image")
+    text = module.apply({"params": params}, tokens, method="encode_text")
+    return np.array(image), np.array(text)
+
+
+def _check_parity(name: str, batch: int = 3, scan_layers: bool = False):
     torch_model, _ = open_clip_reference(name)
     model = _jax_model(name)
     size = model.config.vision.image_size
     pixels = np.random.default_rng(1).normal(size=(batch, size, size, 3)).astype(np.float32)
     tokens = bioclip_jax.tokenize(CAPTIONS)
     ref_image, ref_text, ref_logits = _reference_features(torch_model, pixels, tokens)
-    image = model.encode_pixels(pixels)
-    text = model.encode_tokens(tokens)
+    if scan_layers:
+        image, text = _scanned_features(name, pixels, tokens)
+    else:
+        image, text = model.encode_pixels(pixels), model.encode_tokens(tokens)
     image /= np.linalg.norm(image, axis=-1, keepdims=True)
     text /= np.linalg.norm(text, axis=-1, keepdims=True)
     logits = model.logit_scale * image @ text.T
     image_err, text_err = np.abs(image - ref_image).max(), np.abs(text - ref_text).max()
-    print(f"{name}: max |image diff| {image_err:.2e}, max |text diff| {text_err:.2e}, "
+    mode = " (scan_layers)" if scan_layers else ""
+    print(f"{name}{mode}: max |image diff| {image_err:.2e}, max |text diff| {text_err:.2e}, "
           f"max |logit diff| {np.abs(logits - ref_logits).max():.2e}")
     assert image_err <= TOL and text_err <= TOL
     np.testing.assert_allclose(logits, ref_logits, atol=100 * TOL)  # logit_scale ~ 14 multiplies the error
     assert (logits.argmax(1) == ref_logits.argmax(1)).all()
 
 
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["per_layer", "scan"])
 @pytest.mark.parametrize("name", ["ViT-B-16-quickgelu", "ViT-B-16"])
-def test_vit_b16_embeddings_match_open_clip(name):
-    _check_parity(name)
+def test_vit_b16_embeddings_match_open_clip(name, scan_layers):
+    _check_parity(name, scan_layers=scan_layers)
 
 
 @pytest.mark.slow
-def test_vit_l14_embeddings_match_open_clip():
-    _check_parity("ViT-L-14", batch=2)
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["per_layer", "scan"])
+def test_vit_l14_embeddings_match_open_clip(scan_layers):
+    _check_parity("ViT-L-14", batch=2, scan_layers=scan_layers)
 
 
 def test_gelu_choice_matters():
@@ -67,11 +84,12 @@ def test_gelu_choice_matters():
     assert np.abs(right - wrong).max() > 1e-2
 
 
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["per_layer", "scan"])
 @pytest.mark.parametrize("name", ["ViT-B-16-quickgelu", "ViT-B-32"])
-def test_round_trip_is_bit_exact(name):
+def test_round_trip_is_bit_exact(name, scan_layers):
     _, state_dict = open_clip_reference(name)
     config = bioclip_jax.get_model_config(name)
-    back = sd.to_open_clip(sd.from_open_clip(state_dict, config), config)
+    back = sd.to_open_clip(sd.from_open_clip(state_dict, config, scan_layers=scan_layers), config)
     assert back.keys() == state_dict.keys()
     for key, value in state_dict.items():
         assert back[key].dtype == value.dtype and back[key].shape == value.shape, key

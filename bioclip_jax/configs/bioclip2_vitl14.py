@@ -12,6 +12,7 @@ def get_config():
     c.model = "ViT-L-14"
     c.dtype = "bfloat16"
     c.remat = "dots"
+    c.scan_layers = True  # one compiled block per tower (docs/performance.md, "Scan over layers")
     c.require_init = True  # BioCLIP 2 starts from LAION-2B open_clip weights (--config.init=PATH or =scratch)
     c.init_model = "ViT-L-14"
     c.eval.normalization = "openai"

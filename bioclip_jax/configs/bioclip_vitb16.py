@@ -15,6 +15,7 @@ def get_config():
     c.model = "ViT-B-16-quickgelu"
     c.dtype = "bfloat16"
     c.remat = "dots"  # BioCLIP used gradient checkpointing to fit 4,096 per GPU
+    c.scan_layers = True  # one compiled block per tower (docs/performance.md, "Scan over layers")
     c.require_init = True  # BioCLIP starts from OpenAI's CLIP: --config.init=PATH (or =scratch to train from random)
     c.init_model = "ViT-B-16-quickgelu"  # OpenAI's weights: QuickGELU
     c.eval.normalization = "openai"  # trained on ImageNet statistics, evaluated and exported with OpenAI's

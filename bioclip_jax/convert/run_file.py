@@ -17,6 +17,7 @@ from etils import epath
 from bioclip_jax import paths
 from bioclip_jax.convert.files import FORMAT_VERSION, RUN_FILE, Checkpoint, read_json, write_json
 from bioclip_jax.errors import InputError
+from bioclip_jax.models.scan import unstack_layers
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,9 @@ def _read_params(path: epath.Path) -> dict:
             tree = checkpointer.metadata(path)
             tree = getattr(getattr(tree, "item_metadata", None), "tree", tree)
             args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-            return checkpointer.restore(path, restore_args=args)["params"]
+            # A run trained with scan_layers saved its blocks stacked; everything after loading speaks per-layer
+            # params. The layout is read from the params themselves, not from the run's config.
+            return unstack_layers(checkpointer.restore(path, restore_args=args)["params"])
     finally:
         absl_logger.setLevel(level)
 

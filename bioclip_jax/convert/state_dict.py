@@ -5,6 +5,8 @@ Every flax leaf path maps to exactly one open_clip key:
   text/ln_final/scale                                  <->  ln_final.weight   (text.ln_final.weight for custom_text)
 Layouts: Linear (out, in) <-> Dense kernel (in, out); Conv (O, I, H, W) <-> (H, W, I, O); everything else as is.
 Transposes are exact, so open_clip -> jax -> open_clip gives back the same bits.
+A scanned model's params (blocks stacked under `resblocks`, models/scan.py) are unstacked on the way out and stacked on
+the way in (`scan_layers=True`); the table itself only ever sees the per-layer layout.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from bioclip_jax.models.clip import CLIP
+from bioclip_jax.models.clip import init_params
 from bioclip_jax.models.config import CLIPConfig
+from bioclip_jax.models.scan import stack_layers, unstack_layers
 
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 # Metadata entries of OpenAI's original CLIP state dicts, not tensors of the network.
@@ -56,12 +59,9 @@ def _to_flax_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
     return value
 
 
-def param_shapes(config: CLIPConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """Flat {flax path: shape} of a model's params, computed without allocating them."""
-    c = config
-    images = jax.ShapeDtypeStruct((1, c.vision.image_size, c.vision.image_size, 3), np.float32)
-    tokens = jax.ShapeDtypeStruct((1, c.text.context_length), np.int32)
-    shapes = jax.eval_shape(CLIP(c).init, jax.random.key(0), images, tokens)["params"]
+def param_shapes(config: CLIPConfig, scan_layers: bool = False) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Flat {flax path: shape} of a model's params, computed without allocating them (stacked if `scan_layers`)."""
+    shapes = jax.eval_shape(lambda: init_params(config, scan_layers=scan_layers))
     return {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(shapes).items()}
 
 
@@ -85,8 +85,9 @@ def clean_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarr
     return out
 
 
-def from_open_clip(state_dict: Mapping[str, np.ndarray], config: CLIPConfig) -> dict:
-    """open_clip state_dict (numpy arrays) -> nested flax params (numpy, float32 for float inputs)."""
+def from_open_clip(state_dict: Mapping[str, np.ndarray], config: CLIPConfig, scan_layers: bool = False) -> dict:
+    """open_clip state_dict (numpy arrays) -> nested flax params (numpy, float32 for float inputs), per layer, or
+    stacked for a `scan_layers` model."""
     state_dict = clean_state_dict(state_dict)
     custom_text = config.custom_text
     if not custom_text and any(k.startswith("text.") for k in state_dict):
@@ -102,13 +103,16 @@ def from_open_clip(state_dict: Mapping[str, np.ndarray], config: CLIPConfig) -> 
         if np.issubdtype(value.dtype, np.floating) or value.dtype.name == "bfloat16":
             value = value.astype(np.float32)  # params are float32; fp16/bf16 upcasts are exact
         flat[path] = np.asarray(_to_flax_layout(path, value), order="C")
-    return traverse_util.unflatten_dict(flat)
+    params = traverse_util.unflatten_dict(flat)
+    return stack_layers(params) if scan_layers else params
 
 
 def to_open_clip(params: Mapping, config: CLIPConfig) -> dict[str, np.ndarray]:
-    """Nested flax params -> open_clip state_dict of contiguous numpy arrays (same dtype as the params)."""
-    flat = traverse_util.flatten_dict(dict(params))
-    return {torch_key(path, config.custom_text): np.asarray(_to_torch_layout(path, np.asarray(value)), order="C")
+    """Nested flax params, per layer or stacked -> open_clip state_dict of contiguous numpy arrays (same dtype as the
+    params)."""
+    host = jax.tree_util.tree_map(np.asarray, dict(params))  # one transfer per stacked array, then host slices
+    flat = traverse_util.flatten_dict(unstack_layers(host))
+    return {torch_key(path, config.custom_text): np.asarray(_to_torch_layout(path, value), order="C")
             for path, value in flat.items()}
 
 

@@ -23,9 +23,9 @@ def init_inputs(config: CLIPConfig, batch: int = 1) -> tuple[jax.Array, jax.Arra
     return (jnp.zeros((batch, size, size, 3), jnp.float32), jnp.zeros((batch, config.text.context_length), jnp.int32))
 
 
-def init_params(config: CLIPConfig, seed: int = 0) -> dict:
-    """Freshly initialised params (CLIP's initialisation)."""
-    return CLIP(config).init(jax.random.key(seed), *init_inputs(config))["params"]
+def init_params(config: CLIPConfig, seed: int = 0, scan_layers: bool = False) -> dict:
+    """Freshly initialised params (CLIP's initialisation); stacked per tower with `scan_layers`."""
+    return CLIP(config, scan_layers=scan_layers).init(jax.random.key(seed), *init_inputs(config))["params"]
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -40,13 +40,14 @@ class CLIP(nn.Module):
     dtype: Any = jnp.float32  # compute dtype; params stay float32
     attn_implementation: str | None = "xla"
     remat: str | None = None
+    scan_layers: bool = False  # blocks under nn.scan, params stacked per tower (models/scan.py)
 
     def setup(self):
         c = self.config
         common = dict(embed_dim=c.embed_dim, quick_gelu=c.quick_gelu, dtype=self.dtype,
-                      attn_implementation=self.attn_implementation, remat=self.remat)
-        self.visual = VisionTransformer(c.vision, **common)
-        self.text = TextTransformer(c.text, **common)
+                      attn_implementation=self.attn_implementation, remat=self.remat, scan_layers=self.scan_layers)
+        self.visual = VisionTransformer(cfg=c.vision, **common)
+        self.text = TextTransformer(cfg=c.text, **common)
         self.logit_scale = self.param("logit_scale", nn.initializers.constant(INIT_LOGIT_SCALE), ())
 
     def encode_image(self, images: jax.Array, normalize: bool = False) -> jax.Array:

@@ -2,11 +2,12 @@
 
 open_clip's `ResidualAttentionBlock` is pre-LN: x + attn(ln_1(x)); x + mlp(ln_2(x)). Parameter names (`ln_1`, `attn.in_proj`,
 `attn.out_proj`, `ln_2`, `mlp.c_fc`, `mlp.c_proj`) mirror its state_dict so the converter is a table.
+Submodules are built with keyword arguments only: two fields of the same type swapped by a reordering would otherwise
+build a different network without an error.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import jax
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from bioclip_jax.errors import InputError
+from bioclip_jax.models.scan import STACKED_BLOCKS
 
 # PyTorch's LayerNorm default; Flax's is 1e-6, which would drift from open_clip's outputs.
 LN_EPS = 1e-5
@@ -108,12 +110,12 @@ class MultiHeadAttention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         heads_first = self.implementation == "xla"
-        q, k, v = HeadsInProjection(self.heads, heads_first, self.dtype, name="in_proj")(x)
+        q, k, v = HeadsInProjection(heads=self.heads, heads_first=heads_first, dtype=self.dtype, name="in_proj")(x)
         if heads_first:
             out = attention(q, k, v, self.causal)
         else:
             out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal, implementation=self.implementation)
-        return HeadsOutProjection(heads_first, self.dtype, self.out_std, name="out_proj")(out)
+        return HeadsOutProjection(heads_first=heads_first, dtype=self.dtype, out_std=self.out_std, name="out_proj")(out)
 
 
 class MLP(nn.Module):
@@ -142,15 +144,25 @@ class ResidualAttentionBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
-        attn = MultiHeadAttention(self.heads, self.causal, self.dtype, self.attn_implementation, self.out_std,
-                                  name="attn")
+        attn = MultiHeadAttention(heads=self.heads, causal=self.causal, dtype=self.dtype,
+                                  implementation=self.attn_implementation, out_std=self.out_std, name="attn")
         x = x + attn(layer_norm("ln_1", self.dtype)(x))
-        mlp = MLP(int(width * self.mlp_ratio), self.quick_gelu, self.dtype, self.out_std, name="mlp")
+        mlp = MLP(hidden=int(width * self.mlp_ratio), quick_gelu=self.quick_gelu, dtype=self.dtype,
+                  out_std=self.out_std, name="mlp")
         return x + mlp(layer_norm("ln_2", self.dtype)(x))
 
 
+def _scan_body(block: nn.Module, x: jax.Array, _) -> tuple[jax.Array, None]:
+    # nn.scan's step function: the carry is the residual stream; no per-layer inputs or outputs.
+    return block(x), None
+
+
 class Transformer(nn.Module):
-    """A stack of residual blocks named `resblocks_{i}` (open_clip: `transformer.resblocks.{i}`)."""
+    """A stack of residual blocks named `resblocks_{i}` (open_clip: `transformer.resblocks.{i}`).
+
+    With `scan_layers` the blocks run under `nn.scan`: one block is traced and compiled once for all layers, and
+    every block parameter is stored once under `resblocks` with a leading layer axis (`models/scan.py` converts
+    between the two layouts). Each layer is initialised with its own key, from the same distributions."""
 
     layers: int
     heads: int
@@ -160,6 +172,7 @@ class Transformer(nn.Module):
     dtype: Any = jnp.float32
     attn_implementation: str | None = "xla"
     remat: str | None = None  # a key of REMAT_POLICIES, or None for no rematerialisation
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -167,11 +180,18 @@ class Transformer(nn.Module):
         if self.remat:
             if self.remat not in REMAT_POLICIES:
                 raise InputError(f"remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)} or None")
-            block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[self.remat], prevent_cse=True)
+            # Under scan the loop boundary already keeps XLA from merging the recomputation into the forward pass
+            # (jax.checkpoint's documentation), so CSE prevention would only cost.
+            block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
         # CLIP's initialisation: residual-branch outputs shrink with depth so the stack starts near identity.
         out_std = x.shape[-1] ** -0.5 * (2 * self.layers) ** -0.5
-        make_block = functools.partial(block_cls, self.heads, self.mlp_ratio, self.quick_gelu, self.causal,
-                                       self.dtype, self.attn_implementation, out_std)
+        block_kwargs = dict(heads=self.heads, mlp_ratio=self.mlp_ratio, quick_gelu=self.quick_gelu,
+                            causal=self.causal, dtype=self.dtype, attn_implementation=self.attn_implementation,
+                            out_std=out_std)
+        if self.scan_layers:
+            scan = nn.scan(_scan_body, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.layers)
+            x, _ = scan(block_cls(**block_kwargs, name=STACKED_BLOCKS), x, None)
+            return x
         for i in range(self.layers):
-            x = make_block(name=f"resblocks_{i}")(x)
+            x = block_cls(**block_kwargs, name=f"resblocks_{i}")(x)
         return x

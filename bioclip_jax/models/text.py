@@ -20,6 +20,7 @@ class TextTransformer(nn.Module):
     dtype: Any = jnp.float32
     attn_implementation: str | None = "xla"
     remat: str | None = None
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -31,8 +32,9 @@ class TextTransformer(nn.Module):
                      name="token_embedding")(tokens)
         pos = self.param("positional_embedding", normal(0.01), (cfg.context_length, cfg.width))
         x = x + pos.astype(self.dtype)
-        x = Transformer(cfg.layers, cfg.heads, cfg.mlp_ratio, self.quick_gelu, causal=True, dtype=self.dtype,
-                        attn_implementation=self.attn_implementation, remat=self.remat, name="transformer")(x)
+        x = Transformer(layers=cfg.layers, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, quick_gelu=self.quick_gelu,
+                        causal=True, dtype=self.dtype, attn_implementation=self.attn_implementation,
+                        remat=self.remat, scan_layers=self.scan_layers, name="transformer")(x)
         x = layer_norm("ln_final", self.dtype)(x)
         # The end-of-text token has the largest id (49407), so argmax finds it; causal attention means it has seen
         # the whole caption and nothing after it.

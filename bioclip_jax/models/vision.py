@@ -20,6 +20,7 @@ class VisionTransformer(nn.Module):
     dtype: Any = jnp.float32
     attn_implementation: str | None = "xla"
     remat: str | None = None
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
@@ -37,8 +38,9 @@ class VisionTransformer(nn.Module):
         cls = jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, cfg.width))
         x = jnp.concatenate([cls, x], axis=1) + pos.astype(self.dtype)
         x = layer_norm("ln_pre", self.dtype)(x)
-        x = Transformer(cfg.layers, cfg.heads, cfg.mlp_ratio, self.quick_gelu, causal=False, dtype=self.dtype,
-                        attn_implementation=self.attn_implementation, remat=self.remat, name="transformer")(x)
+        x = Transformer(layers=cfg.layers, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, quick_gelu=self.quick_gelu,
+                        causal=False, dtype=self.dtype, attn_implementation=self.attn_implementation,
+                        remat=self.remat, scan_layers=self.scan_layers, name="transformer")(x)
         pooled = layer_norm("ln_post", self.dtype)(x[:, 0])
         proj = self.param("proj", normal(scale), (cfg.width, self.embed_dim))
         return (pooled @ proj.astype(self.dtype)).astype(jnp.float32)

@@ -82,6 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.dtype = "float32"  # compute dtype: "bfloat16" on accelerators; params stay float32
     c.attn_implementation = "xla"  # "cudnn" for flash attention on GPU (bf16)
     c.remat = ""  # "", "full", "dots" or "dots_all" (layers.REMAT_POLICIES)
+    c.scan_layers = False  # nn.scan over each tower's blocks: one compiled block, params stacked per tower
     c.init = ""  # weights to start from (any bioclip_jax.load source); "" or "scratch": random initialisation
     c.require_init = False  # True in fine-tuning recipes: starting from random weights needs init="scratch"
     c.init_model = ""  # architecture of a bare init file, e.g. "ViT-B-16-quickgelu"

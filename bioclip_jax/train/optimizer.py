@@ -10,6 +10,7 @@ import optax
 from flax import traverse_util
 
 from bioclip_jax.convert.state_dict import torch_key
+from bioclip_jax.models.scan import STACKED_BLOCKS
 
 MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -17,12 +18,14 @@ MAX_LOGIT_SCALE = math.log(100.0)
 def decay_mask(params) -> dict:
     """True where weight decay applies. open_clip excludes params with ndim < 2 or whose name contains "ln", "bias"
     or "logit_scale" (so positional embeddings, proj, text_projection and the token embedding ARE decayed); the
-    rule is applied to the open_clip names of our params so both stacks decay the same tensors."""
+    rule is applied to the open_clip names of our params so both stacks decay the same tensors. Stacked blocks
+    (scan_layers) carry a leading layer axis, which does not count: the rule is per layer."""
     flat = traverse_util.flatten_dict(params)
 
     def decays(path, value) -> bool:
         name = torch_key(path)
-        return value.ndim >= 2 and not any(s in name for s in ("bn", "ln", "bias", "logit_scale"))
+        ndim = value.ndim - 1 if STACKED_BLOCKS in path else value.ndim
+        return ndim >= 2 and not any(s in name for s in ("bn", "ln", "bias", "logit_scale"))
 
     return traverse_util.unflatten_dict({path: decays(path, value) for path, value in flat.items()})
 

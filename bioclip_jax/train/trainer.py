@@ -29,6 +29,7 @@ from bioclip_jax.inference.model import Model, load
 from bioclip_jax.models.clip import CLIP, init_params
 from bioclip_jax.models.config import CLIPConfig, get_model_config
 from bioclip_jax.models.loss import clip_loss
+from bioclip_jax.models.scan import stack_layers, unstack_layers
 from bioclip_jax.train import checkpoint, metrics as metrics_lib, sharding
 from bioclip_jax.train import workdir as workdir_lib
 from bioclip_jax.train.device_batch import normalize_images, to_global
@@ -50,7 +51,7 @@ class TrainResult:
     stopped_by: str | None = None  # "SIGTERM" or "SIGINT" when a signal stopped the run early (it saved first)
 
     def model(self, attn_implementation: str = "xla") -> Model:
-        return Model(self.model_config, host_params(self.params), self.preprocess,
+        return Model(self.model_config, unstack_layers(host_params(self.params)), self.preprocess,
                      attn_implementation=attn_implementation, source="trained")
 
 
@@ -108,8 +109,8 @@ def _initial_params(config: ml_collections.ConfigDict, model_config: CLIPConfig,
         if loaded.config.to_open_clip() != model_config.to_open_clip():
             raise InputError(f"init weights {config.init} are a {loaded.config.to_open_clip()} model, but "
                              f"config.model is {config.model!r}")
-        return lambda: loaded.params
-    return lambda: init_params(model_config, seed)
+        return lambda: stack_layers(loaded.params) if config.scan_layers else loaded.params
+    return lambda: init_params(model_config, seed, scan_layers=config.scan_layers)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, max_steps: int | None = None,
@@ -138,7 +139,7 @@ def _train(config, workdir, max_steps, progress, evaluate_fn) -> TrainResult:
     total_steps = _total_steps(config)
     dtype = DTYPES[config.dtype]
     module = CLIP(model_config, dtype=dtype, attn_implementation=config.attn_implementation or None,
-                  remat=config.remat or None)
+                  remat=config.remat or None, scan_layers=config.scan_layers)
     mesh = sharding.make_mesh()
     devices = mesh.devices.size
     if t.global_batch_size % devices:
@@ -304,7 +305,7 @@ def host_params(params):
 
 def _eval_model(eval_model: Model | None, model_config: CLIPConfig, state, preprocess: Preprocess) -> Model:
     """One Model reused across evaluations (its jitted encoders compile once); params swapped in each time."""
-    params = host_params(state["params"])
+    params = unstack_layers(host_params(state["params"]))  # a Model holds per-layer params
     if eval_model is None:
         eval_model = Model(model_config, params, preprocess)
     eval_model.params = params

@@ -94,6 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.text_type = "mixed"  # one of sci/com/taxon/sci_com/taxon_com per step; or "mixed_per_sample", or a type
     c.data.crop_scale = (0.9, 1.0)
     c.data.workers = 0  # Grain worker processes (0: threads in the training process)
+    c.data.max_skipped_fraction = 0.001  # unreadable training records are replaced and counted; above this, stop
 
     c.train = ml_collections.ConfigDict()
     c.train.seed = 0

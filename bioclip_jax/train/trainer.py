@@ -200,10 +200,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, max_
     eval_model = None
     bar = tqdm(total=t.steps, initial=step, desc="train", disable=not progress or jax.process_index() != 0)
     window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+    skipped = pipeline.SkippedRecords(config.data.max_skipped_fraction, t.global_batch_size)
     with _Preemption() as preemption:
         while step < last_step:
             fetch_start = time.perf_counter()
-            batch = to_global(next(data_iter), batch_sharding)
+            host_batch = next(data_iter)
+            skipped.add(host_batch)  # records replaced because they could not be read (data/skipped_records)
+            batch = to_global(host_batch, batch_sharding)
             data_wait += time.perf_counter() - fetch_start
             try:
                 state, step_metrics = train_step(state, batch)
@@ -219,6 +222,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, max_
                                tflops_per_device=window_steps * flops_per_step / elapsed / devices / 1e12,
                                data_wait_fraction=data_wait / elapsed)
                 fetched["mfu"] = fetched["tflops_per_device"] * 1e12 / peak if peak else 0.0
+                fetched["data/skipped_records"] = skipped.check()  # since this run (re)started; raises if too many
                 if config.data.text_type == "mixed":
                     fetched["text_type"] = text_type_for_step(step - 1)  # the caption type of this step's batch
                 writer.write(step, {k: v for k, v in fetched.items() if k != "text_type"})

@@ -210,6 +210,12 @@ def test_a_damaged_shard_is_named_when_the_source_opens(tmp_path, damage, messag
             open_it()
 
 
+def test_a_missing_shard_in_a_list_is_named(tmp_path):
+    good = _write_shard(tmp_path / "a.array_record", np.random.default_rng(0), 3)
+    with pytest.raises(InputError, match=f"shard {tmp_path / 'b.array_record'}: no such file"):
+        pipeline.open_source([str(good), str(tmp_path / "b.array_record")])
+
+
 def test_newer_record_versions_are_refused_in_train_and_eval(tmp_path):
     rng = np.random.default_rng(1)
     mixed = tmp_path / "mixed"
@@ -251,7 +257,7 @@ def test_unreadable_training_records_are_replaced_and_counted(damaged_shards):
     assert sum(b["skipped"] for b in batches) == 4  # each bad record once per epoch
     named = " ".join(m for b in batches for m in b["skipped_records"])
     assert "d-00000.array_record record 3 (id 'broken'): cannot decode image" in named
-    assert "d-00001.array_record record 6: not a bioclip_jax record" in named
+    assert "d-00001.array_record record 6: not a bioclip_jax record (FormatError)" in named
     # the replacements depend on (seed, position) only: 2 processes see the same global batches
     hosts = [list(zip(range(8), _train(damaged_shards, process_index=p, process_count=2))) for p in range(2)]
     for step in range(8):
@@ -331,7 +337,8 @@ def test_eval_skips_and_reports_undecodable_images(damaged_shards, tiny, tmp_pat
         writer.writerow(["filepath", "class", "genus", "species"])
         for i in range(6):
             (task / f"{i}.jpg").write_bytes(_jpeg(rng) if i != 2 else b"truncated")
-            writer.writerow([f"{i}.jpg", ["Pica hudsonia", "Corvus corax"][i % 2], *["Pica hudsonia", "Corvus corax"][i % 2].split()])
+            species = ["Pica hudsonia", "Corvus corax"][i % 2]
+            writer.writerow([f"{i}.jpg", species, *species.split()])
     model_dir = tmp_path / "model"
     bioclip_jax.save_model(tiny, model_dir)
     caplog.clear()

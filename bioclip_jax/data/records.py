@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 import msgpack
+from etils import epath
 
 from bioclip_jax.data.taxonomy import Taxon
 from bioclip_jax.errors import InputError
@@ -69,7 +70,7 @@ def decode_record(data: bytes, where: str = "record") -> dict:
     try:
         obj = msgpack.unpackb(data, raw=False)
     except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError, TypeError) as e:
-        raise InputError(f"{where}: not a bioclip_jax record ({e})") from None
+        raise InputError(f"{where}: not a bioclip_jax record ({str(e) or type(e).__name__})") from None
     if not isinstance(obj, dict) or "v" not in obj:
         raise InputError(f"{where}: not a bioclip_jax record (no version field)")
     check_version(obj, where)
@@ -154,7 +155,9 @@ def check_shard(path: str) -> int:
     from array_record.python.array_record_module import ArrayRecordReader
 
     try:
-        size = os.path.getsize(path)
+        size = epath.Path(path).stat().length  # epath: a gs:// shard is checked like a local one
+    except FileNotFoundError:
+        raise InputError(f"shard {path}: no such file") from None
     except OSError as e:
         raise InputError(f"shard {path}: cannot read it ({e.strerror or e})") from None
     if size == 0:

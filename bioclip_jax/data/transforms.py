@@ -237,8 +237,7 @@ def _open(file, where) -> Image.Image:
 def load_image(source: ImageInput) -> Image.Image:
     """A path, PIL image or uint8 array ([H, W], [H, W, 3] or [H, W, 4]) as an 8-bit PIL image, by the rules above
     (pixel limit, bit depth, no EXIF rotation); errors (InputError, ImageTooLarge) name the file."""
-    if isinstance(source, Image.Image):
-        check_image_size(source.size, "image")
+    if isinstance(source, Image.Image):  # already opened by the caller: the pixel limit is for files and bytes
         return to_8bit(source)
     if isinstance(source, np.ndarray):
         if source.dtype != np.uint8 or source.ndim not in (2, 3) or (source.ndim == 3 and source.shape[2] not in (1, 3, 4)):

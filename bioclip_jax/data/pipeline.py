@@ -1,8 +1,9 @@
 """Grain input pipelines (Dataset API): training (shuffled, augmented, endless) and evaluation (every example once).
 
 Training, per process:
-    source -> seeded shuffle -> repeat -> tag global position -> [process_index::process_count]
-           -> decode + RandomResizedCrop (uint8) -> batch -> caption of the step's text type -> tokenize -> prefetch
+    source -> tag source index -> seeded shuffle -> repeat -> tag global position -> [process_index::process_count]
+           -> decode (an unreadable record replaced and counted) + RandomResizedCrop (uint8) -> batch
+           -> caption of the step's text type -> tokenize -> prefetch
 The i-th host batch of every process belongs to global step i, and the global batch of step i is always the same set
 of examples (positions i*G .. (i+1)*G-1 of the shuffled stream) whatever the number of processes: a run on 2 hosts
 sees the same data as on 1. Images leave the pipeline as uint8 (4x less to move than float32) and are normalised on
@@ -25,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from bioclip_jax.data import transforms
-from bioclip_jax.data.records import decode_record, find_shards
+from bioclip_jax.data.records import RecordVersionError, Unreadable, decode_record, find_shards, open_shards
 from bioclip_jax.data.transforms import decode_image
 from bioclip_jax.data.taxonomy import MIXED_TEXT_TYPES, TEXT_TYPES, Taxon, text_type_for_sample, text_type_for_step
 from bioclip_jax.errors import InputError
@@ -37,19 +38,30 @@ log = logging.getLogger(__name__)
 
 
 def open_source(data: Any):
-    """A random-access source: shard paths (folder, glob, list) -> ArrayRecordDataSource; else used as given
-    (anything with __len__ and __getitem__ returning record bytes or decoded record dicts, e.g. a TFDS source)."""
+    """A random-access source: shard paths (folder, glob, list) -> a ShardSource, every shard checked (InputError
+    naming a missing, empty, truncated or foreign file) before any training starts; else used as given (anything
+    with __len__ and __getitem__ returning record bytes or decoded record dicts, e.g. a TFDS source)."""
     if isinstance(data, (str, os.PathLike)):
         data = find_shards(data)
     if isinstance(data, (list, tuple)) and data and isinstance(data[0], (str, os.PathLike)):
-        return grain.sources.ArrayRecordDataSource([str(p) for p in data])
+        return open_shards(data)
     if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
         raise TypeError(f"expected shard paths or a random-access source, got {type(data).__name__}")
     return data
 
 
-def _as_dict(element) -> dict:
-    return decode_record(element) if isinstance(element, bytes) else element
+def _where(source, index: int) -> str:
+    return source.where(index) if hasattr(source, "where") else f"record {index}"
+
+
+def decode_example(source, index: int, element) -> tuple[dict, Image.Image]:
+    """Source element `index` -> (record dict, decoded image). InputError naming the shard file and record for one
+    that cannot be read or decoded (what the pipelines skip); RecordVersionError (never skipped) for a newer format."""
+    if isinstance(element, Unreadable):
+        raise InputError(element.message())
+    where = _where(source, index)
+    record = decode_record(element, where) if isinstance(element, bytes) else element
+    return record, decode_image(record["image"], f"{where} (id {record['id']!r})")
 
 
 # ----------------------------------------------------------------------------------------------------- augmentation
@@ -83,26 +95,51 @@ def resized_crop(image: Image.Image, box: tuple[int, int, int, int], size: int) 
     return image.crop((left, top, left + w, top + h)).resize((size, size), Image.Resampling.BICUBIC)
 
 
+MAX_REPLACEMENT_TRIES = 10
+
+
 class TrainTransform(grain.transforms.Map):
-    """(position, record) -> {"image": uint8 [S, S, 3] (RandomResizedCrop, bicubic), "ranks", "common", "position"}.
+    """(position, (index, record)) -> {"image": uint8 [S, S, 3] (RandomResizedCrop, bicubic), "ranks", "common",
+    "position", "skipped": None or why the record at this position was replaced}.
 
     The crop's randomness comes from (seed, position in the global stream), not from Grain's per-process element
-    index, so an example gets the same crop whatever the number of processes."""
+    index, so an example gets the same crop whatever the number of processes. A record that cannot be read or
+    decoded is replaced by a record drawn from the source with (seed, position) too, so the global batch of a step
+    stays the same set of examples whatever the number of processes, and a resumed run sees the same data."""
 
-    def __init__(self, image_size: int, seed: int, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)):
+    def __init__(self, image_size: int, seed: int, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3), source=None):
         self.image_size, self.seed, self.scale, self.ratio = image_size, seed, tuple(scale), tuple(ratio)
+        self.source = source
 
     def map(self, element) -> dict:
-        position, record = element
+        position, (index, record) = element
+        skipped = None
+        try:
+            record, image = decode_example(self.source, index, record)
+        except RecordVersionError:
+            raise
+        except InputError as e:
+            skipped = str(e)
+            record, image = self._replacement(position, skipped)
         rng = np.random.default_rng((self.seed, position))
-        record = _as_dict(record)
-        image = decode_image(record["image"], f"record {record['id']!r}")
         box = random_resized_crop_box(image.width, image.height, rng, self.scale, self.ratio)
         image = resized_crop(image, box, self.image_size)
         if image.mode != "RGB":
             image = image.convert("RGB")
         return {"image": np.asarray(image, np.uint8), "ranks": tuple(record["ranks"]), "common": record["common"],
-                "position": position}
+                "position": position, "skipped": skipped}
+
+    def _replacement(self, position: int, failure: str) -> tuple[dict, Image.Image]:
+        for attempt in range(1, MAX_REPLACEMENT_TRIES + 1):
+            index = int(np.random.default_rng((self.seed, position, attempt)).integers(len(self.source)))
+            try:
+                return decode_example(self.source, index, self.source[index])
+            except RecordVersionError:
+                raise
+            except InputError:
+                continue
+        raise InputError(f"{failure}; and {MAX_REPLACEMENT_TRIES} records drawn at random to replace it could not "
+                         f"be read either: the training data looks broken")
 
 
 class Captioner:
@@ -121,8 +158,10 @@ class Captioner:
         else:
             types = [self.text_type] * len(examples)
         captions = [Taxon.from_ranks(e["ranks"], e["common"]).text(t) for e, t in zip(examples, types)]
+        skipped = [e["skipped"] for e in examples if e.get("skipped")]
         return {"image": np.stack([e["image"] for e in examples]),
-                "tokens": tokenize(captions, self.context_length)}
+                "tokens": tokenize(captions, self.context_length),
+                "skipped": len(skipped), "skipped_records": skipped}  # host-side counts (`SkippedRecords`)
 
 
 # ---------------------------------------------------------------------------------------- input workers (TPU host)
@@ -154,8 +193,10 @@ def train_dataset(data: Any, *, global_batch_size: int, image_size: int, seed: i
                   scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3), context_length: int = 77, num_epochs: int | None = None,
                   worker_count: int = 0, prefetch_batches: int = 2, process_index: int | None = None,
                   process_count: int | None = None) -> grain.IterDataset:
-    """This process's share of each global batch: {"image": uint8 [B, S, S, 3], "tokens": int32 [B, L]}, with
-    B = global_batch_size / process_count. Deterministic for a seed; its iterator state checkpoints exactly.
+    """This process's share of each global batch: {"image": uint8 [B, S, S, 3], "tokens": int32 [B, L], "skipped":
+    int, "skipped_records": [why]}, with B = global_batch_size / process_count. "skipped" counts the examples of this
+    share that replace an unreadable record (see TrainTransform; `SkippedRecords` sums and bounds them).
+    Deterministic for a seed; its iterator state checkpoints exactly.
 
     worker_count: Grain worker processes, each making whole batches (0: READ_THREADS threads in this process;
     AUTO_WORKERS (-1): `auto_worker_count()`). It is part of the iterator state: a checkpoint restores only into the
@@ -174,9 +215,13 @@ def train_dataset(data: Any, *, global_batch_size: int, image_size: int, seed: i
     if len(source) == 0:
         raise InputError("the training data is empty")
     captioner = Captioner(text_type, seed, context_length)
-    ds = (grain.MapDataset.source(source).seed(seed).shuffle().repeat(num_epochs)
+    # The source index travels with each record (to name a bad one); shuffling permutes indices only, so this
+    # changes neither the order nor the crops. (Grain's shuffle passes index + epoch * size down: hence the modulo.)
+    size = len(source)
+    ds = (grain.MapDataset.source(source).map_with_index(lambda index, record: (index % size, record))
+          .seed(seed).shuffle().repeat(num_epochs)
           .map_with_index(lambda position, record: (position, record))[process_index::process_count]
-          .map(TrainTransform(image_size, seed, scale, ratio))
+          .map(TrainTransform(image_size, seed, scale, ratio, source))
           .batch(global_batch_size // process_count, drop_remainder=True, batch_fn=list)
           .map_with_index(captioner))
     workers = auto_worker_count() if worker_count == AUTO_WORKERS else worker_count
@@ -235,31 +280,37 @@ class _WorkerCountCheckedIterator(grain.DatasetIterator):
                              f"run has {self.worker_count}: exact resume needs the same number; pass "
                              f"--config.data.workers={state['worker_count']}")
         self._parent.set_state(state["pipeline"])
-
-
-# ------------------------------------------------------------------------------------------------------- evaluation
 class EvalTransform(grain.transforms.Map):
-    def __init__(self, preprocess: transforms.Preprocess):
-        self.preprocess = preprocess
+    """(index, record) -> the preprocessed example, or {"index", "failed": why} for a record that cannot be read or
+    decoded (skipped and reported, as predict does; a newer record format still raises)."""
+
+    def __init__(self, preprocess: transforms.Preprocess, source=None):
+        self.preprocess, self.source = preprocess, source
 
     def map(self, element) -> dict:
         index, record = element
-        record = _as_dict(record)
-        return {"image": self.preprocess(decode_image(record["image"], f"record {record['id']!r}")), "index": index, "id": record["id"],
-                "label": record.get("label", ""), "ranks": tuple(record["ranks"]), "common": record["common"]}
+        try:
+            record, image = decode_example(self.source, index, record)
+        except RecordVersionError:
+            raise
+        except InputError as e:
+            return {"index": index, "failed": str(e)}
+        return {"image": self.preprocess(image), "index": index, "id": record["id"], "label": record.get("label", ""),
+                "ranks": tuple(record["ranks"]), "common": record["common"]}
 
 
 def eval_batches(data: Any, *, batch_size: int, preprocess: transforms.Preprocess, worker_count: int = 0,
                  process_index: int | None = None, process_count: int | None = None) -> Iterator[dict]:
     """This process's evaluation batches: {"image" float32 [B, S, S, 3], "mask" bool [B], "index" int [B] (position
-    in the source, -1 for padding), "id", "label", "common" str [B], "ranks" str [B, 7]}. Every process yields the
-    same number of batches; over all processes, every example appears exactly once with mask True."""
+    in the source, -1 for padding), "id", "label", "common" str [B], "ranks" str [B, 7], "failed": [why]}. Every
+    process yields the same number of batches; over all processes, every example appears exactly once, with mask
+    True, or in some batch's "failed" (records that cannot be read or decoded: masked out like padding)."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     source = open_source(data)
     num_batches = math.ceil(math.ceil(len(source) / process_count) / batch_size)
     ds = (grain.MapDataset.source(source).map_with_index(lambda i, r: (i, r))[process_index::process_count]
-          .map(EvalTransform(preprocess)).batch(batch_size, batch_fn=list))
+          .map(EvalTransform(preprocess, source)).batch(batch_size, batch_fn=list))
     iter_ds = ds.to_iter_dataset()
     if worker_count:
         iter_ds = _multiprocess(iter_ds, grain.MultiprocessingOptions(num_workers=worker_count))
@@ -270,10 +321,13 @@ def eval_batches(data: Any, *, batch_size: int, preprocess: transforms.Preproces
 
 
 def _pad_eval_batch(examples: list[dict], batch_size: int, image_shape) -> dict:
+    failed = [e["failed"] for e in examples if "failed" in e]
+    examples = [e for e in examples if "failed" not in e]
     pad = batch_size - len(examples)
     images = [e["image"] for e in examples] + [np.zeros(image_shape, np.float32)] * pad
     strings = lambda key: np.array([e[key] for e in examples] + [""] * pad, dtype=object)
     return {"image": np.stack(images), "mask": np.arange(batch_size) < len(examples),
             "index": np.array([e["index"] for e in examples] + [-1] * pad, np.int64),
             "id": strings("id"), "label": strings("label"), "common": strings("common"),
-            "ranks": np.array([list(e["ranks"]) for e in examples] + [[""] * 7] * pad, dtype=object).reshape(-1, 7)}
+            "ranks": np.array([list(e["ranks"]) for e in examples] + [[""] * 7] * pad, dtype=object).reshape(-1, 7),
+            "failed": failed}

@@ -17,11 +17,10 @@ import re
 import tarfile
 from typing import NamedTuple
 
-import numpy as np
 from PIL import Image
 
 from bioclip_jax.data.taxonomy import RANK_COLUMNS, RANKS, Taxon
-from bioclip_jax.data.transforms import decode_image
+from bioclip_jax.data.transforms import ImageTooLarge, decode_image, to_rgb
 from bioclip_jax.errors import InputError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -31,7 +30,6 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTS = ("taxontag.txt", "taxontag_com.txt", "taxonomic_name.txt", "taxon.txt", "scientific_name.txt",
              "sci.txt", "common_name.txt", "com.txt")
 _WANTED = frozenset(IMAGE_EXTS + TEXT_EXTS)
-_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 class Skip(Exception):
@@ -51,23 +49,6 @@ def describe(e: BaseException) -> str:
     return re.sub(r" ?<[^<>]* at 0x[0-9a-fA-F]+>", "", f"{type(e).__name__}: {e}")
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB. 16-bit grayscale is scaled to 8 bits (PIL's own conversion clips it to white); alpha is
-    dropped as `Image.convert("RGB")` does, which is what open_clip / pybioclip loaders do at training and eval time."""
-    if img.mode == "RGB":
-        return img
-    if img.mode in _SIXTEEN_BIT or img.mode in ("I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        if img.mode in _SIXTEEN_BIT or (img.mode == "I" and arr.max(initial=0) > 255):
-            arr = arr / 257.0
-        elif img.mode == "F" and arr.max(initial=0) <= 1.0:
-            arr = arr * 255.0
-        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
-    elif img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")  # PIL warns when converting transparent palettes straight to RGB
-    return img.convert("RGB")
-
-
 def encode_image(src: bytes | Image.Image, *, resize: int | None = None, quality: int = 95) -> bytes:
     """Image bytes (any format PIL reads) or a PIL image -> RGB JPEG bytes, optionally squashed to resize x resize
     (bicubic, aspect not kept, as BioCLIP's shards). Raises Skip for undecodable or truncated data.
@@ -78,6 +59,8 @@ def encode_image(src: bytes | Image.Image, *, resize: int | None = None, quality
     else:
         try:
             img = decode_image(src, "image")  # decode everything now, not later in a training worker
+        except ImageTooLarge as e:
+            raise Skip("image too large", str(e).removeprefix("image: ")) from None
         except InputError as e:
             raise Skip("undecodable image", describe(e.__cause__)) from None
         if img.format == "JPEG" and img.mode == "RGB" and not resize:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import re
+import threading
 from typing import Any, Union
 
 import numpy as np
@@ -67,6 +69,7 @@ class Preprocess:
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         """PIL image -> float32 [size, size, 3], normalised."""
+        image = to_8bit(image)  # a no-op for 8-bit images; a 16-bit or float one would otherwise become white
         resample = _INTERPOLATIONS[self.interpolation]
         if self.resize_mode == "pybioclip":
             pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / np.float32(255)
@@ -126,26 +129,116 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
+# ------------------------------------------------------------------------------------------------ loading images
+# Every image bioclip_jax reads (predict, embed, encode, eval, training, make-shards) goes through `_open`, so the same
+# rules hold everywhere (docs/data_format.md, "Images"):
+# - Decompression bombs: an image with more than `max_image_pixels()` pixels (width x height, from the header, before
+#   any pixel is decoded) is refused with `ImageTooLarge`, per image. PIL itself only warns between its limit and twice
+#   it, and raises DecompressionBombError (not an OSError) above; bioclip_jax replaces that rule with its own single
+#   threshold, so PIL's check is off while bioclip_jax parses a header (under a lock: PIL's limit is a global).
+# - Bit depth: 16-bit, 32-bit integer and float images are scaled to 8 bits (`to_8bit`); PIL's own conversion
+#   clips them (a 16-bit PNG becomes white).
+# - EXIF orientation is NOT applied, as in open_clip and pybioclip (both call Image.open + convert("RGB") only):
+#   the pixels are used as stored. (PIL itself applies it when it loads a TIFF; that holds here as there.)
+# - Other modes (P, L, LA, RGBA, CMYK, ...) stay as decoded: Preprocess converts them to RGB after resizing, as
+#   open_clip does.
+MAX_IMAGE_PIXELS_ENV = "BIOCLIP_JAX_MAX_IMAGE_PIXELS"
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's default threshold (its warning level): 1024 * 1024 * 1024 // 4 // 3
+# The library knob: an int sets the limit (0: no limit); None reads $BIOCLIP_JAX_MAX_IMAGE_PIXELS, else the default.
+# Grain worker processes inherit the environment variable, so set that when training with data.workers > 0.
+MAX_IMAGE_PIXELS: int | None = None
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+class ImageTooLarge(InputError):
+    """An image over the pixel limit (a possible decompression bomb); refused before its pixels are decoded."""
+
+
+def max_image_pixels() -> int:
+    """The pixel limit in force: MAX_IMAGE_PIXELS, else $BIOCLIP_JAX_MAX_IMAGE_PIXELS, else PIL's default; 0 = none."""
+    if MAX_IMAGE_PIXELS is not None:
+        return int(MAX_IMAGE_PIXELS)
+    raw = os.environ.get(MAX_IMAGE_PIXELS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    try:
+        value = int(raw.replace("_", ""))
+        if value < 0:
+            raise ValueError
+    except ValueError:
+        raise InputError(f"{MAX_IMAGE_PIXELS_ENV}={raw!r}: expected a pixel count >= 0 (0: no limit)") from None
+    return value
+
+
+def check_image_size(size: tuple[int, int], where, limit: int | None = None) -> None:
+    """Raises ImageTooLarge naming `where` if width x height is over the limit."""
+    limit = max_image_pixels() if limit is None else limit
+    width, height = size
+    if limit and width * height > limit:
+        raise ImageTooLarge(f"{where}: {width}x{height} image ({width * height:,} pixels) is over the limit of "
+                            f"{limit:,} pixels (decompression-bomb guard; raise it with {MAX_IMAGE_PIXELS_ENV}=N or "
+                            f"bioclip_jax.data.transforms.MAX_IMAGE_PIXELS, 0 for no limit)")
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit ("I;16*"), 32-bit integer ("I") and float ("F") images -> 8-bit "L"; other modes unchanged.
+
+    16-bit is divided by 257 (65535 -> 255); "I" too when any value exceeds 255 (PIL opens some 16-bit files as
+    "I"); "F" in [0, 1] is multiplied by 255, otherwise taken as 0..255; everything rounded and clipped."""
+    if img.mode not in _SIXTEEN_BIT and img.mode not in ("I", "F"):
+        return img
+    arr = np.asarray(img, dtype=np.float64)
+    if img.mode in _SIXTEEN_BIT or (img.mode == "I" and arr.max(initial=0) > 255):
+        arr = arr / 257.0
+    elif img.mode == "F" and arr.max(initial=0) <= 1.0:
+        arr = arr * 255.0
+    return Image.fromarray(np.clip(np.rint(np.nan_to_num(arr)), 0, 255).astype(np.uint8), mode="L")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: high bit depths scaled (`to_8bit`); alpha dropped as `Image.convert("RGB")` does, which is
+    what open_clip / pybioclip loaders do at training and eval time."""
+    if img.mode == "RGB":
+        return img
+    img = to_8bit(img)
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # PIL warns when converting transparent palettes straight to RGB
+    return img.convert("RGB")
+
+
 def decode_image(data: bytes, where: str) -> Image.Image:
-    """Encoded image bytes -> a decoded PIL image; InputError naming `where` (a file, a record) if they do not decode."""
+    """Encoded image bytes -> a decoded PIL image (8-bit); InputError naming `where` (a file, a record) if they do
+    not decode, ImageTooLarge if over the pixel limit."""
     return _open(io.BytesIO(data), where)
 
 
 def _open(file, where) -> Image.Image:
+    limit = max_image_pixels()
     try:
-        image = Image.open(file)
+        with _PIL_LIMIT_LOCK:  # PIL's check off while it parses the header: bioclip_jax's limit is the rule
+            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                image = Image.open(file)
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+        check_image_size(image.size, where, limit)
         image.load()  # decode now, so a truncated file fails here, naming it
-        return image
+        return to_8bit(image)
     except FileNotFoundError:
         raise FileNotFoundError(f"{where}: image file not found") from None
-    except Exception as e:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-        raise InputError(f"{where}: cannot decode image ({type(e).__name__}: {e})") from e
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        detail = re.sub(r" ?<[^<>]* at 0x[0-9a-fA-F]+>", "", str(e))  # no object addresses: stable messages
+        raise InputError(f"{where}: cannot decode image ({type(e).__name__}: {detail})") from e
 
 
 def load_image(source: ImageInput) -> Image.Image:
-    """A path, PIL image or uint8 array ([H, W], [H, W, 3] or [H, W, 4]) as a PIL image; errors name the file."""
-    if isinstance(source, Image.Image):
-        return source
+    """A path, PIL image or uint8 array ([H, W], [H, W, 3] or [H, W, 4]) as an 8-bit PIL image, by the rules above
+    (pixel limit, bit depth, no EXIF rotation); errors (InputError, ImageTooLarge) name the file."""
+    if isinstance(source, Image.Image):  # already opened by the caller: the pixel limit is for files and bytes
+        return to_8bit(source)
     if isinstance(source, np.ndarray):
         if source.dtype != np.uint8 or source.ndim not in (2, 3) or (source.ndim == 3 and source.shape[2] not in (1, 3, 4)):
             raise InputError(f"image array must be uint8 [H, W], [H, W, 3] or [H, W, 4]; got {source.dtype} "

@@ -7,6 +7,7 @@ class embedding is its own lineage at r.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Sequence
 
 import numpy as np
@@ -18,22 +19,32 @@ from bioclip_jax.inference.model import Model, encode, normalize_features
 from bioclip_jax.inference.zero_shot import class_embeddings
 from bioclip_jax.models.loss import clip_loss
 
+log = logging.getLogger(__name__)
 
-def embed_eval_set(model: Model, data: Any, batch_size: int = 64, worker_count: int = 0,
-                   desc: str = "embedding") -> tuple[np.ndarray, list[tuple[str, ...]], list[str], list[str]]:
+
+def embed_eval_set(model: Model, data: Any, batch_size: int = 64, worker_count: int = 0, desc: str = "embedding",
+                   failures: list[str] | None = None) -> tuple[np.ndarray, list[tuple[str, ...]], list[str], list[str]]:
     """Normalised image features [N, D], ranks, labels and common names of every example of an evaluation set (all
-    processes' shares gathered, in source order)."""
-    feats, ranks, labels, commons, indices = [], [], [], [], []
+    processes' shares gathered, in source order). Images that cannot be read or decoded are left out, as predict
+    does: a warning gives their count and the first few (shard file, record, id, why); `failures`, if given, receives
+    this process's full list."""
+    feats, ranks, labels, commons, indices, failed = [], [], [], [], [], []
     batches = pipeline.eval_batches(data, batch_size=batch_size, preprocess=model.preprocess,
                                     worker_count=worker_count)
     for batch in tqdm(batches, desc=desc, leave=False):
         keep = batch["mask"]
+        failed += batch["failed"]
         features = model.encode_pixels(batch["image"])[keep]
         feats.append(normalize_features(features))
         ranks += [tuple(r) for r in batch["ranks"][keep]]
         labels += list(batch["label"][keep])
         commons += list(batch["common"][keep])
         indices.append(batch["index"][keep])
+    if failed:
+        log.warning("%s: skipped %d image(s) that could not be read or decoded: %s%s", desc, len(failed),
+                    " | ".join(failed[:3]), f" | and {len(failed) - 3} more" if len(failed) > 3 else "")
+    if failures is not None:
+        failures += failed
     features = np.concatenate(feats) if feats else np.zeros((0, model.config.embed_dim), np.float32)
     features, ranks, labels, commons, indices = _gather_processes(features, ranks, labels, commons,
                                                                   np.concatenate(indices or [[]]))

@@ -97,6 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.crop_scale = (0.9, 1.0)
     c.data.workers = -1  # Grain worker processes; -1: sized for the host (0 on CPU-only hosts), 0: threads
     c.data.prefetch_batches = 2  # host batches made ahead of the training step
+    c.data.max_skipped_fraction = 0.001  # unreadable training records are replaced and counted; above this, stop
 
     c.train = ml_collections.ConfigDict()
     c.train.seed = 0

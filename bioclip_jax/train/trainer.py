@@ -33,6 +33,7 @@ from bioclip_jax.models.scan import stack_layers, unstack_layers
 from bioclip_jax.train import checkpoint, metrics as metrics_lib, sharding
 from bioclip_jax.train import workdir as workdir_lib
 from bioclip_jax.train.device_batch import normalize_images, to_global
+from bioclip_jax.train.skipped_records import SkippedRecords
 from bioclip_jax.train.optimizer import clamp_logit_scale, make_optimizer, skipped_updates
 from bioclip_jax.train.stopping import StopSignals
 
@@ -204,10 +205,13 @@ def _train(config, workdir, max_steps, progress, evaluate_fn) -> TrainResult:
     eval_model = None
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=not progress or jax.process_index() != 0)
     window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+    skipped = SkippedRecords(config.data.max_skipped_fraction, t.global_batch_size)
     with StopSignals() as stop:
         while step < last_step:
             fetch_start = time.perf_counter()
-            batch = to_global(next(data_iter), batch_sharding)
+            host_batch = next(data_iter)
+            skipped.add(host_batch)  # records replaced because they could not be read (data/skipped_records)
+            batch = to_global(host_batch, batch_sharding)
             data_wait += time.perf_counter() - fetch_start
             try:
                 state, step_metrics = train_step(state, batch)
@@ -223,6 +227,7 @@ def _train(config, workdir, max_steps, progress, evaluate_fn) -> TrainResult:
                                tflops_per_device=window_steps * flops_per_step / elapsed / devices / 1e12,
                                data_wait_fraction=data_wait / elapsed)
                 fetched["mfu"] = fetched["tflops_per_device"] * 1e12 / peak if peak else 0.0
+                fetched["data/skipped_records"] = skipped.check()  # since this run (re)started; raises if too many
                 if config.data.text_type == "mixed":
                     fetched["text_type"] = text_type_for_step(step - 1)  # the caption type of this step's batch
                 writer.write(step, {k: v for k, v in fetched.items() if k != "text_type"})

@@ -33,8 +33,8 @@ from bioclip_jax.models.scan import stack_layers, unstack_layers
 from bioclip_jax.train import checkpoint, metrics as metrics_lib, sharding
 from bioclip_jax.train import workdir as workdir_lib
 from bioclip_jax.train.device_batch import normalize_images, to_global
-from bioclip_jax.train.skipped_records import SkippedRecords
 from bioclip_jax.train.optimizer import clamp_logit_scale, make_optimizer, skipped_updates
+from bioclip_jax.train.skipped_records import SkippedRecords
 from bioclip_jax.train.stopping import StopSignals
 
 log = logging.getLogger(__name__)

@@ -43,20 +43,18 @@ def torch_key(path: tuple[str, ...], custom_text: bool = False) -> str:
     return ".".join(parts)
 
 
+# Flax kernel axes in torch's order: Linear (in, out) -> (out, in); Conv (H, W, I, O) -> (O, I, H, W).
+_TORCH_AXES = {2: (1, 0), 4: (3, 2, 0, 1)}
+
+
 def _to_torch_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
-    if path[-1] == "kernel" and value.ndim == 2:
-        return value.T
-    if path[-1] == "kernel" and value.ndim == 4:
-        return value.transpose(3, 2, 0, 1)  # (H, W, I, O) -> (O, I, H, W)
-    return value
+    axes = _TORCH_AXES.get(value.ndim) if path[-1] == "kernel" else None
+    return value if axes is None else value.transpose(axes)
 
 
 def _to_flax_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
-    if path[-1] == "kernel" and value.ndim == 2:
-        return value.T
-    if path[-1] == "kernel" and value.ndim == 4:
-        return value.transpose(2, 3, 1, 0)  # (O, I, H, W) -> (H, W, I, O)
-    return value
+    axes = _TORCH_AXES.get(value.ndim) if path[-1] == "kernel" else None
+    return value if axes is None else value.transpose(np.argsort(axes))
 
 
 def param_shapes(config: CLIPConfig, scan_layers: bool = False) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -117,11 +115,8 @@ def to_open_clip(params: Mapping, config: CLIPConfig) -> dict[str, np.ndarray]:
 
 
 def _torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
-    if path[-1] == "kernel" and len(shape) == 2:
-        return shape[::-1]
-    if path[-1] == "kernel" and len(shape) == 4:
-        return (shape[3], shape[2], shape[0], shape[1])
-    return shape
+    axes = _TORCH_AXES.get(len(shape)) if path[-1] == "kernel" else None
+    return shape if axes is None else tuple(shape[a] for a in axes)
 
 
 def check_state_dict(state_dict: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]],

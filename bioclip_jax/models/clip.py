@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from bioclip_jax.models.config import CLIPConfig
+from bioclip_jax.models.layers import TowerOptions
 from bioclip_jax.models.text import TextTransformer
 from bioclip_jax.models.vision import VisionTransformer
 
@@ -44,10 +45,11 @@ class CLIP(nn.Module):
 
     def setup(self):
         c = self.config
-        common = dict(embed_dim=c.embed_dim, quick_gelu=c.quick_gelu, dtype=self.dtype,
-                      attn_implementation=self.attn_implementation, remat=self.remat, scan_layers=self.scan_layers)
-        self.visual = VisionTransformer(cfg=c.vision, **common)
-        self.text = TextTransformer(cfg=c.text, **common)
+        options = TowerOptions(embed_dim=c.embed_dim, quick_gelu=c.quick_gelu, dtype=self.dtype,
+                               attn_implementation=self.attn_implementation, remat=self.remat,
+                               scan_layers=self.scan_layers)
+        self.visual = VisionTransformer(cfg=c.vision, options=options)
+        self.text = TextTransformer(cfg=c.text, options=options)
         self.logit_scale = self.param("logit_scale", nn.initializers.constant(INIT_LOGIT_SCALE), ())
 
     def encode_image(self, images: jax.Array, normalize: bool = False) -> jax.Array:

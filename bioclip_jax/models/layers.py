@@ -8,6 +8,8 @@ build a different network without an error.
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any, Callable
 
 import jax
@@ -97,59 +99,70 @@ class HeadsOutProjection(nn.Module):
         return jnp.einsum(spec, x.astype(self.dtype), kernel) + bias.astype(self.dtype)
 
 
-class MultiHeadAttention(nn.Module):
-    """Self-attention with a fused QKV projection laid out like torch.nn.MultiheadAttention (q, k, v stacked)."""
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    """Everything a residual block and its parts need, in one place: modules take it whole, so no two of them can
+    list (and order) these fields differently."""
 
-    heads: int
-    causal: bool = False
-    dtype: Any = jnp.float32
-    # "xla": plain XLA ops (any device); "cudnn": cuDNN flash attention (GPU, bf16/fp16); None: jax picks.
-    implementation: str | None = "xla"
-    out_std: float = 0.02
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        heads_first = self.implementation == "xla"
-        q, k, v = HeadsInProjection(heads=self.heads, heads_first=heads_first, dtype=self.dtype, name="in_proj")(x)
-        if heads_first:
-            out = attention(q, k, v, self.causal)
-        else:
-            out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal, implementation=self.implementation)
-        return HeadsOutProjection(heads_first=heads_first, dtype=self.dtype, out_std=self.out_std, name="out_proj")(out)
-
-
-class MLP(nn.Module):
-    hidden: int
-    quick_gelu: bool = False
-    dtype: Any = jnp.float32
-    out_std: float = 0.02
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        width = x.shape[-1]
-        x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=normal((2 * width) ** -0.5), name="c_fc")(x)
-        x = quick_gelu(x) if self.quick_gelu else exact_gelu(x)
-        return nn.Dense(width, dtype=self.dtype, kernel_init=normal(self.out_std), name="c_proj")(x)
-
-
-class ResidualAttentionBlock(nn.Module):
     heads: int
     mlp_ratio: float = 4.0
     quick_gelu: bool = False
     causal: bool = False
     dtype: Any = jnp.float32
+    # "xla": plain XLA ops (any device); "cudnn": cuDNN flash attention (GPU, bf16/fp16); None: jax picks.
     attn_implementation: str | None = "xla"
-    out_std: float = 0.02
+    out_std: float = 0.02  # init scale of the residual-branch outputs (CLIP shrinks it with depth)
+
+
+class MultiHeadAttention(nn.Module):
+    """Self-attention with a fused QKV projection laid out like torch.nn.MultiheadAttention (q, k, v stacked)."""
+
+    config: BlockConfig
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        heads_first = c.attn_implementation == "xla"
+        q, k, v = HeadsInProjection(heads=c.heads, heads_first=heads_first, dtype=c.dtype, name="in_proj")(x)
+        if heads_first:
+            out = attention(q, k, v, c.causal)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=c.causal, implementation=c.attn_implementation)
+        return HeadsOutProjection(heads_first=heads_first, dtype=c.dtype, out_std=c.out_std, name="out_proj")(out)
+
+
+class MLP(nn.Module):
+    config: BlockConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
         width = x.shape[-1]
-        attn = MultiHeadAttention(heads=self.heads, causal=self.causal, dtype=self.dtype,
-                                  implementation=self.attn_implementation, out_std=self.out_std, name="attn")
-        x = x + attn(layer_norm("ln_1", self.dtype)(x))
-        mlp = MLP(hidden=int(width * self.mlp_ratio), quick_gelu=self.quick_gelu, dtype=self.dtype,
-                  out_std=self.out_std, name="mlp")
-        return x + mlp(layer_norm("ln_2", self.dtype)(x))
+        x = nn.Dense(int(width * c.mlp_ratio), dtype=c.dtype, kernel_init=normal((2 * width) ** -0.5), name="c_fc")(x)
+        x = quick_gelu(x) if c.quick_gelu else exact_gelu(x)
+        return nn.Dense(width, dtype=c.dtype, kernel_init=normal(c.out_std), name="c_proj")(x)
+
+
+class ResidualAttentionBlock(nn.Module):
+    config: BlockConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = self.config.dtype
+        x = x + MultiHeadAttention(self.config, name="attn")(layer_norm("ln_1", dtype)(x))
+        return x + MLP(self.config, name="mlp")(layer_norm("ln_2", dtype)(x))
+
+
+@dataclasses.dataclass(frozen=True)
+class TowerOptions:
+    """How a tower computes (not what it is: that is its VisionConfig / TextConfig): the same for both towers."""
+
+    embed_dim: int
+    quick_gelu: bool = False
+    dtype: Any = jnp.float32  # compute dtype; params stay float32
+    attn_implementation: str | None = "xla"
+    remat: str | None = None  # a key of REMAT_POLICIES, or None for no rematerialisation
+    scan_layers: bool = False
 
 
 def _scan_body(block: nn.Module, x: jax.Array, _) -> tuple[jax.Array, None]:
@@ -166,32 +179,29 @@ class Transformer(nn.Module):
 
     layers: int
     heads: int
-    mlp_ratio: float = 4.0
-    quick_gelu: bool = False
-    causal: bool = False
-    dtype: Any = jnp.float32
-    attn_implementation: str | None = "xla"
-    remat: str | None = None  # a key of REMAT_POLICIES, or None for no rematerialisation
-    scan_layers: bool = False
+    mlp_ratio: float
+    causal: bool
+    options: "TowerOptions"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         block_cls = ResidualAttentionBlock
-        if self.remat:
-            if self.remat not in REMAT_POLICIES:
-                raise InputError(f"remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)} or None")
+        remat = self.options.remat
+        if remat:
+            if remat not in REMAT_POLICIES:
+                raise InputError(f"remat={remat!r}: expected one of {sorted(REMAT_POLICIES)} or None")
             # Under scan the loop boundary already keeps XLA from merging the recomputation into the forward pass
             # (jax.checkpoint's documentation), so CSE prevention would only cost.
-            block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
+            block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[remat], prevent_cse=not self.options.scan_layers)
         # CLIP's initialisation: residual-branch outputs shrink with depth so the stack starts near identity.
         out_std = x.shape[-1] ** -0.5 * (2 * self.layers) ** -0.5
-        block_kwargs = dict(heads=self.heads, mlp_ratio=self.mlp_ratio, quick_gelu=self.quick_gelu,
-                            causal=self.causal, dtype=self.dtype, attn_implementation=self.attn_implementation,
-                            out_std=out_std)
-        if self.scan_layers:
+        config = BlockConfig(heads=self.heads, mlp_ratio=self.mlp_ratio, quick_gelu=self.options.quick_gelu,
+                             causal=self.causal, dtype=self.options.dtype,
+                             attn_implementation=self.options.attn_implementation, out_std=out_std)
+        if self.options.scan_layers:
             scan = nn.scan(_scan_body, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.layers)
-            x, _ = scan(block_cls(**block_kwargs, name=STACKED_BLOCKS), x, None)
+            x, _ = scan(block_cls(config, name=STACKED_BLOCKS), x, None)
             return x
         for i in range(self.layers):
-            x = block_cls(**block_kwargs, name=f"resblocks_{i}")(x)
+            x = block_cls(config, name=f"resblocks_{i}")(x)
         return x

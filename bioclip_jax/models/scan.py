@@ -1,7 +1,7 @@
 """The two layouts of a tower's residual blocks, and pure functions between them.
 
 Per layer (open_clip's, the converter's and every saved file's):  transformer/resblocks_{i}/attn/in_proj/kernel [W, 3W]
-Stacked (what `Transformer(scan_layers=True)` holds):             transformer/resblocks/attn/in_proj/kernel  [L, W, 3W]
+Stacked (what a scanned `Transformer` holds):                      transformer/resblocks/attn/in_proj/kernel  [L, W, 3W]
 Both functions work on any nested params dict (numpy, jax arrays or tracers), leave every other entry untouched, and
 are exact inverses: stacking copies values, it never changes them.
 """

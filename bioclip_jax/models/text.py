@@ -10,17 +10,15 @@ from flax import linen as nn
 
 from bioclip_jax.errors import InputError
 from bioclip_jax.models.config import TextConfig
-from bioclip_jax.models.layers import Transformer, layer_norm, normal
+from bioclip_jax.models.layers import TowerOptions, Transformer, layer_norm, normal
 
 
 class TextTransformer(nn.Module):
+    """open_clip's text side of CLIP; params `token_embedding`, `positional_embedding`, `transformer`, `ln_final`,
+    `text_projection` (plain CLIP keeps them at the state dict's top level)."""
+
     cfg: TextConfig
-    embed_dim: int
-    quick_gelu: bool = False
-    dtype: Any = jnp.float32
-    attn_implementation: str | None = "xla"
-    remat: str | None = None
-    scan_layers: bool = False
+    options: TowerOptions
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -28,16 +26,15 @@ class TextTransformer(nn.Module):
         cfg = self.cfg
         if tokens.ndim != 2 or tokens.shape[1] != cfg.context_length:
             raise InputError(f"expected tokens of shape [B, {cfg.context_length}], got {tuple(tokens.shape)}")
-        x = nn.Embed(cfg.vocab_size, cfg.width, embedding_init=normal(0.02), dtype=self.dtype,
+        x = nn.Embed(cfg.vocab_size, cfg.width, embedding_init=normal(0.02), dtype=self.options.dtype,
                      name="token_embedding")(tokens)
         pos = self.param("positional_embedding", normal(0.01), (cfg.context_length, cfg.width))
-        x = x + pos.astype(self.dtype)
-        x = Transformer(layers=cfg.layers, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, quick_gelu=self.quick_gelu,
-                        causal=True, dtype=self.dtype, attn_implementation=self.attn_implementation,
-                        remat=self.remat, scan_layers=self.scan_layers, name="transformer")(x)
-        x = layer_norm("ln_final", self.dtype)(x)
+        x = x + pos.astype(self.options.dtype)
+        x = Transformer(layers=cfg.layers, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, causal=True,
+                        options=self.options, name="transformer")(x)
+        x = layer_norm("ln_final", self.options.dtype)(x)
         # The end-of-text token has the largest id (49407), so argmax finds it; causal attention means it has seen
         # the whole caption and nothing after it.
         pooled = x[jnp.arange(x.shape[0]), jnp.argmax(tokens, axis=-1)]
-        proj = self.param("text_projection", normal(cfg.width ** -0.5), (cfg.width, self.embed_dim))
-        return (pooled @ proj.astype(self.dtype)).astype(jnp.float32)
+        proj = self.param("text_projection", normal(cfg.width ** -0.5), (cfg.width, self.options.embed_dim))
+        return (pooled @ proj.astype(self.options.dtype)).astype(jnp.float32)

@@ -185,3 +185,21 @@ def test_scanned_resume_is_bitwise_exact(shards, tmp_path):  # noqa: F811 - shar
     assert straight.keys() == split.keys() and "visual/transformer/resblocks_1/ln_1/scale" in straight
     for key in straight:
         assert straight[key].tobytes() == split[key].tobytes(), key
+
+
+def test_scanned_training_starts_from_per_layer_weights(tiny_open_clip, tmp_path):
+    """config.init (open_clip weights, per layer) feeds a scanned trainer: the initial params are the same tensors,
+    stacked."""
+    from bioclip_jax.convert.files import write_open_clip_folder
+    from bioclip_jax.train.config import load_config
+    from bioclip_jax.train.trainer import _initial_params
+    from test_train import CONFIG
+
+    _, state_dict = tiny_open_clip
+    folder = write_open_clip_folder(tmp_path / "init", state_dict, TINY, {}, write_bin=False)
+    config = load_config(CONFIG, ["scan_layers=True", f"init={folder}"])
+    params = _initial_params(config, TINY, seed=0)()
+    assert is_stacked(params)
+    back = sd.to_open_clip(params, TINY)
+    for key, value in state_dict.items():
+        assert back[key].tobytes() == value.tobytes(), key

@@ -54,7 +54,7 @@ def test_predict_matches_pybioclip(exported, tmp_path, monkeypatch):
     expected = reference.predict(images, k=3)
 
     assert main(["predict", *images, "--model", str(folder), "--cls", ",".join(LABELS), "--k", "3",
-                 "--output", str(tmp_path / "out.csv")]) == 0
+                 "--preprocess", "open_clip", "--output", str(tmp_path / "out.csv")]) == 0
     ours = _read_csv(tmp_path / "out.csv")
     assert [(r["file_name"], r["classification"]) for r in ours] == \
         [(r["file_name"], r["classification"]) for r in expected]
@@ -64,16 +64,16 @@ def test_predict_matches_pybioclip(exported, tmp_path, monkeypatch):
 def test_binning_sums_label_probabilities(exported):
     folder, images = exported
     model = bioclip_jax.load(folder)
-    plain = CustomLabelsClassifier(model, LABELS).predict(images[:1]).rows
+    plain = CustomLabelsClassifier(LABELS, model_str=model).predict(images[:1])
     bins = {"Pica hudsonia": "birds", "Corvus corax": "birds", "Danaus plexippus": "insects",
             "Amanita muscaria": "fungi"}
-    binned = {r["classification"]: r["score"] for r in CustomLabelsBinningClassifier(model, bins).predict(
-        images[:1]).rows}
+    binned = {r["classification"]: r["score"] for r in CustomLabelsBinningClassifier(bins, model_str=model).predict(
+        images[:1])}
     by_label = {r["classification"]: r["score"] for r in plain}
     assert binned["birds"] == pytest.approx(by_label["Pica hudsonia"] + by_label["Corvus corax"], abs=1e-6)
     assert sum(binned.values()) == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(ValueError, match="labels without a bin"):
-        CustomLabelsBinningClassifier(model, {"a": ""})
+        CustomLabelsBinningClassifier({"a": ""}, model_str=model)
 
 
 def test_bad_files_are_reported_and_the_rest_classified(exported, tmp_path, capsys):
@@ -95,9 +95,15 @@ def test_embed_json(exported, tmp_path):
     assert main(["embed", *images, "--model", str(folder), "--output", str(tmp_path / "e.json")]) == 0
     result = json.loads((tmp_path / "e.json").read_text())
     assert set(result["embeddings"]) == set(images)
-    expected = bioclip_jax.encode(bioclip_jax.load(folder), images=[Image.open(p).convert("RGB") for p in images],
-                                  normalize=False)
+    model = bioclip_jax.load(folder)
+    expected = bioclip_jax.encode(model, images=[Image.open(p).convert("RGB") for p in images], normalize=False,
+                                  preprocess="pybioclip")  # pybioclip squashes for BioCLIP models: so do we
     np.testing.assert_allclose([result["embeddings"][p] for p in images], expected, atol=1e-6)
+    assert main(["embed", *images, "--model", str(folder), "--preprocess", "open_clip", "--output",
+                 str(tmp_path / "crop.json")]) == 0
+    cropped = json.loads((tmp_path / "crop.json").read_text())["embeddings"]
+    np.testing.assert_allclose([cropped[p] for p in images], bioclip_jax.encode(model, images=images,
+                                                                                normalize=False), atol=1e-6)
 
 
 def _taxa_csv(path):
@@ -123,15 +129,15 @@ def test_tree_of_life_prediction_sums_species_by_rank(exported, tmp_path):
     assert matrix.shape == (64, 5) and np.allclose(np.linalg.norm(matrix, axis=0), 1, atol=1e-5)
     assert taxa[1].common_name == "common raven" and taxa[0].ranks[6] == "hudsonia"
 
-    classifier = TreeOfLifeClassifier(bioclip_jax.load(folder), tmp_path / "emb")
-    species = classifier.predict(images[:1], rank="species", k=5).rows
+    classifier = TreeOfLifeClassifier(bioclip_jax.load(folder), txt_emb=tmp_path / "emb")
+    species = classifier.predict(images[:1], rank="species", k=5)
     assert list(species[0]) == ["file_name", "kingdom", "phylum", "class", "order", "family", "genus",
                                 "species_epithet", "species", "common_name", "score"]
     assert sum(r["score"] for r in species) == pytest.approx(1.0, abs=1e-5)
     by_species = {r["species"]: r["score"] for r in species}
-    genus = {r["genus"]: r["score"] for r in classifier.predict(images[:1], rank="genus", k=5).rows}
+    genus = {r["genus"]: r["score"] for r in classifier.predict(images[:1], rank="genus", k=5)}
     assert genus["Corvus"] == pytest.approx(by_species["Corvus corax"] + by_species["Corvus brachyrhynchos"], abs=1e-6)
-    kingdoms = classifier.predict(images[:1], rank="kingdom", k=1).rows
+    kingdoms = classifier.predict(images[:1], rank=bioclip_jax.Rank.KINGDOM, k=1)
     assert len(kingdoms) == 1 and list(kingdoms[0]) == ["file_name", "kingdom", "score"]
 
     (tmp_path / "subset.csv").write_text("family\nCorvidae\n")
@@ -149,5 +155,5 @@ def test_text_embeddings_of_another_model_are_refused(exported, tmp_path):
     folder, _ = exported
     save_txt_emb(tmp_path / "emb", np.ones((1, 512), np.float32), [Taxon.from_ranks(["A", "", "", "", "", "B", "c"])])
     with pytest.raises(ValueError, match="dimension 512, but the model embeds to 64"):
-        TreeOfLifeClassifier(bioclip_jax.load(folder), tmp_path / "emb")
+        TreeOfLifeClassifier(bioclip_jax.load(folder), txt_emb=tmp_path / "emb")
     assert main(["predict", "x.jpg", "--model", str(folder), "--rank", "genus"]) == 2  # needs --txt-emb

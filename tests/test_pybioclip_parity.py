@@ -162,6 +162,15 @@ def test_unknown_subset_values_are_pybioclip_errors(setup, pybioclip, tmp_path, 
     assert str(theirs.value) in err and "subset.csv" in err  # "Unknown species received: Pica hudsonai. ..."
 
 
+def test_list_tol_taxa_prints_what_pybioclip_prints(setup, pybioclip, capsys):
+    _, weights, emb, _ = setup
+    expected = pybioclip.TreeOfLifeClassifier(model_str=ARCH, pretrained_str=weights).get_label_data().to_csv(
+        index=False)
+    capsys.readouterr()
+    assert main(["list-tol-taxa", "--txt-emb", str(emb)]) == 0
+    assert capsys.readouterr().out == expected
+
+
 def test_custom_labels_and_bins_match_pybioclip(setup, pybioclip, tmp_path):
     folder, weights, _, images = setup
     report = {}

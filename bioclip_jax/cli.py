@@ -183,12 +183,10 @@ def _list_tol_taxa(args) -> int:
     """pybioclip's list-tol-taxa: every species of the tree-of-life embeddings as CSV."""
     from bioclip_jax.convert.hub import resolve_txt_emb
     from bioclip_jax.inference.io import format_rows
-    from bioclip_jax.inference.tree_of_life import classification, read_txt_names
+    from bioclip_jax.inference.tree_of_life import SPECIES_COLUMNS, label_data, read_txt_names
 
     names = read_txt_names(args.txt_emb or resolve_txt_emb(args.model))
-    sys.stdout.write(format_rows([classification(n, "species") for n in names], "csv",
-                                 columns=["kingdom", "phylum", "class", "order", "family", "genus", "species_epithet",
-                                          "species", "common_name"]))
+    sys.stdout.write(format_rows(label_data(names), "csv", columns=SPECIES_COLUMNS))
     return 0
 
 

@@ -90,7 +90,7 @@ def test_files_that_are_not_utf8_are_named(reader, name, tmp_path):
 
 
 def test_label_values_that_look_like_missing_files_or_one_label_warn(tmp_path):
-    with pytest.warns(io.InputWarning, match="'labesl.txt' looks like a file name but there is no such file"):
+    with pytest.warns(io.InputWarning, match="'x,labesl.txt' looks like a file name but there is no such file"):
         assert io.read_labels("x,labesl.txt") == ["x", "labesl.txt"]
     with pytest.warns(io.InputWarning, match="looks like a file name"):
         io.read_labels(str(tmp_path / "labels") + ",dog")

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from bioclip_jax.convert.hub import HUB_PREFIX
 from bioclip_jax.data.transforms import ImageInput, Preprocess
 from bioclip_jax.errors import InputError
 from bioclip_jax.inference.model import (Model, as_image_list, iter_image_features, load, normalize_features,
@@ -44,8 +45,11 @@ def load_model(model_str: str | os.PathLike | Model | None = BIOCLIP_MODEL_STR, 
         if pretrained_str:
             raise InputError("pretrained_str is for weights named by file; model_str is a loaded Model already")
         model = model_str
-    elif pretrained_str:
-        model = load(pretrained_str, model=os.fspath(model_str) if model_str else None)
+    elif pretrained_str:  # model_str is the architecture; a release's hub name stands for its own (bioclip-2: L/14)
+        arch = os.fspath(model_str) if model_str else None
+        if arch and arch.startswith(HUB_PREFIX + "imageomics/"):
+            arch = arch.rsplit("/", 1)[1]
+        model = load(pretrained_str, model=arch)
     else:
         model = load(model_str or BIOCLIP_MODEL_STR)
     return on_device(model, device)

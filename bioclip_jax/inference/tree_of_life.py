@@ -121,6 +121,14 @@ def classification(names: list, rank: str) -> dict:
     return row
 
 
+SPECIES_COLUMNS = [*COLUMNS, "species_epithet", "species", "common_name"]
+
+
+def label_data(names: list[list]) -> list[dict]:
+    """Every species' columns at species rank: what pybioclip's list-tol-taxa prints (columns SPECIES_COLUMNS)."""
+    return [classification(entry, "species") for entry in names]
+
+
 class TreeOfLifeClassifier(BaseClassifier):
     """pybioclip's TreeOfLifeClassifier: softmax over every species' text embedding; a higher rank sums its species'
     probabilities (those above `min_prob`). The species matrix is `txt_emb` (a folder with txt_emb_species.npy and
@@ -145,7 +153,7 @@ class TreeOfLifeClassifier(BaseClassifier):
 
     def get_label_data(self) -> list[dict]:
         """Every species' columns at species rank (pybioclip returns these rows as a DataFrame)."""
-        return [classification(names, "species") for names in self.txt_names]
+        return label_data(self.txt_names)
 
     def create_taxa_filter(self, rank: Rank | str, user_values: Sequence[str]) -> list[bool]:
         """Which species have one of `user_values` at `rank` (binomials at species rank); unknown values are an

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from bioclip_jax.errors import InputError, ResourceError
+
+PYBIOCLIP_MODEL = "hf-hub:imageomics/bioclip-2"  # pybioclip's default --model
 
 # What a user can cause by a value or a path; FileNotFoundError & co. name the path they could not use.
 USER_ERRORS = (InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
@@ -127,39 +130,64 @@ def _report_failures(failures: dict[str, str]) -> int:
 
 
 def _emit(text: str, output: str | None) -> None:
-    """To the --output file if given, else standard output."""
+    """To the --output file if given (checked before any work by io.check_output), else standard output."""
     if output:
-        with open(output, "w") as f:
+        with open(output, "w", encoding="utf-8") as f:
             f.write(text)
     else:
         sys.stdout.write(text)
 
 
+def _model(args):
+    """pybioclip's --model/--pretrained (an architecture and its weights file), or ours: --model WEIGHTS [--arch]."""
+    from bioclip_jax.inference.classify import load_model
+
+    if args.pretrained:
+        return load_model(args.arch or args.model, args.pretrained, args.device)
+    from bioclip_jax.inference.model import load, on_device
+
+    return on_device(load(args.model, model=args.arch), args.device)
+
+
 def _predict(args) -> int:
-    import bioclip_jax
     from bioclip_jax.inference import io
     from bioclip_jax.inference.classify import CustomLabelsBinningClassifier, CustomLabelsClassifier
+    from bioclip_jax.inference.tree_of_life import TreeOfLifeClassifier
 
-    model = bioclip_jax.load(args.model, model=args.arch)
-    if args.rank:
-        from bioclip_jax.inference.tree_of_life import TreeOfLifeClassifier
-
-        from bioclip_jax.convert.hub import resolve_txt_emb
-
-        # BioCLIP releases' species embeddings come from the hub, as in pybioclip; other models need --txt-emb.
-        classifier = TreeOfLifeClassifier(model, args.txt_emb or resolve_txt_emb(args.model))
+    output = io.check_output(args.output)
+    common = dict(preprocess=args.preprocess)
+    if args.cls or args.bins:  # label files are read before the model loads: their errors come first
         if args.subset:
-            classifier.restrict(*io.read_subset(args.subset))
-        predictions = classifier.predict(args.images, rank=args.rank, min_prob=args.min_prob, k=args.k,
-                                         batch_size=args.batch_size)
-    else:
+            raise InputError("--subset restricts the tree of life; it cannot be combined with --cls or --bins")
         if args.bins:
-            classifier = CustomLabelsBinningClassifier(model, io.read_bins(args.bins))
+            bins = io.read_bins(args.bins)
+            classifier = CustomLabelsBinningClassifier(bins, model_str=_model(args), **common)
         else:
-            classifier = CustomLabelsClassifier(model, io.read_labels(args.cls))
-        predictions = classifier.predict(args.images, k=args.k, batch_size=args.batch_size)
-    _emit(io.format_rows(predictions.rows, args.format), args.output)
-    return _report_failures(predictions.failures)
+            with _warnings_as_lines(args.command):
+                labels = io.read_labels(args.cls)
+            classifier = CustomLabelsClassifier(labels, model_str=_model(args), **common)
+        rows = classifier.predict(args.images, k=args.k, batch_size=args.batch_size)
+    else:  # pybioclip: no mode (or --subset alone) is the tree of life at species rank, 5 per image
+        if args.subset:
+            io.read_subset(args.subset)
+        classifier = TreeOfLifeClassifier(_model(args), txt_emb=args.txt_emb, **common)
+        if args.subset:
+            classifier.apply_filter(classifier.create_taxa_filter_from_csv(args.subset))
+        rows = classifier.predict(args.images, rank=args.rank or "species", min_prob=args.min_prob, k=args.k or 5,
+                                  batch_size=args.batch_size)
+    _emit(io.format_rows(rows, args.format), output)
+    return _report_failures(classifier.failures)
+
+
+def _list_tol_taxa(args) -> int:
+    """pybioclip's list-tol-taxa: every species of the tree-of-life embeddings as CSV."""
+    from bioclip_jax.convert.hub import resolve_txt_emb
+    from bioclip_jax.inference.io import format_rows
+    from bioclip_jax.inference.tree_of_life import SPECIES_COLUMNS, label_data, read_txt_names
+
+    names = read_txt_names(args.txt_emb or resolve_txt_emb(args.model))
+    sys.stdout.write(format_rows(label_data(names), "csv", columns=SPECIES_COLUMNS))
+    return 0
 
 
 def _make_txt_emb(args) -> int:
@@ -195,20 +223,34 @@ def _eval(args) -> int:
 def _embed(args) -> int:
     import json
 
-    import bioclip_jax
-    from bioclip_jax.inference.classify import load_images
-    from bioclip_jax.inference.io import embeddings_json
+    from bioclip_jax.inference.classify import embed_images
+    from bioclip_jax.inference.io import check_output, embeddings_json
 
-    model = bioclip_jax.load(args.model, model=args.arch)
-    keys, images, failures = load_images(args.images)
-    features = bioclip_jax.encode(model, images=images, normalize=False, batch_size=args.batch_size) if images else []
-    result = embeddings_json(model.source, keys, features)
-    _emit(json.dumps(result, indent=2) + "\n", args.output)
+    output = check_output(args.output)
+    model = _model(args)
+    keys, features, failures = embed_images(model, args.images, batch_size=args.batch_size,
+                                            preprocess=args.preprocess)
+    _emit(json.dumps(embeddings_json(model.source, keys, features), indent=4) + "\n", output)
     return _report_failures(failures)
 
 
+def _add_model_options(p, weights_help: str) -> None:
+    """pybioclip's --model/--pretrained/--device, our --arch, and the preprocessing choice."""
+    p.add_argument("--model", default=PYBIOCLIP_MODEL,
+                   help=f"{weights_help}; or, with --pretrained, the architecture (default {PYBIOCLIP_MODEL})")
+    p.add_argument("--pretrained", help="weights file for the --model architecture (pybioclip's spelling)")
+    p.add_argument("--arch", help="architecture of a bare weights file, e.g. ViT-B-16-quickgelu")
+    p.add_argument("--device", help="cpu, cuda (or gpu) or tpu, optionally :INDEX (default: JAX's default device)")
+    p.add_argument("--preprocess", choices=["pybioclip", "open_clip"], default="pybioclip",
+                   help="pybioclip: squash to the input size, as pybioclip does for BioCLIP models (default); "
+                        "open_clip: the model's own resize + center crop, for other models")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from bioclip_jax import __version__
+
     parser = argparse.ArgumentParser(prog="bioclip-jax", description="BioCLIP in JAX: convert, encode, train, evaluate")
+    parser.add_argument("--version", action="version", version=f"bioclip-jax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="open_clip <-> bioclip_jax weights (direction from SRC's format), or to "
@@ -227,25 +269,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-bin", action="store_true", help="write only safetensors (no torch needed)")
     p.set_defaults(func=_convert)
 
-    p = sub.add_parser("predict", help="classify images with custom labels or label bins (pybioclip's predict)")
+    p = sub.add_parser("predict", help="classify images: the tree of life (default), custom labels or label bins "
+                                       "(pybioclip's predict)")
     p.add_argument("images", nargs="+")
-    p.add_argument("--model", required=True, help="weights: open_clip folder/file, bioclip_jax folder or run, "
-                                                  "transformers CLIP folder, hf-hub:ORG/NAME, bioclip or bioclip-2")
-    p.add_argument("--arch", help="architecture of a bare weights file, e.g. ViT-B-16-quickgelu")
-    group = p.add_mutually_exclusive_group(required=True)
+    _add_model_options(p, "weights: open_clip folder/file, bioclip_jax folder or run, transformers CLIP folder, "
+                          "hf-hub:ORG/NAME, bioclip or bioclip-2")
+    group = p.add_mutually_exclusive_group()
     group.add_argument("--rank", choices=["kingdom", "phylum", "class", "order", "family", "genus", "species"],
-                       help="tree-of-life prediction at this rank (needs --txt-emb)")
+                       help="tree-of-life prediction at this rank (the default mode, at species rank)")
     group.add_argument("--cls", help="labels: comma-separated, or a file with one label per line")
-    group.add_argument("--bins", help="CSV of label,bin: a bin's score sums its labels' probabilities")
-    p.add_argument("--txt-emb", help="folder with txt_emb_species.npy/.json (pybioclip format), for --rank; "
+    group.add_argument("--bins", help="CSV with a header row, then label,bin rows: a bin's score sums its labels' "
+                                      "probabilities")
+    p.add_argument("--txt-emb", help="folder with txt_emb_species.npy/.json (pybioclip format) for the tree of life; "
                                      "default for bioclip / bioclip-2: the TreeOfLife embeddings on the hub")
-    p.add_argument("--subset", help="CSV whose header names a rank and whose rows the taxa to keep, for --rank")
+    p.add_argument("--subset", help="CSV whose first column's header names a rank and whose rows the taxa to keep "
+                                    "(binomials at species rank); alone it means species rank")
     p.add_argument("--min-prob", type=float, default=1e-9, help="species below this are not summed, for --rank")
-    p.add_argument("--k", type=int, default=5, help="predictions per image")
+    p.add_argument("--k", type=int, help="predictions per image (default: 5 for the tree of life, all labels for "
+                                         "--cls/--bins)")
     p.add_argument("--format", choices=["csv", "table"], default="csv")
     p.add_argument("--output", help="write here instead of standard output")
     p.add_argument("--batch-size", type=int, default=10)
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("list-tol-taxa", help="the species of the tree-of-life embeddings as CSV (pybioclip's "
+                                             "list-tol-taxa)")
+    p.add_argument("--model", default=PYBIOCLIP_MODEL, help=f"bioclip or bioclip-2 (default {PYBIOCLIP_MODEL})")
+    p.add_argument("--txt-emb", help="folder with txt_emb_species.npy/.json instead of the model's")
+    p.set_defaults(func=_list_tol_taxa)
 
     p = sub.add_parser("eval", help="the paper's table: zero-shot (and k-shot) top-1 on the tasks present")
     p.add_argument("--model", required=True)
@@ -278,8 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("embed", help="image embeddings as JSON (pybioclip's embed format, unnormalised)")
     p.add_argument("images", nargs="+")
-    p.add_argument("--model", required=True)
-    p.add_argument("--arch", help="architecture of a bare weights file")
+    _add_model_options(p, "weights (as for predict)")
     p.add_argument("--output")
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=_embed)
@@ -346,6 +396,28 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--prefix", help="shard file prefix (default: the split name)")
     p.set_defaults(func=_make_shards)
     return parser
+
+
+@contextlib.contextmanager
+def _warnings_as_lines(command: str):
+    """The library's InputWarnings (a label file that does not exist, one label) as one line on standard error, every
+    time (not once per process)."""
+    import warnings
+
+    from bioclip_jax.inference.io import InputWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", InputWarning)
+        default = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, InputWarning):
+                print(f"bioclip-jax {command}: warning: {message}", file=sys.stderr)
+            else:
+                default(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
+import re
+import tomllib
 
 import pytest
 
-NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+# Paths of the machine that ran the notebook have no place in committed outputs.
+LOCAL_PATH = re.compile(r"(/tmp/|/work/|/home/|/root/|/Users/|/content/|[A-Z]:\\)")
 
 
 @pytest.mark.parametrize("name", ["quickstart", "train"])
@@ -39,3 +45,27 @@ def test_notebook_reads_well_on_github(name):
     for cell in code:
         for output in cell.outputs:
             assert len(output.get("text", "")) < 5_000, f"{name}: a {len(output.get('text', ''))}-character output"
+
+
+def _repository() -> str:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
+
+
+@pytest.mark.parametrize("name", ["quickstart", "train"])
+def test_notebook_opens_on_colab(name):
+    """A README badge opens it on Colab; its first cell clones the repository named in pyproject.toml and installs
+    it, the next one installs JAX's accelerator build on GPU and TPU runtimes; figures are readable."""
+    repository = _repository()
+    assert repository.startswith("https://github.com/")
+    badge = (f"https://colab.research.google.com/github/{repository.removeprefix('https://github.com/')}/blob/main/"
+             f"notebooks/{name}.ipynb")
+    assert badge in (ROOT / "README.md").read_text()
+    cells = json.loads((NOTEBOOKS / f"{name}.ipynb").read_text())["cells"]
+    code = ["".join(cell["source"]) for cell in cells if cell["cell_type"] == "code"]
+    assert f'REPOSITORY = "{repository}"' in code[0] and '"git", "clone"' in code[0] and "pip" in code[0]
+    assert "jax[cuda12]" in code[1] and "jax[tpu]" in code[1]
+    assert all(int(size) >= 10 for source in code for size in re.findall(r"fontsize=(\d+)", source))
+    for cell in cells:
+        for output in cell.get("outputs", []):
+            text = "".join(output.get("text", "")) + "".join(output.get("data", {}).get("text/plain", ""))
+            assert not LOCAL_PATH.search(text), f"{name}: a local path in a committed output: {text[:300]}"

@@ -8,8 +8,10 @@ class embedding is its own lineage at r.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Sequence
 
+import jax
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -29,9 +31,12 @@ def embed_eval_set(model: Model, data: Any, batch_size: int = 64, worker_count: 
     does: a warning gives their count and the first few (shard file, record, id, why); `failures`, if given, receives
     this process's full list."""
     feats, ranks, labels, commons, indices, failed = [], [], [], [], [], []
+    data = pipeline.open_source(data)
     batches = pipeline.eval_batches(data, batch_size=batch_size, preprocess=model.preprocess,
                                     worker_count=worker_count)
-    for batch in tqdm(batches, desc=desc, leave=False):
+    bar = tqdm(batches, desc=desc, leave=False, unit="batch",  # this process's share, as eval_batches splits it
+               total=math.ceil(math.ceil(len(data) / jax.process_count()) / batch_size))
+    for batch in bar:
         keep = batch["mask"]
         failed += batch["failed"]
         features = model.encode_pixels(batch["image"])[keep]

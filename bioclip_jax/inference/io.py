@@ -6,46 +6,121 @@ from __future__ import annotations
 import csv
 import io
 import os
+import warnings
 
+from bioclip_jax import paths
 from bioclip_jax.data import sources
-from bioclip_jax.data.taxonomy import Taxon
+from bioclip_jax.data.taxonomy import RANKS, Taxon
 from bioclip_jax.errors import InputError
 
 
+class InputWarning(UserWarning):
+    """Input that is probably not what the user meant but can still be used (the CLI prints it as one line)."""
+
+
+# A --cls value with these is meant as a file name, not a label list.
+_FILE_SUFFIXES = (".txt", ".csv", ".tsv")
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A UTF-8 text file (a byte-order mark is dropped, as Excel writes one); other encodings are an InputError naming
+    the file and line."""
+    data = paths.resolve(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise InputError(f"{path}: line {line} is not UTF-8 (byte {data[e.start]:#04x}); save the file as UTF-8") \
+            from None
+
+
+def _csv_rows(path: str | os.PathLike) -> list[tuple[int, list[str]]]:
+    """(line number, cells) of every non-blank row."""
+    reader = csv.reader(io.StringIO(read_text(path), newline=""))
+    rows = []
+    try:
+        for row in reader:
+            if any(cell.strip() for cell in row):
+                rows.append((reader.line_num, [cell.strip() for cell in row]))
+    except csv.Error as e:
+        raise InputError(f"{path}: line {reader.line_num}: {e}") from None
+    return rows
+
+
 def read_labels(value: str) -> list[str]:
-    """--cls: a file with one label per line, or a comma-separated list."""
+    """--cls: a file with one label per line, or a comma-separated list (as pybioclip: a file wins if it exists).
+
+    Warns (InputWarning) when the value looks like a file name that does not exist, and when there is one label
+    only: a softmax over one label gives every image 1.0."""
     if os.path.isfile(value):
-        with open(value) as f:
-            return [line.strip() for line in f if line.strip()]
-    return [label.strip() for label in value.split(",") if label.strip()]
+        labels = [line.strip() for line in read_text(value).splitlines() if line.strip()]
+        if not labels:
+            raise InputError(f"{value}: no labels (expected one label per line)")
+    else:
+        if os.sep in value or "/" in value or value.lower().endswith(_FILE_SUFFIXES):
+            warnings.warn(f"--cls {value!r} looks like a file name but there is no such file; using it as a "
+                          "comma-separated label list", InputWarning, stacklevel=2)
+        labels = [label.strip() for label in value.split(",") if label.strip()]
+    if len(labels) == 1:
+        warnings.warn(f"only one label ({labels[0]!r}): every image will score 1.0; give two or more labels",
+                      InputWarning, stacklevel=2)
+    return labels
 
 
-def read_bins(path: str) -> dict[str, str]:
-    """--bins: a CSV whose first column is the label and second the bin (a header row is skipped if it says so)."""
-    with open(path, newline="") as f:
-        rows = [row for row in csv.reader(f) if row]
-    if rows and [c.strip().lower() for c in rows[0][:2]] in (["cls", "bin"], ["class", "bin"], ["label", "bin"]):
-        rows = rows[1:]
-    bad = [i + 1 for i, row in enumerate(rows) if len(row) < 2]
-    if bad or not rows:
-        raise InputError(f"{path}: expected two columns (label, bin) on every row; rows {bad[:10]} have fewer")
-    return {row[0].strip(): row[1].strip() for row in rows}
+def read_bins(path: str | os.PathLike) -> dict[str, str]:
+    """--bins: a CSV with a header row (always, as pybioclip's `pd.read_csv(index_col=0)`), then label, bin rows;
+    further columns are ignored. Errors name the file and line."""
+    rows = _csv_rows(path)
+    if not rows or len(rows[0][1]) < 2:
+        raise InputError(f"{path}: expected a header row and at least two columns (label, bin), e.g. 'label,bin'")
+    bins: dict[str, str] = {}
+    for line, row in rows[1:]:
+        if len(row) < 2 or not row[0] or not row[1]:
+            raise InputError(f"{path}: line {line}: expected a label and its bin, got {row}")
+        if bins.get(row[0], row[1]) != row[1]:
+            raise InputError(f"{path}: line {line}: label {row[0]!r} is in bin {bins[row[0]]!r} already")
+        bins[row[0]] = row[1]
+    if not bins:
+        raise InputError(f"{path}: no label rows after the header")
+    return bins
 
 
-def read_subset(path: str) -> tuple[str, list[str]]:
-    """pybioclip's --subset CSV: the header of the first column names the rank, the rows the taxa to keep."""
-    with open(path, newline="") as f:
-        rows = [row for row in csv.reader(f) if row]
-    if len(rows) < 2:
-        raise InputError(f"{path}: expected a header naming the rank (e.g. 'order') and at least one taxon")
-    return rows[0][0].strip().lower(), [row[0] for row in rows[1:]]
+def read_subset(path: str | os.PathLike) -> tuple[str, list[str]]:
+    """pybioclip's --subset CSV: the first column's header names the rank, its rows the taxa to keep (at species
+    rank, binomials such as 'Ursus arctos')."""
+    rows = _csv_rows(path)
+    if not rows:
+        raise InputError(f"{path}: empty; expected a header naming the rank (e.g. 'order') and taxa below it")
+    rank = rows[0][1][0].lower()
+    if rank not in RANKS:
+        raise InputError(f"The first column of {path} is named '{rank}' but must be one of {','.join(RANKS)}.")
+    values = [row[0] for _, row in rows[1:] if row[0]]
+    if not values:
+        raise InputError(f"{path}: no taxa below the header '{rows[0][1][0]}'")
+    return rank, values
+
+
+def check_output(path: str | None) -> str | None:
+    """An --output path checked before any work: None (or pybioclip's 'stdout') for standard output."""
+    if not path or path == "stdout":
+        return None
+    if os.path.isdir(path):
+        raise InputError(f"--output {path}: is a directory; expected a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise InputError(f"--output {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise InputError(f"--output {path}: not writable")
+    return path
 
 
 def read_taxa(path: str) -> list[Taxon]:
     """make-txt-emb's taxa CSV: columns kingdom, phylum, cls (or class), order, family, genus, species[, common_name],
     read as make-shards reads metadata.csv."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        rows = list(csv.DictReader(io.StringIO(read_text(path), newline="")))
+    except csv.Error as e:
+        raise InputError(f"{path}: {e}") from None
     rename = {"class": "cls"}  # metadata.csv says "cls"; accept the plain word too
     taxa = [sources.row_taxon({rename.get(k.strip(), k.strip()): (v or "") for k, v in row.items() if k})
             for row in rows]
@@ -56,9 +131,9 @@ def read_taxa(path: str) -> list[Taxon]:
     return taxa
 
 
-def format_rows(rows: list[dict], fmt: str) -> str:
+def format_rows(rows: list[dict], fmt: str, columns: list[str] | None = None) -> str:
     """Prediction rows as CSV (pybioclip's --format csv) or a bordered text table (--format table)."""
-    columns = list(rows[0]) if rows else ["file_name", "classification", "score"]
+    columns = columns or (list(rows[0]) if rows else ["file_name", "classification", "score"])
     buf = io.StringIO()
     if fmt == "csv":
         writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")

@@ -6,7 +6,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -123,8 +123,8 @@ def encode(model: Model, images=None, texts=None, normalize: bool = True, batch_
            preprocess: Preprocess | str | None = None, progress: bool = False):
     """Embeds images and/or texts. Returns float32 numpy [N, D] (a tuple (images, texts) when both are given).
 
-    images: paths, PIL images or uint8 arrays (or one [N, H, W, 3] array). texts: strings. `preprocess`: None for the
-    model's own (open_clip eval transform), "pybioclip" for pybioclip's squash, or a `Preprocess`.
+    images: paths, PIL images or uint8 arrays (or one [N, H, W, 3] array). texts: strings. `preprocess`: None (or "open_clip")
+    for the model's own (open_clip eval transform), "pybioclip" for pybioclip's squash, or a `Preprocess`.
     """
     if images is None and texts is None:
         raise InputError("encode needs images=, texts= or both")
@@ -132,7 +132,7 @@ def encode(model: Model, images=None, texts=None, normalize: bool = True, batch_
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     outputs = []
     if images is not None:
-        outputs.append(_encode_images(model, as_image_list(images), batch_size, _pick_preprocess(model, preprocess),
+        outputs.append(_encode_images(model, as_image_list(images), batch_size, pick_preprocess(model, preprocess),
                                       progress))
     if texts is not None:
         texts = [texts] if isinstance(texts, str) else list(texts)
@@ -144,34 +144,88 @@ def encode(model: Model, images=None, texts=None, normalize: bool = True, batch_
     return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
-def _pick_preprocess(model: Model, preprocess: Preprocess | str | None) -> Preprocess:
-    if preprocess is None:
+def pick_preprocess(model: Model, preprocess: Preprocess | str | None) -> Preprocess:
+    """None or "open_clip": the model's own (open_clip eval transform); "pybioclip": pybioclip's squash; a
+    `Preprocess` as given."""
+    if preprocess is None or preprocess == "open_clip":
         return model.preprocess
     if preprocess == "pybioclip":
         return model.preprocess.pybioclip_squash()
     if isinstance(preprocess, Preprocess):
         return preprocess
-    raise InputError(f"preprocess={preprocess!r}: expected None, 'pybioclip' or a Preprocess")
+    raise InputError(f"preprocess={preprocess!r}: expected 'pybioclip', 'open_clip' (or None) or a Preprocess")
+
+
+# pybioclip's (torch's) device names -> JAX platforms.
+_PLATFORMS = {"cpu": "cpu", "cuda": "gpu", "gpu": "gpu", "rocm": "gpu", "tpu": "tpu", "mps": "METAL"}
+
+
+def on_device(model: Model, device: Any = None) -> Model:
+    """The model with its params on `device` ("cpu", "cuda"/"gpu", "tpu", "cuda:1", a jax.Device or a torch.device);
+    None keeps JAX's default device. Computations follow the params, so encode runs there."""
+    if device is None:
+        return model
+    if not isinstance(device, jax.Device):
+        platform, _, index = str(device).lower().partition(":")
+        if platform not in _PLATFORMS or (index and not index.isdigit()):
+            raise InputError(f"device {device!r}: expected one of cpu, cuda, gpu, tpu (optionally :INDEX)")
+        try:
+            devices = jax.devices(_PLATFORMS[platform])
+        except RuntimeError:
+            have = sorted({d.platform for d in jax.devices()})
+            raise InputError(f"device {device!r}: JAX has no {_PLATFORMS[platform]} backend here (it has {have}); "
+                             "install jax[cuda12] for NVIDIA GPUs or jax[tpu] for TPUs") from None
+        if int(index or 0) >= len(devices):
+            raise InputError(f"device {device!r}: only {len(devices)} {_PLATFORMS[platform]} device(s)")
+        device = devices[int(index or 0)]
+    return dataclasses.replace(model, params=jax.device_put(model.params, device))
 
 
 def _encode_images(model: Model, images: Sequence[ImageInput], batch_size: int, preprocess: Preprocess,
                    progress: bool) -> np.ndarray:
-    if not images:
-        return np.zeros((0, model.config.embed_dim), np.float32)
+    feats = [f for _, f in iter_image_features(model, images, batch_size, preprocess, progress=progress)]
+    return np.concatenate(feats) if feats else np.zeros((0, model.config.embed_dim), np.float32)
+
+
+# What `load_image` and the preprocessing raise for one bad image (a missing file, an undecodable or refused one);
+# the other images of a batch are still embedded when the caller collects failures.
+IMAGE_ERRORS = (OSError, ValueError, TypeError)
+
+
+def iter_image_features(model: Model, images: Sequence[ImageInput], batch_size: int, preprocess: Preprocess,
+                        failures: dict[int, str] | None = None, progress: bool = True,
+                        callback: Callable[[int, int], None] | None = None,
+                        desc: str = "images") -> Iterator[tuple[list[int], np.ndarray]]:
+    """Streams (positions, unnormalised features [B', D]) one batch at a time, so memory stays flat in the number of
+    images. Worker threads decode and preprocess the next batch while the device runs this one.
+
+    failures: None raises on the first bad image; a dict collects {position: why} and the batch goes on without it.
+    callback(processed, total), as pybioclip's, replaces the progress bar."""
     def prepare(src):
         return preprocess(load_image(src))
 
-    # PIL decodes and resizes outside the GIL, so threads prepare the next batch while the device runs this one;
-    # only two batches of pixels are held at a time.
-    chunks = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
-    feats = []
+    total = len(images)
+    chunks = [range(i, min(i + batch_size, total)) for i in range(0, total, batch_size)]
+    # PIL decodes and resizes outside the GIL; only two batches of pixels are held at a time.
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool, \
-            tqdm(total=len(images), desc="images", disable=not progress) as bar:
-        pending = [pool.submit(prepare, src) for src in chunks[0]]
-        for i in range(len(chunks)):
+            tqdm(total=total, desc=desc, unit="images", disable=not progress or callback is not None) as bar:
+        pending = [pool.submit(prepare, images[j]) for j in chunks[0]] if chunks else []
+        for i, chunk in enumerate(chunks):
             current = pending
-            pending = [pool.submit(prepare, src) for src in chunks[i + 1]] if i + 1 < len(chunks) else []
-            batch = np.stack([f.result() for f in current])
-            feats.append(_run_padded(model.encode_pixels, batch, batch_size))
-            bar.update(len(batch))
-    return np.concatenate(feats)
+            pending = [pool.submit(prepare, images[j]) for j in chunks[i + 1]] if i + 1 < len(chunks) else []
+            positions, pixels = [], []
+            for j, future in zip(chunk, current):
+                try:
+                    pixels.append(future.result())
+                    positions.append(j)
+                except IMAGE_ERRORS as e:
+                    if failures is None:
+                        for f in pending:
+                            f.cancel()
+                        raise
+                    failures[j] = str(e)
+            if pixels:
+                yield positions, _run_padded(model.encode_pixels, np.stack(pixels), batch_size)
+            bar.update(len(chunk))
+            if callback is not None:
+                callback(chunk.stop, total)

@@ -4,24 +4,28 @@
     txt_emb_species.json  N entries [[kingdom, phylum, class, order, family, genus, species_epithet], common_name]
 
 Species probabilities are softmax(exp(logit_scale) * image @ matrix); a higher rank's score sums the probabilities of
-its species (those above `min_prob`), as pybioclip's TreeOfLifeClassifier.
+its species (those above `min_prob`), as pybioclip's TreeOfLifeClassifier. Rows carry the names exactly as the JSON
+stores them.
 """
 
 from __future__ import annotations
 
 import collections
+import enum
 import json
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from bioclip_jax.data.taxonomy import RANKS, Taxon
 from bioclip_jax.errors import InputError
-from bioclip_jax.inference.classify import Predictions, load_images, zero_shot_probabilities
-from bioclip_jax.inference.model import Model, as_image_list, encode
+from bioclip_jax.convert.hub import resolve_txt_emb
+from bioclip_jax.inference.classify import BIOCLIP_MODEL_STR, DEFAULT_BATCH_SIZE, BaseClassifier
+from bioclip_jax.inference.io import read_subset
+from bioclip_jax.inference.model import Model
 from bioclip_jax.inference.templates import OPENAI_IMAGENET_TEMPLATES
 from bioclip_jax.inference.zero_shot import class_embeddings, class_texts
 
@@ -42,23 +46,37 @@ def save_txt_emb(folder: str | os.PathLike, embeddings: np.ndarray, taxa: Sequen
     return folder
 
 
-def load_txt_emb(folder: str | os.PathLike) -> tuple[np.ndarray, list[Taxon]]:
-    """-> (matrix [D, N] float32, taxa). Files are validated against each other."""
+def read_txt_names(folder: str | os.PathLike) -> list[list]:
+    """txt_emb_species.json as stored: [[kingdom, ..., genus, species_epithet], common_name] per species."""
+    path = Path(folder) / NAMES_FILE
+    try:
+        names = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not UTF-8 JSON ({e})") from None
+    for i, entry in enumerate(names if isinstance(names, list) else [names]):
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], list) and len(entry[0]) == 7):
+            raise InputError(f"{path}: entry {i} is {entry!r}; expected [[7 ranks], common_name]")
+    return names
+
+
+def load_txt_matrix(folder: str | os.PathLike) -> tuple[np.ndarray, list[list]]:
+    """-> (matrix [D, N] float32, the names as stored). Files are validated against each other."""
     folder = Path(folder)
     for name in (EMBEDDINGS_FILE, NAMES_FILE):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder}: missing {name} (expected pybioclip's {EMBEDDINGS_FILE} + {NAMES_FILE})")
     matrix = np.load(folder / EMBEDDINGS_FILE, allow_pickle=False)  # never unpickle: plain arrays only
-    names = json.loads((folder / NAMES_FILE).read_text())
+    names = read_txt_names(folder)
     if matrix.ndim != 2 or matrix.shape[1] != len(names):
         raise InputError(f"{folder / EMBEDDINGS_FILE}: shape {matrix.shape}, expected [D, {len(names)}] to match "
                          f"the {len(names)} names of {NAMES_FILE}")
-    taxa = []
-    for i, entry in enumerate(names):
-        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], list) and len(entry[0]) == 7):
-            raise InputError(f"{folder / NAMES_FILE}: entry {i} is {entry!r}; expected [[7 ranks], common_name]")
-        taxa.append(Taxon.from_ranks(entry[0], entry[1] or ""))
-    return matrix.astype(np.float32, copy=False), taxa
+    return matrix.astype(np.float32, copy=False), names
+
+
+def load_txt_emb(folder: str | os.PathLike) -> tuple[np.ndarray, list[Taxon]]:
+    """-> (matrix [D, N] float32, taxa)."""
+    matrix, names = load_txt_matrix(folder)
+    return matrix, [Taxon.from_ranks(ranks, common or "") for ranks, common in names]
 
 
 def make_txt_emb(model: Model, taxa: Sequence[Taxon], folder: str | os.PathLike, text_type: str = "taxon_com",
@@ -71,62 +89,124 @@ def make_txt_emb(model: Model, taxa: Sequence[Taxon], folder: str | os.PathLike,
     return save_txt_emb(folder, np.concatenate(rows), taxa)
 
 
-def _row(taxon: Taxon, rank: str) -> dict:
-    depth = RANKS.index(rank)
-    kingdom_to_genus = dict(zip(COLUMNS, taxon.ranks[:6]))
-    if rank != "species":
-        return {c: kingdom_to_genus[c] for c in COLUMNS[:depth + 1]}
-    genus, epithet = taxon.ranks[5], taxon.ranks[6]
-    return {**kingdom_to_genus, "species_epithet": epithet, "species": f"{genus} {epithet}",
-            "common_name": taxon.common_name}
+class Rank(enum.Enum):
+    """pybioclip's ranks (same names and values); classifiers also take the strings "kingdom" ... "species"."""
+    KINGDOM = 0
+    PHYLUM = 1
+    CLASS = 2
+    ORDER = 3
+    FAMILY = 4
+    GENUS = 5
+    SPECIES = 6
+
+    def get_label(self) -> str:
+        return self.name.lower()
 
 
-class TreeOfLifeClassifier:
-    def __init__(self, model: Model, txt_emb: str | os.PathLike):
-        self.model = model
-        self.matrix, self.taxa = load_txt_emb(txt_emb)
-        if self.matrix.shape[0] != model.config.embed_dim:
-            raise InputError(f"{txt_emb}: text embeddings have dimension {self.matrix.shape[0]}, but the model embeds "
-                             f"to {model.config.embed_dim}: they were made with another model")
-        self._matrix, self._taxa = self.matrix, self.taxa  # the candidates: all species, or restrict()'s subset
+def rank_label(rank: Rank | str | enum.Enum) -> str:
+    """"species" for Rank.SPECIES, pybioclip's own Rank.SPECIES or the string (any case)."""
+    label = rank.name.lower() if isinstance(rank, enum.Enum) else str(rank).strip().lower()
+    if label not in RANKS:
+        raise InputError(f"rank {rank!r}: expected a Rank or one of {', '.join(RANKS)}")
+    return label
 
-    def restrict(self, rank: str, names: Sequence[str]) -> int:
-        """Keeps only species whose `rank` is one of `names` (pybioclip's --subset); returns how many remain."""
-        if rank not in RANKS:
-            raise InputError(f"rank {rank!r}: expected one of {RANKS}")
-        wanted = {n.strip().lower() for n in names}
-        index = RANKS.index(rank)
-        keep = np.array([t.ranks[index].lower() in wanted for t in self.taxa])
-        if not keep.any():
-            raise InputError(f"no species has {rank} in {sorted(wanted)[:10]}")
-        self._matrix = self.matrix[:, keep]
-        self._taxa = [t for t, kept in zip(self.taxa, keep) if kept]
-        return len(self._taxa)
 
-    def predict(self, images, rank: str = "species", min_prob: float = 1e-9, k: int = 5,
-                batch_size: int = 10) -> Predictions:
-        if rank not in RANKS:
-            raise InputError(f"rank {rank!r}: expected one of {RANKS}")
-        keys, loaded, failures = load_images(as_image_list(images))
+def classification(names: list, rank: str) -> dict:
+    """pybioclip's columns for one species at `rank`, with the strings as stored: the ranks up to `rank` ("class"
+    for the class rank); at species rank also species_epithet, species ("Genus epithet") and common_name."""
+    ranks, common = names
+    row = {column: ranks[i] for i, column in enumerate(COLUMNS[:RANKS.index(rank) + 1])}
+    if rank == "species":
+        row.update(species_epithet=ranks[6], species=f"{ranks[5]} {ranks[6]}", common_name=common)
+    return row
+
+
+SPECIES_COLUMNS = [*COLUMNS, "species_epithet", "species", "common_name"]
+
+
+def label_data(names: list[list]) -> list[dict]:
+    """Every species' columns at species rank: what pybioclip's list-tol-taxa prints (columns SPECIES_COLUMNS)."""
+    return [classification(entry, "species") for entry in names]
+
+
+class TreeOfLifeClassifier(BaseClassifier):
+    """pybioclip's TreeOfLifeClassifier: softmax over every species' text embedding; a higher rank sums its species'
+    probabilities (those above `min_prob`). The species matrix is `txt_emb` (a folder with txt_emb_species.npy and
+    .json) or, for the BioCLIP releases (bioclip, bioclip-2, hf-hub:imageomics/...), the one pybioclip downloads."""
+
+    def __init__(self, model_str: str | os.PathLike | Model | None = BIOCLIP_MODEL_STR,
+                 pretrained_str: str | None = None, device=None, *, txt_emb: str | os.PathLike | None = None,
+                 **kwargs):
+        super().__init__(model_str, pretrained_str, device, **kwargs)
+        folder = txt_emb if txt_emb is not None else resolve_txt_emb(self.model_str)
+        self.txt_embeddings, self.txt_names = load_txt_matrix(folder)
+        if self.txt_embeddings.shape[0] != self.model.config.embed_dim:
+            raise InputError(f"{folder}: text embeddings have dimension {self.txt_embeddings.shape[0]}, but the "
+                             f"model embeds to {self.model.config.embed_dim}: they were made with another model")
+        self._subset: np.ndarray | None = None  # indices of the species kept by apply_filter
+
+    def get_txt_embeddings(self) -> np.ndarray:
+        return self.txt_embeddings if self._subset is None else self.txt_embeddings[:, self._subset]
+
+    def get_current_txt_names(self) -> list[list]:
+        return self.txt_names if self._subset is None else [self.txt_names[i] for i in self._subset]
+
+    def get_label_data(self) -> list[dict]:
+        """Every species' columns at species rank (pybioclip returns these rows as a DataFrame)."""
+        return label_data(self.txt_names)
+
+    def create_taxa_filter(self, rank: Rank | str, user_values: Sequence[str]) -> list[bool]:
+        """Which species have one of `user_values` at `rank` (binomials at species rank); unknown values are an
+        error naming them, with pybioclip's message."""
+        label = rank_label(rank)
+        column = [classification(names, "species")[label] for names in self.txt_names]
+        known = set(column)
+        unknown = [v for v in user_values if v not in known]
+        if unknown:
+            raise InputError(f"Unknown {label} received: {', '.join(map(str, unknown))}. "
+                             f"Only known {label} may be used.")
+        wanted = set(user_values)
+        return [value in wanted for value in column]
+
+    def create_taxa_filter_from_csv(self, csv_path: str | os.PathLike) -> list[bool]:
+        """pybioclip's --subset: the first column's header names the rank, its rows the taxa to keep."""
+        rank, values = read_subset(csv_path)
+        try:
+            return self.create_taxa_filter(rank, values)
+        except InputError as e:
+            raise InputError(f"{csv_path}: {e}") from None
+
+    def apply_filter(self, keep_labels_ary: Sequence[bool]) -> None:
+        """Keeps only the species marked True (see `create_taxa_filter`)."""
+        if len(keep_labels_ary) != len(self.txt_names):
+            raise InputError(f"Invalid keep_embeddings values. This parameter should be a list containing "
+                             f"{len(self.txt_names)} items.")
+        keep = np.flatnonzero(np.asarray(keep_labels_ary, bool))
+        if not len(keep):
+            raise InputError("the filter keeps no species")
+        self._subset = keep
+
+    def predict(self, images, rank: Rank | str = Rank.SPECIES, min_prob: float = 1e-9, k: int | None = 5,
+                batch_size: int = DEFAULT_BATCH_SIZE, callback: Callable[[int, int], None] | None = None) -> list[dict]:
+        """Rows {"file_name", ranks..., "score"}, best first, `k` per image (pybioclip's columns)."""
+        rank = rank_label(rank)
+        names = self.get_current_txt_names()
         rows: list[dict] = []
-        if loaded:
-            features = encode(self.model, images=loaded, batch_size=batch_size)
-            probs = zero_shot_probabilities(self.model, features, self._matrix)
-            for key, p in zip(keys, probs):
-                rows += self._rows(key, p, self._taxa, rank, min_prob, k)
-        return Predictions(rows, failures)
+        for key, probs in self.iter_probabilities(images, self.get_txt_embeddings(), batch_size, callback):
+            rows += _top_rows(key, probs, names, rank, min_prob, k or 5)
+        return rows
 
-    @staticmethod
-    def _rows(key: str, probs: np.ndarray, taxa: list[Taxon], rank: str, min_prob: float, k: int) -> list[dict]:
-        if rank == "species":
-            best = np.argsort(-probs)[:k]
-            return [{"file_name": key, **_row(taxa[i], rank), "score": float(probs[i])} for i in best]
-        totals: dict[tuple, float] = collections.defaultdict(float)
-        labels: dict[tuple, dict] = {}
-        for i in np.flatnonzero(probs > min_prob):
-            row = _row(taxa[i], rank)
-            name = tuple(row.values())
-            totals[name] += float(probs[i])
-            labels[name] = row
-        best = sorted(totals, key=lambda n: -totals[n])[:k]
-        return [{"file_name": key, **labels[n], "score": totals[n]} for n in best]
+
+def _top_rows(key: str, probs: np.ndarray, names: list[list], rank: str, min_prob: float, k: int) -> list[dict]:
+    if rank == "species":
+        best = np.argsort(-probs, kind="stable")[:k]
+        return [{"file_name": key, **classification(names[i], rank), "score": float(probs[i])} for i in best]
+    totals: dict[tuple, float] = collections.defaultdict(float)
+    labels: dict[tuple, dict] = {}
+    for i in np.flatnonzero(probs > min_prob):
+        row = classification(names[i], rank)
+        lineage = tuple(row.values())
+        totals[lineage] += float(probs[i])
+        labels[lineage] = row
+    best = sorted(totals, key=lambda n: -totals[n])[:k]  # stable: ties keep first-seen order, as heapq.nlargest
+    return [{"file_name": key, **labels[n], "score": totals[n]} for n in best]

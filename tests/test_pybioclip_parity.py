@@ -1,0 +1,205 @@
+"""pybioclip itself is the oracle: its TreeOfLifeClassifier on a local species matrix and its custom-label classifiers,
+on the same exported weights treated as a BioCLIP model (so pybioclip squashes images to 224 x 224), against our CLI
+and Python classes on non-square images: same rows, scores within 1e-3.
+
+pybioclip is pointed at local files without network: the exported architecture is registered with open_clip under a
+name that is added to pybioclip's TOL_MODELS (what makes it squash and allows tree-of-life prediction), and its hub
+download of txt_emb_species.npy/.json is replaced by the local folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import bioclip_jax
+from bioclip_jax.cli import main
+from bioclip_jax.inference.tree_of_life import EMBEDDINGS_FILE, NAMES_FILE
+from bioclip_jax.models.config import get_model_config
+
+ARCH = "tiny224"  # the tiny architecture at pybioclip's fixed 224 x 224 input
+# Raw strings as a species JSON may hold them: lower-case and multi-word names are kept, never re-capitalised.
+SPECIES = [
+    (["Animalia", "Chordata", "Aves", "Passeriformes", "Corvidae", "Pica", "hudsonia"], "black-billed magpie"),
+    (["Animalia", "Chordata", "Aves", "Passeriformes", "Corvidae", "Corvus", "corax"], "common raven"),
+    (["Animalia", "Chordata", "Aves", "Passeriformes", "Corvidae", "Corvus", "brachyrhynchos"], ""),
+    (["Animalia", "Chordata", "Aves", "Passeriformes", "Paridae", "Poecile", "atricapillus"], "chickadee"),
+    (["Animalia", "Chordata", "Aves", "Accipitriformes", "Accipitridae", "Buteo", "jamaicensis"], "red-tailed hawk"),
+    (["Animalia", "Chordata", "Mammalia", "Carnivora", "Canidae", "Canis", "lupus"], "gray wolf"),
+    (["Animalia", "Chordata", "Mammalia", "Carnivora", "Ursidae", "Ursus", "arctos"], "brown bear"),
+    (["Animalia", "Chordata", "Mammalia", "Rodentia", "Sciuridae", "Sciurus", "carolinensis"], "gray squirrel"),
+    (["Animalia", "Arthropoda", "Insecta", "Lepidoptera", "Nymphalidae", "Danaus", "plexippus"], "monarch"),
+    (["Fungi", "Basidiomycota", "Agaricomycetes", "Agaricales", "Amanitaceae", "Amanita", "muscaria"], ""),
+    (["Plantae", "Tracheophyta", "Magnoliopsida", "Rosales", "Rosaceae", "Rosa", "canina"], "dog rose"),
+    (["Bacteria", "incertae sedis", "unclassified Bacteria", "", "", "Candidatus Foo", "bar"], None),
+]
+LABELS = ["Pica hudsonia", "Corvus corax", "Canis lupus", "Ursus arctos", "Danaus plexippus", "Amanita muscaria"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(open_clip folder, safetensors file, species matrix folder, non-square image paths)."""
+    import open_clip
+
+    root = tmp_path_factory.mktemp("parity")
+    tiny = get_model_config("tiny")
+    config = dataclasses.replace(tiny, vision=dataclasses.replace(tiny.vision, image_size=224, patch_size=32))
+    model = bioclip_jax.create_model(config, seed=3)
+    model = dataclasses.replace(model, params={**model.params, "logit_scale": np.asarray(np.log(60.0), np.float32)})
+    folder = bioclip_jax.export_open_clip(model, root / "export")
+    (root / f"{ARCH}.json").write_text(json.dumps(config.to_open_clip()))
+    open_clip.add_model_config(root / f"{ARCH}.json")
+
+    # The species matrix, as pybioclip's files: text embeddings of each species' name, [D, N], and raw names.
+    names = [[ranks, common] for ranks, common in SPECIES]
+    texts = [f"a photo of {' '.join(r for r in ranks if r)}." for ranks, _ in SPECIES]
+    matrix = bioclip_jax.encode(bioclip_jax.load(folder), texts=texts)
+    emb = root / "txt_emb"
+    emb.mkdir()
+    np.save(emb / EMBEDDINGS_FILE, np.ascontiguousarray(matrix.T))
+    (emb / NAMES_FILE).write_text(json.dumps(names), encoding="utf-8")
+
+    rng = np.random.default_rng(7)
+    images = []
+    for i, (h, w) in enumerate([(120, 360), (300, 100), (97, 211), (224, 160), (400, 130)]):
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([xx / w, yy / h, (xx * yy) / (h * w)], axis=-1) * 255  # smooth structure, not only noise
+        pixels = np.clip(base * rng.uniform(0.3, 1.0, 3) + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
+        images.append(str(root / f"img{i}.png"))
+        Image.fromarray(pixels).save(images[-1])
+    return folder, str(folder / "open_clip_model.safetensors"), emb, images
+
+
+@pytest.fixture
+def pybioclip(setup, monkeypatch):
+    """pybioclip's predict module, offline, treating our exported architecture as one of its BioCLIP models."""
+    import torch
+    from bioclip import predict
+
+    _, _, emb, _ = setup
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)  # same math, no compile time in tests
+    monkeypatch.setitem(predict.TOL_MODELS, ARCH, "local/TreeOfLife")  # squash (preprocess_img), tree of life
+    monkeypatch.setattr(predict.BaseClassifier, "get_cached_datafile",
+                        lambda self, filename: str(emb / os.path.basename(filename)))
+    return predict
+
+
+def _read_csv(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _compare(ours: list[dict], theirs: list[dict], what: str, report: dict) -> None:
+    """Same rows (every column but the score, as strings) in the same order; scores within 1e-3."""
+    def key(row):
+        return [(c, "" if v is None else str(v)) for c, v in row.items() if c != "score"]
+
+    assert [key(r) for r in ours] == [key(r) for r in theirs], what
+    diff = np.abs(np.array([float(r["score"]) for r in ours]) - np.array([float(r["score"]) for r in theirs]))
+    report[what] = (len(ours), float(diff.max()))
+    assert diff.max() < 1e-3, what
+
+
+def test_tree_of_life_matches_pybioclip(setup, pybioclip, tmp_path):
+    folder, weights, emb, images = setup
+    reference = pybioclip.TreeOfLifeClassifier(model_str=ARCH, pretrained_str=weights)
+    report = {}
+    for rank, args in [("species", []), ("family", ["--rank", "family"]), ("class", ["--rank", "class"])]:
+        out = tmp_path / f"{rank}.csv"
+        assert main(["predict", *images, "--model", str(folder), "--txt-emb", str(emb), *args,
+                     "--output", str(out)]) == 0  # no mode: the tree of life at species rank, k=5
+        expected = reference.predict(images, pybioclip.Rank[rank.upper()])
+        _compare(_read_csv(out), expected, f"cli {rank}", report)
+
+    # --subset alone: species rank among the subset; values at species rank are binomials.
+    (tmp_path / "subset.csv").write_text("family\nCorvidae\nCanidae\nUrsidae\n")
+    reference.apply_filter(reference.create_taxa_filter_from_csv(str(tmp_path / "subset.csv")))
+    assert main(["predict", *images, "--model", str(folder), "--txt-emb", str(emb), "--subset",
+                 str(tmp_path / "subset.csv"), "--output", str(tmp_path / "subset_out.csv")]) == 0
+    _compare(_read_csv(tmp_path / "subset_out.csv"), reference.predict(images, pybioclip.Rank.SPECIES),
+             "cli --subset family", report)
+    (tmp_path / "species.csv").write_text("species\nPica hudsonia\nCorvus corax\nRosa canina\n")
+    reference.apply_filter(reference.create_taxa_filter_from_csv(str(tmp_path / "species.csv")))
+    assert main(["predict", *images, "--model", str(folder), "--txt-emb", str(emb), "--subset",
+                 str(tmp_path / "species.csv"), "--rank", "class", "--output", str(tmp_path / "sp_out.csv")]) == 0
+    _compare(_read_csv(tmp_path / "sp_out.csv"), reference.predict(images, pybioclip.Rank.CLASS),
+             "cli --subset species --rank class", report)
+
+    # The Python class, with pybioclip's signature and Rank, returns pybioclip's rows.
+    ours = bioclip_jax.TreeOfLifeClassifier(model_str=str(folder), txt_emb=emb, progress=False)
+    reference.apply_filter([True] * len(SPECIES))
+    for rank in (bioclip_jax.Rank.FAMILY, pybioclip.Rank.GENUS, "species"):
+        expected = reference.predict(images, pybioclip.Rank[rank.upper()] if isinstance(rank, str) else
+                                     pybioclip.Rank[rank.name], k=3)
+        _compare(ours.predict(images, rank, k=3), expected, f"python {rank}", report)
+    assert ours.failures == {}
+    print("\npybioclip parity (rows, max |score difference|):", report)
+
+    # Center-crop, what bioclip-jax did before, really differs on these images: the comparison above can fail.
+    assert main(["predict", *images, "--model", str(folder), "--txt-emb", str(emb), "--preprocess", "open_clip",
+                 "--output", str(tmp_path / "crop.csv")]) == 0
+    reference.apply_filter([True] * len(SPECIES))
+    cropped = _read_csv(tmp_path / "crop.csv")
+    expected = reference.predict(images, pybioclip.Rank.SPECIES)
+    assert max(abs(float(a["score"]) - b["score"]) for a, b in zip(cropped, expected)) > 1e-3
+
+
+def test_unknown_subset_values_are_pybioclip_errors(setup, pybioclip, tmp_path, capsys):
+    folder, weights, emb, images = setup
+    (tmp_path / "subset.csv").write_text("species\nPica hudsonia\nPica hudsonai\n")
+    reference = pybioclip.TreeOfLifeClassifier(model_str=ARCH, pretrained_str=weights)
+    with pytest.raises(ValueError) as theirs:
+        reference.create_taxa_filter_from_csv(str(tmp_path / "subset.csv"))
+    assert main(["predict", images[0], "--model", str(folder), "--txt-emb", str(emb), "--subset",
+                 str(tmp_path / "subset.csv")]) == 2
+    err = capsys.readouterr().err
+    assert str(theirs.value) in err and "subset.csv" in err  # "Unknown species received: Pica hudsonai. ..."
+
+
+def test_list_tol_taxa_prints_what_pybioclip_prints(setup, pybioclip, capsys):
+    _, weights, emb, _ = setup
+    expected = pybioclip.TreeOfLifeClassifier(model_str=ARCH, pretrained_str=weights).get_label_data().to_csv(
+        index=False)
+    capsys.readouterr()
+    assert main(["list-tol-taxa", "--txt-emb", str(emb)]) == 0
+    assert capsys.readouterr().out == expected
+
+
+def test_custom_labels_and_bins_match_pybioclip(setup, pybioclip, tmp_path):
+    folder, weights, _, images = setup
+    report = {}
+    reference = pybioclip.CustomLabelsClassifier(cls_ary=LABELS, model_str=ARCH, pretrained_str=weights)
+    assert main(["predict", *images, "--model", str(folder), "--cls", ",".join(LABELS),
+                 "--output", str(tmp_path / "cls.csv")]) == 0  # --k: all labels by default, as pybioclip
+    _compare(_read_csv(tmp_path / "cls.csv"), reference.predict(images), "cli --cls", report)
+    ours = bioclip_jax.CustomLabelsClassifier(LABELS, model_str=str(folder), progress=False)
+    _compare(ours.predict(images, k=2), reference.predict(images, k=2), "python custom labels k=2", report)
+
+    # A header that is not "label,bin" is still a header (pd.read_csv semantics), never a class.
+    (tmp_path / "bins.csv").write_text("species,group\n" + "".join(
+        f"{label},{'bird' if label.startswith(('Pica', 'Corvus')) else 'other ' + label.split()[0]}\n"
+        for label in LABELS))
+    from bioclip.commands import parse_bins_csv
+
+    binned = pybioclip.CustomLabelsBinningClassifier(cls_to_bin=parse_bins_csv(str(tmp_path / "bins.csv")),
+                                                     model_str=ARCH, pretrained_str=weights)
+    assert main(["predict", *images, "--model", str(folder), "--bins", str(tmp_path / "bins.csv"),
+                 "--output", str(tmp_path / "bins_out.csv")]) == 0
+    _compare(_read_csv(tmp_path / "bins_out.csv"), binned.predict(images), "cli --bins", report)
+    print("\npybioclip parity (rows, max |score difference|):", report)
+
+
+def test_embed_matches_pybioclip(setup, pybioclip, tmp_path):
+    folder, weights, _, images = setup
+    classifier = pybioclip.BaseClassifier(model_str=ARCH, pretrained_str=weights)
+    expected = classifier.create_image_features([classifier.ensure_rgb_image(p) for p in images],
+                                                normalize=False).numpy()
+    assert main(["embed", *images, "--model", str(folder), "--output", str(tmp_path / "e.json")]) == 0
+    ours = json.loads((tmp_path / "e.json").read_text())["embeddings"]
+    np.testing.assert_allclose([ours[p] for p in images], expected, atol=2e-4)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-import threading
 import time
 from pathlib import Path
 
@@ -49,13 +48,8 @@ def no_network(monkeypatch):
     attempts = []
 
     def refuse(*args, **kwargs):
-        # Only this test's own thread and the threads it starts count: a background thread left by an earlier test
-        # (e.g. a metrics writer's) is not the hub code under test.
-        if threading.current_thread().ident not in foreign:
-            attempts.append(args[1:2] or args[:1])
+        attempts.append(args[1:2] or args[:1])
         raise OSError("network access is disabled in the tests")
-
-    foreign = {t.ident for t in threading.enumerate() if t is not threading.current_thread()}
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)

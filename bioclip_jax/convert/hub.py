@@ -15,6 +15,7 @@ them the same way.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -113,6 +114,20 @@ def _commit(path: Path, filename: str) -> str:
     return path.parents[len(filename.split("/")) - 1].name
 
 
+@contextlib.contextmanager
+def _offline_constants():
+    """huggingface_hub reads HF_HUB_OFFLINE once, at import; a cache-only read must not reach for the network (it
+    fetches e.g. its user-agent registry unless its constant says offline), whenever the variable was set."""
+    from huggingface_hub import constants
+
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+
+
 class _Fetcher:
     """Files of one repository: from the hub when online (the cache when it answers so), else from the cache."""
 
@@ -149,7 +164,8 @@ class _Fetcher:
             except (ConnectionError, OSError) as e:  # network errors (httpx and HfHubHTTPError are OSErrors too)
                 self.unreachable = f"the hub could not be reached ({_first_line(e)})"
         try:
-            return Path(hf_hub_download(**kwargs, local_files_only=True))
+            with _offline_constants():
+                return Path(hf_hub_download(**kwargs, local_files_only=True))
         except EntryNotFoundError:  # LocalEntryNotFoundError, or a cached "no such file" marker
             return None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
 import tomllib
@@ -21,6 +22,8 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
     nbclient = pytest.importorskip("nbclient")
     monkeypatch.setenv("BIOCLIP_JAX_NOTEBOOK_SMALL", "1")
     monkeypatch.setenv("BIOCLIP_JAX_RUNS", str(tmp_path))
+    # The kernel (a subprocess) imports the checkout under test, not whichever copy is installed.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     # Raises CellExecutionError, with the failing cell and its traceback, if any cell fails (the train notebook
     # asserts its resume step and open_clip parity itself).

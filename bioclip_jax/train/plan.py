@@ -231,7 +231,8 @@ def _exceeded_bytes(message: str) -> tuple[float, str]:
     """(bytes XLA needed per chip, one-line reason) from its RESOURCE_EXHAUSTED compile error, which says either
     "Used 16.03G of 15.75G hbm. Exceeded hbm capacity by 35.00M." or "the total memory required for HLO temporaries
     (24.38G) exceeds available HBM (15.75G)" (a lower bound: arguments come on top)."""
-    reason = next((line.strip() for line in message.splitlines() if "RESOURCE_EXHAUSTED" in line), message[:300])
+    line = next((line for line in message.splitlines() if "RESOURCE_EXHAUSTED" in line), message[:300])
+    reason = line[line.find("RESOURCE_EXHAUSTED"):].strip()
     units = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
     m = re.search(r"Used ([\d.]+)([KMGT]?)\s*of", message) or re.search(r"required for [^(]*\(([\d.]+)([KMGT]?)\)",
                                                                         message)

@@ -67,7 +67,8 @@ def _train(args) -> int:
 
 
 def _plan(args) -> int:
-    """Exit 0 when the step fits the chips' memory, 1 when it does not, 2 on bad input (main's error handler)."""
+    """Exit 0 when the step fits the chips' memory, 1 when it does not, 2 on bad input (main's error handler), 3 when
+    the compiler fails for another reason."""
     import os
 
     # libtpu lets one process per host load it unless told otherwise; a planner shares its host with other work.
@@ -77,7 +78,14 @@ def _plan(args) -> int:
     topology = plan.parse_topology(args.topology)
     if topology.platform == "cpu":
         plan.topology_devices(topology)  # fakes the CPU devices before anything starts JAX's backend
-    result = plan.plan(_load_config(args), topology)
+    config = _load_config(args)
+    try:
+        result = plan.plan(config, topology)
+    except (ValueError, FileNotFoundError, ImportError):
+        raise
+    except Exception as e:  # noqa: BLE001 - not a verdict on memory: keep 1 meaning "does not fit" for scripts
+        print(f"bioclip-jax plan: compilation failed: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        return 3
     print(plan.report(result))
     return 0 if result.fits else 1
 
@@ -341,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Compiles the trainer's step for TOPOLOGY and prints per-chip memory against HBM, "
                                    "FLOPs and collectives, ending with a line 'plan: fits=yes|no chips=N "
                                    "per_chip_batch=B per_chip_gib=X hbm_gib=Y compile_s=Z'. Exit 0: fits; 1: does "
-                                   "not fit; 2: bad input. Config overrides: --config.KEY=VALUE.")
+                                   "not fit; 2: bad input; 3: the compiler failed otherwise. Config overrides: "
+                                   "--config.KEY=VALUE.")
     p.add_argument("--config", required=True, help="config file, e.g. configs/bioclip_vitb16.py")
     p.add_argument("--topology", required=True,
                    help="Cloud name (v5litepod-256, v5e-256, v4-32, v5p-128, v6e-64), JAX name (v5e:16x16, "

@@ -125,7 +125,8 @@ def test_count_collectives():
 def test_bad_input_exits_2():
     unknown = run_plan("--config", str(TINY), "--topology", "v9-8")
     assert unknown.returncode == 2
-    assert unknown.stderr.strip().splitlines()[-1].startswith("bioclip-jax plan: error: topology 'v9-8': unknown TPU generation 'v9'")
+    last = unknown.stderr.strip().splitlines()[-1]
+    assert last.startswith("bioclip-jax plan: error: topology 'v9-8': unknown TPU generation 'v9'")
     indivisible = run_plan("--config", str(TINY), "--topology", "cpu:8", "--config.train.global_batch_size=12")
     assert indivisible.returncode == 2
     assert "global batch size 12 is not divisible by the 8 devices" in indivisible.stderr.strip().splitlines()[-1]

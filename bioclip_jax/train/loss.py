@@ -15,12 +15,14 @@ def clip_loss(image_features: jax.Array, text_features: jax.Array, logit_scale: 
     holds its rows of the [N, N] logits (its images against all texts). Image->text normalises along those rows,
     locally; text->image normalises each column over all images, which needs only two [N] all-reduces (the column
     max and sum of exponentials), not a second [N, D] gather. The targets, the diagonal, come from the local
-    features. The gather's gradient is a reduce-scatter. Without `replicated` XLA picks the collectives itself."""
+    features, reduced to one scalar. The gather's gradient is a reduce-scatter. Without `replicated` XLA picks the collectives itself."""
     image_features = image_features.astype(jnp.float32)
     text_features = text_features.astype(jnp.float32)
     all_text = text_features if replicated is None else jax.lax.with_sharding_constraint(text_features, replicated)
     logits = logit_scale * image_features @ all_text.T  # rows follow image_features' batch sharding
-    matching = logit_scale * jnp.sum(image_features * text_features, axis=-1)  # logits' diagonal, from local rows
-    image_to_text = jnp.mean(jax.nn.logsumexp(logits, axis=1) - matching)
-    text_to_image = jnp.mean(jax.nn.logsumexp(logits, axis=0) - matching)
+    # The diagonal from the local rows of both towers, and each mean taken on its own: subtracting the (batch-
+    # sharded) diagonal from the (replicated) column normalisers element by element would make XLA gather it.
+    matching = jnp.mean(logit_scale * jnp.sum(image_features * text_features, axis=-1))
+    image_to_text = jnp.mean(jax.nn.logsumexp(logits, axis=1)) - matching
+    text_to_image = jnp.mean(jax.nn.logsumexp(logits, axis=0)) - matching
     return (image_to_text + text_to_image) / 2

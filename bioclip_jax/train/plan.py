@@ -171,8 +171,9 @@ _CALLS = re.compile(r"(?:body|condition|to_apply|calls|branch_computations|true_
 
 
 def count_collectives(hlo_text: str) -> dict[str, dict[str, int]]:
-    """Collectives of a compiled (scheduled) HLO module by kind: `ops` that execute (one per channel id) and the
-    `instructions` that spell them, plus `in_loops`, the ops inside a while loop's body (run once per iteration).
+    """Collectives of a compiled (scheduled) HLO module by kind: `ops` that execute (one per channel id and result
+    shape) and the `instructions` that spell them, plus `in_loops`, the ops inside a while loop's body (run once
+    per iteration).
 
     The TPU compiler overlaps a collective with compute by splitting it over many fusions ("async collective fusion"):
     one all-gather then shows up as dozens of `all-gather` instructions that share a channel id and run as one
@@ -208,13 +209,16 @@ def count_collectives(hlo_text: str) -> dict[str, dict[str, int]]:
     looped_ops: dict[str, set] = collections.defaultdict(set)
     instructions: collections.Counter = collections.Counter()
     for name, lines in computations.items():
-        scatters = any(line.lstrip().startswith("ROOT") and " dynamic-slice(" in line for line in lines)
+        scatters = name.startswith("all-reduce-scatter") or any(
+            line.lstrip().startswith("ROOT") and " dynamic-slice(" in line for line in lines)
         for i, line in enumerate(lines):
             if not (m := _COLLECTIVE.search(line)):
                 continue
             kind = "reduce-scatter" if m[1] == "all-reduce" and scatters else m[1]
             channel = re.search(r"channel_id=(\d+)", line)
-            key = channel[1] if channel else f"{name}:{i}"
+            # Result shape without layout: the pieces of one split collective share it (and the channel id).
+            shape = re.sub(r"\{[^}]*\}", "", line.split("=", 1)[1].split(m[1])[0]).strip()
+            key = (channel[1], shape) if channel else (name, i)
             instructions[kind] += 1
             ops[kind].add(key)
             if name in in_loop:

@@ -155,7 +155,6 @@ def test_exceeded_memory_is_read_from_xlas_error(message, gib):
     assert used / 2 ** 30 == pytest.approx(gib) and reason == message
 
 
-@pytest.mark.slow  # 30-70 s of compilation on a 2-core machine
 @needs_libtpu
 def test_tpu_fits():
     done = run_plan("--config", str(TINY), "--topology", "v5litepod-4", "--config.train.global_batch_size=64",
@@ -171,7 +170,6 @@ def test_tpu_fits():
     assert "collective   reduce-scatter: 1 executed" in done.stdout
 
 
-@pytest.mark.slow
 @needs_libtpu
 def test_tpu_does_not_fit():
     # 32,768 pairs per chip: the [32768, 131072] float32 logits alone take 16 GiB of a v5e chip's 16.

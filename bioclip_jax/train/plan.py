@@ -18,7 +18,6 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from bioclip_jax.models.clip import CLIP
 from bioclip_jax.models.config import get_model_config

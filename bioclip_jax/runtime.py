@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import glob
 import importlib.metadata
 import importlib.util
 import os
@@ -12,14 +13,34 @@ import os
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
 
 
+# PCI ids of TPU chips (vendor Google 0x1ae0; v3, v4, v5p, v5e, v6e, TPU7x): the check JAX makes before loading libtpu.
+_GOOGLE_PCI_VENDOR = "0x1ae0"
+_TPU_PCI_DEVICES = {"0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076"}
+
+
+def has_tpu_chips() -> bool:
+    """True when TPU chips are attached to this host (PCI devices or /dev/accel*), without starting JAX."""
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            with open(vendor) as f, open(os.path.join(os.path.dirname(vendor), "device")) as g:
+                if f.read().strip() == _GOOGLE_PCI_VENDOR and g.read().strip() in _TPU_PCI_DEVICES:
+                    return True
+        except OSError:
+            continue
+    return bool(glob.glob("/dev/accel[0-9]*"))
+
+
 def cpu_only() -> bool:
     """True when JAX can only run on the CPU here (asked without starting JAX's backend): JAX_PLATFORMS=cpu, or no
-    GPU/TPU plugin installed."""
+    GPU plugin installed and no TPU chip attached. libtpu alone does not count: it is also installed on CPU hosts to
+    compile for TPU slices (`bioclip-jax plan`)."""
     platforms = os.environ.get("JAX_PLATFORMS", "")
     if platforms:
         return platforms.strip().lower() == "cpu"
-    # JAX finds accelerator plugins as `jax_plugins.*` modules or "jax_plugins" entry points; TPUs through libtpu.
-    if importlib.util.find_spec("libtpu") is not None or importlib.util.find_spec("jax_plugins") is not None:
+    if importlib.util.find_spec("libtpu") is not None and has_tpu_chips():
+        return False
+    # GPU plugins are `jax_plugins.*` modules or "jax_plugins" entry points (jax-cuda12-plugin, ROCm).
+    if importlib.util.find_spec("jax_plugins") is not None:
         return False
     return not list(importlib.metadata.entry_points(group="jax_plugins"))
 

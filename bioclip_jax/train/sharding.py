@@ -19,6 +19,10 @@ def batch_sharding(mesh) -> NamedSharding:
     return NamedSharding(mesh, P("data"))
 
 
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
 def fsdp_spec(shape: tuple[int, ...], data_size: int, min_size: int = 2 ** 14) -> P:
     """Shard the largest dimension divisible by the data axis; small or indivisible arrays stay replicated."""
     if data_size == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:

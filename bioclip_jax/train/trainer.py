@@ -56,13 +56,20 @@ class TrainResult:
                      attn_implementation=attn_implementation, source="trained")
 
 
-def make_train_step(module: CLIP, tx, schedule, normalization: str, accum_steps: int = 1):
+def make_train_step(module: CLIP, tx, schedule, normalization: str, accum_steps: int = 1, replicated=None,
+                    grad_sharding=None):
     """(state, batch) -> (state, metrics). With accum_steps > 1 the global batch is processed in micro-batches with
     open_clip's feature cache: features of all micro-batches are computed without gradients, then each micro-batch
     is recomputed with gradients against the cached rest, so the loss still contrasts the whole global batch and the
-    summed gradient equals the full-batch gradient (logit_scale's gradient taken once)."""
+    summed gradient equals the full-batch gradient (logit_scale's gradient taken once). On a mesh, `replicated` (a
+    replicated sharding) makes the loss gather the text features once (train/loss.py) and FSDP gather the params
+    for the forward (left to itself, XLA split the batch's activations along the sharded param dimensions instead:
+    all-to-alls and gathers of activations), and `grad_sharding` (the params' shardings) puts each gradient where
+    its param lives: FSDP reduce-scatters gradients."""
 
     def encode(params, images, tokens):
+        if replicated is not None:  # FSDP: gather each param where it is used, keep activations batch-sharded
+            params = jax.lax.with_sharding_constraint(params, replicated)
         images = normalize_images(images, normalization, module.dtype)
         return module.apply({"params": params}, images, tokens)
 
@@ -70,7 +77,7 @@ def make_train_step(module: CLIP, tx, schedule, normalization: str, accum_steps:
         if accum_steps == 1:
             def loss_fn(p):
                 image, text, scale = encode(p, batch["image"], batch["tokens"])
-                return clip_loss(image, text, scale)
+                return clip_loss(image, text, scale, replicated)
             return jax.value_and_grad(loss_fn)(params)
 
         micro = jax.tree_util.tree_map(lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
@@ -84,7 +91,7 @@ def make_train_step(module: CLIP, tx, schedule, normalization: str, accum_steps:
                 scale = jnp.where(k == 0, scale, jax.lax.stop_gradient(scale))
                 all_image = cached_image.at[k].set(image).reshape(-1, image.shape[-1])
                 all_text = cached_text.at[k].set(text).reshape(-1, text.shape[-1])
-                return clip_loss(all_image, all_text, scale)
+                return clip_loss(all_image, all_text, scale, replicated)
             loss, g = jax.value_and_grad(loss_fn)(params)
             return jax.tree_util.tree_map(jnp.add, grads, g), loss
 
@@ -94,6 +101,8 @@ def make_train_step(module: CLIP, tx, schedule, normalization: str, accum_steps:
 
     def train_step(state, batch):
         loss, grads = loss_and_grads(state["params"], batch)
+        if grad_sharding is not None:
+            grads = jax.lax.with_sharding_constraint(grads, grad_sharding)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = clamp_logit_scale(optax.apply_updates(state["params"], updates))
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
@@ -102,6 +111,53 @@ def make_train_step(module: CLIP, tx, schedule, normalization: str, accum_steps:
         return new_state, step_metrics
 
     return train_step
+
+
+@dataclasses.dataclass
+class TrainStep:
+    """The jitted step and what it runs on; `train` runs it and the planner (train/plan.py) compiles the same."""
+    module: CLIP
+    tx: Any
+    schedule: Any
+    init_state: Any  # () -> state; jit it with out_shardings=state_sharding
+    abstract_state: Any
+    state_sharding: Any
+    batch_sharding: Any
+    step: Any  # jitted (state, batch) -> (state, metrics); the state is donated
+
+
+def build_train_step(config: ml_collections.ConfigDict, model_config: CLIPConfig, mesh, make_params,
+                     total_steps: int | None = None) -> TrainStep:
+    """Module, optimizer, abstract state, shardings and the jitted step for `config` on `mesh`; `make_params()`
+    returns the initial params (only traced here, through eval_shape). `total_steps` sets the schedule's length
+    (default: train.steps)."""
+    t = config.train
+    devices = mesh.devices.size
+    if t.global_batch_size % devices:
+        raise InputError(f"global batch size {t.global_batch_size} is not divisible by the {devices} devices; "
+                         f"use a multiple of {devices}")
+    if t.global_batch_size % (devices * t.accum_steps):
+        raise InputError(f"global batch size {t.global_batch_size} must split into accum_steps={t.accum_steps} "
+                         f"micro-batches that divide over {devices} devices")
+    module = CLIP(model_config, dtype=DTYPES[config.dtype], attn_implementation=config.attn_implementation or None,
+                  remat=config.remat or None, scan_layers=config.scan_layers)
+    abstract_params = jax.eval_shape(make_params)
+    tx, schedule = make_optimizer(abstract_params, lr=t.lr, warmup_steps=t.warmup_steps,
+                                  total_steps=total_steps or t.steps, weight_decay=t.weight_decay, b1=t.b1, b2=t.b2,
+                                  eps=t.eps, grad_clip_norm=t.grad_clip_norm or None)
+
+    def init_state():
+        params = make_params()
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+    abstract_state = jax.eval_shape(init_state)
+    state_sharding = sharding.state_shardings(abstract_state, mesh, fsdp=t.fsdp)
+    batch_sharding = sharding.batch_sharding(mesh)
+    step = jax.jit(make_train_step(module, tx, schedule, config.data.normalization, t.accum_steps,
+                                   replicated=sharding.replicated(mesh), grad_sharding=state_sharding["params"]),
+                   in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None),
+                   donate_argnums=(0,))
+    return TrainStep(module, tx, schedule, init_state, abstract_state, state_sharding, batch_sharding, step)
 
 
 def _initial_params(config: ml_collections.ConfigDict, model_config: CLIPConfig, seed: int):
@@ -138,31 +194,12 @@ def _train(config, workdir, max_steps, progress, evaluate_fn) -> TrainResult:
     mean, std = NORMALIZATION[config.eval.normalization or config.data.normalization]
     preprocess = Preprocess(size=model_config.vision.image_size, mean=mean, std=std)
     total_steps = _total_steps(config)
-    dtype = DTYPES[config.dtype]
-    module = CLIP(model_config, dtype=dtype, attn_implementation=config.attn_implementation or None,
-                  remat=config.remat or None, scan_layers=config.scan_layers)
     mesh = sharding.make_mesh()
     devices = mesh.devices.size
-    if t.global_batch_size % devices:
-        raise InputError(f"global batch size {t.global_batch_size} is not divisible by the {devices} devices; "
-                         f"use a multiple of {devices}")
-    if t.global_batch_size % (devices * t.accum_steps):
-        raise InputError(f"global batch size {t.global_batch_size} must split into accum_steps={t.accum_steps} "
-                         f"micro-batches that divide over {devices} devices")
 
     # ---- state: created already sharded (eval_shape first, nothing allocated twice)
-    make_params = _initial_params(config, model_config, t.seed)
-    abstract_params = jax.eval_shape(make_params)
-    tx, schedule = make_optimizer(abstract_params, lr=t.lr, warmup_steps=t.warmup_steps, total_steps=total_steps,
-                                  weight_decay=t.weight_decay, b1=t.b1, b2=t.b2, eps=t.eps,
-                                  grad_clip_norm=t.grad_clip_norm or None)
-
-    def init_state():
-        params = make_params()
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-
-    abstract_state = jax.eval_shape(init_state)
-    state_sharding = sharding.state_shardings(abstract_state, mesh, fsdp=t.fsdp)
+    parts = build_train_step(config, model_config, mesh, _initial_params(config, model_config, t.seed), total_steps)
+    init_state, abstract_state, state_sharding = parts.init_state, parts.abstract_state, parts.state_sharding
     # The run this command continues, checked before anything is written (another model or optimizer structure
     # would make its checkpoints unusable).
     signature = workdir_lib.state_signature(abstract_state)
@@ -191,10 +228,7 @@ def _train(config, workdir, max_steps, progress, evaluate_fn) -> TrainResult:
                                 {"name": config.data.normalization, "mean": list(mean), "std": list(std)})
         workdir_lib.truncate_metrics(workdir, step)
 
-    batch_sharding = sharding.batch_sharding(mesh)
-    train_step = jax.jit(make_train_step(module, tx, schedule, config.data.normalization, t.accum_steps),
-                         in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None),
-                         donate_argnums=(0,))
+    batch_sharding, train_step = parts.batch_sharding, parts.step
 
     # ---- the loop
     flops_per_step = metrics_lib.train_flops_per_pair(model_config) * t.global_batch_size

@@ -1,0 +1,329 @@
+"""Pre-flight planner: compiles the trainer's own step for a TPU slice (or fake CPU devices) without the hardware and
+reports per-chip memory against HBM, XLA's FLOPs against the analytic count, and the collectives in the compiled HLO.
+
+TPU slices compile deviceless through libtpu (`pip install 'bioclip_jax[tpu-plan]'`): `get_topology_desc` gives
+abstract devices, the step is lowered on ShapeDtypeStructs that carry the trainer's shardings, and an over-HBM
+program fails to compile with RESOURCE_EXHAUSTED, which is the "does not fit" answer.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import os
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from bioclip_jax.errors import InputError
+from bioclip_jax.models.clip import init_params
+from bioclip_jax.models.config import get_model_config
+from bioclip_jax.train import metrics as metrics_lib, sharding
+from bioclip_jax.train.trainer import build_train_step
+
+GIB = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    device_kind: str  # what jax.devices()[0].device_kind reports on that chip
+    hbm_gib: float
+    dims: int  # topology dimensions (2D torus for the "lite" chips, 3D for v4 / v5p)
+    cores_per_chip: int  # the Cloud accelerator name counts TensorCores: 2 per chip on v4 and v5p
+    chip_config: str  # "megacore": one JAX device per chip, as on a TPU VM
+
+
+CHIPS = {
+    "v4": Chip("TPU v4", 32, 3, 2, "megacore"),
+    "v5e": Chip("TPU v5 lite", 16, 2, 1, "default"),
+    "v5p": Chip("TPU v5", 95, 3, 2, "megacore"),
+    "v6e": Chip("TPU v6 lite", 32, 2, 1, "default"),
+}
+CLOUD_ALIASES = {"v5litepod": "v5e"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    platform: str  # "tpu" or "cpu"
+    name: str  # JAX topology name ("v5e:16x16") or "cpu:N"
+    chips: int
+    generation: str = ""  # "v4", "v5e", "v5p", "v6e"; "" for cpu
+
+    @property
+    def chip(self) -> Chip | None:
+        return CHIPS.get(self.generation)
+
+
+def _cloud_shape(generation: str, chips: int) -> str:
+    """Chip count -> the slice shape Cloud TPU builds for it (v5e/v6e: 2x2, 2x4, 4x4 ... 16x16; v4/v5p: 2x2x1,
+    2x2x2, 2x2x4, 2x4x4, 4x4x4, 4x4x8 ...: doubling the last of the smallest dimensions)."""
+    if chips & (chips - 1):
+        raise InputError(f"{generation} slices of {chips} chips have no standard shape; give the JAX topology "
+                         f"name instead, e.g. {generation}:{'2x2x3' if CHIPS[generation].dims == 3 else '4x6'}")
+    if CHIPS[generation].dims == 2:
+        k = chips.bit_length() - 1
+        return f"{2 ** (k // 2)}x{2 ** (k - k // 2)}"
+    if chips < 4:
+        raise InputError(f"the smallest {generation} slice has 4 chips ({generation}-8); got {chips} chips")
+    shape = [2, 2, 1]
+    while math.prod(shape) < chips:
+        smallest = min(shape)
+        shape[max(i for i, d in enumerate(shape) if d == smallest)] *= 2
+    return "x".join(map(str, shape))
+
+
+def parse_topology(name: str) -> Topology:
+    """Cloud names (`v5litepod-256`, `v5e-256`, `v4-32`, `v5p-128`, `v6e-64`: v4/v5p count TensorCores, two per
+    chip), JAX names (`v5e:16x16`, `v4:2x2x1`) or `cpu:N` (N fake CPU devices, a dry run of the shardings)."""
+    text = name.strip().lower()
+    known = "a Cloud name (v5litepod-256, v5e-256, v4-32, v5p-128, v6e-64), a JAX name (v5e:16x16, v4:2x2x1) or cpu:N"
+    if m := re.fullmatch(r"cpu:(\d+)", text):
+        if int(m[1]) < 1:
+            raise InputError(f"topology {name!r}: cpu:N needs N >= 1")
+        return Topology("cpu", text, int(m[1]))
+    if m := re.fullmatch(r"([a-z0-9]+)-(\d+)", text):
+        generation = CLOUD_ALIASES.get(m[1], m[1])
+        if generation not in CHIPS:
+            raise InputError(f"topology {name!r}: unknown TPU generation {m[1]!r}; expected {known}")
+        cores, per_chip = int(m[2]), CHIPS[generation].cores_per_chip
+        if cores < 1 or cores % per_chip:
+            raise InputError(f"topology {name!r}: {generation} Cloud names count TensorCores ({per_chip} per chip); "
+                             f"{cores} is not a multiple of {per_chip}")
+        chips = cores // per_chip
+        return Topology("tpu", f"{generation}:{_cloud_shape(generation, chips)}", chips, generation)
+    if m := re.fullmatch(r"([a-z0-9]+):(\d+(?:x\d+)*)", text):
+        generation = CLOUD_ALIASES.get(m[1], m[1])
+        if generation not in CHIPS:
+            raise InputError(f"topology {name!r}: unknown TPU generation {m[1]!r}; expected {known}")
+        dims = [int(d) for d in m[2].split("x")]
+        if len(dims) != CHIPS[generation].dims or min(dims) < 1:
+            example = "2x2x1" if CHIPS[generation].dims == 3 else "2x2"
+            raise InputError(f"topology {name!r}: {generation} shapes have {CHIPS[generation].dims} dimensions, "
+                             f"e.g. {generation}:{example}")
+        return Topology("tpu", f"{generation}:{m[2]}", math.prod(dims), generation)
+    raise InputError(f"unknown topology {name!r}; expected {known}")
+
+
+def topology_devices(topology: Topology) -> list:
+    """Abstract TPU devices (no TPU needed, libtpu must be installed), or the first N CPU devices."""
+    if topology.platform == "cpu":
+        try:  # only possible before JAX's backend starts; the CLI calls this first thing
+            jax.config.update("jax_num_cpu_devices", topology.chips)
+        except RuntimeError:
+            pass
+        devices = jax.devices("cpu")
+        if len(devices) < topology.chips:
+            raise InputError(f"topology {topology.name}: JAX already started with {len(devices)} CPU devices; "
+                             f"run the planner in a fresh process (bioclip-jax plan) for {topology.chips}")
+        return devices[:topology.chips]
+    import importlib.util
+
+    if importlib.util.find_spec("libtpu") is None:
+        raise ImportError(f"compiling for {topology.name} needs libtpu: pip install 'bioclip_jax[tpu-plan]' "
+                          f"(or \"jax[tpu]=={jax.__version__}\")")
+    from jax.experimental import topologies
+
+    # libtpu lets one process per host load it unless told otherwise (read when the TPU plugin loads).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=topology.name,
+                                            chip_config_name=topology.chip.chip_config)
+    except Exception as e:  # noqa: BLE001 - libtpu rejects a shape with a generic runtime error
+        raise InputError(f"topology {topology.name}: libtpu cannot build it ({str(e).splitlines()[0]})") from None
+    return list(desc.devices)
+
+
+@dataclasses.dataclass
+class Plan:
+    topology: Topology
+    device_kind: str
+    per_chip_batch: int
+    global_batch: int
+    hbm_gib: float
+    fits: bool
+    compile_s: float
+    memory: dict  # bytes per chip: arguments, outputs, aliased, temporaries, total
+    exceeded: str = ""  # XLA's RESOURCE_EXHAUSTED message when it does not fit
+    xla_flops: float = 0.0  # per step, all chips
+    analytic_flops: float = 0.0  # per step: train_flops_per_pair x global batch (no remat recompute)
+    collectives: dict = dataclasses.field(default_factory=dict)  # kind -> {"ops", "instructions", "in_loops"}
+    hlo: str = dataclasses.field(default="", repr=False)  # the compiled, scheduled HLO module
+
+    @property
+    def per_chip_gib(self) -> float:
+        return self.memory.get("total", 0) / GIB
+
+    def line(self) -> str:
+        return (f"plan: fits={'yes' if self.fits else 'no'} chips={self.topology.chips} "
+                f"per_chip_batch={self.per_chip_batch} per_chip_gib={self.per_chip_gib:.2f} "
+                f"hbm_gib={self.hbm_gib:g} compile_s={self.compile_s:.1f}")
+
+
+_COLLECTIVE = re.compile(r"\s(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute|"
+                         r"collective-broadcast|ragged-all-to-all)(-start)?\(")
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_CALLS = re.compile(r"(?:body|condition|to_apply|calls|branch_computations|true_computation|"
+                    r"false_computation)=\{?%?([\w.\-, %]+)\}?")
+
+
+def count_collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+    """Collectives of a compiled (scheduled) HLO module by kind: `ops` that execute (one per channel id and result
+    shape) and the `instructions` that spell them, plus `in_loops`, the ops inside a while loop's body (run once
+    per iteration).
+
+    The TPU compiler overlaps a collective with compute by splitting it over many fusions ("async collective fusion"):
+    one all-gather then shows up as dozens of `all-gather` instructions that share a channel id and run as one
+    transfer. A reduce-scatter shows up as an `all-reduce` fused with the `dynamic-slice` that keeps this chip's
+    shard (a computation named all-reduce-scatter): it is counted as the reduce-scatter it executes as."""
+    computations: dict[str, list[str]] = {}
+    entry, current = None, None
+    for line in hlo_text.splitlines():
+        if m := _COMPUTATION.match(line):
+            current = m[2]
+            computations[current] = []
+            if m[1]:
+                entry = current
+        elif current is not None:
+            computations[current].append(line)
+    in_loop: set[str] = set()
+
+    def mark(name: str, looped: bool, seen: set) -> None:
+        if (name, looped) in seen or name not in computations:
+            return
+        seen.add((name, looped))
+        if looped:
+            in_loop.add(name)
+        for line in computations[name]:
+            for m in _CALLS.finditer(line):
+                for callee in re.split(r"[,\s%]+", m[1]):
+                    if callee:
+                        mark(callee, looped or " while(" in line, seen)
+
+    if entry is not None:
+        mark(entry, False, set())
+    ops: dict[str, set] = collections.defaultdict(set)
+    looped_ops: dict[str, set] = collections.defaultdict(set)
+    instructions: collections.Counter = collections.Counter()
+    for name, lines in computations.items():
+        scatters = name.startswith("all-reduce-scatter") or any(
+            line.lstrip().startswith("ROOT") and " dynamic-slice(" in line for line in lines)
+        for i, line in enumerate(lines):
+            if not (m := _COLLECTIVE.search(line)):
+                continue
+            kind = "reduce-scatter" if m[1] == "all-reduce" and scatters else m[1]
+            channel = re.search(r"channel_id=(\d+)", line)
+            # Result shape without layout: the pieces of one split collective share it (and the channel id).
+            shape = re.sub(r"\{[^}]*\}", "", line.split("=", 1)[1].split(m[1])[0]).strip()
+            key = (channel[1], shape) if channel else (name, i)
+            instructions[kind] += 1
+            ops[kind].add(key)
+            if name in in_loop:
+                looped_ops[kind].add(key)
+    return {kind: {"ops": len(ops[kind]), "instructions": instructions[kind], "in_loops": len(looped_ops[kind])}
+            for kind in sorted(ops)}
+
+
+def _abstract(tree, shardings):
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _exceeded_bytes(message: str) -> tuple[float, str]:
+    """(bytes XLA needed per chip, one-line reason) from its RESOURCE_EXHAUSTED compile error, which says either
+    "Used 16.03G of 15.75G hbm. Exceeded hbm capacity by 35.00M." or "the total memory required for HLO temporaries
+    (24.38G) exceeds available HBM (15.75G)" (a lower bound: arguments come on top)."""
+    line = next((line for line in message.splitlines() if "RESOURCE_EXHAUSTED" in line), message[:300])
+    reason = line[line.find("RESOURCE_EXHAUSTED"):].strip()
+    units = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+    m = re.search(r"Used ([\d.]+)([KMGT]?)\s*of", message) or re.search(r"required for [^(]*\(([\d.]+)([KMGT]?)\)",
+                                                                        message)
+    return (float(m[1]) * units[m[2]] if m else 0.0), reason
+
+
+def plan(config: ml_collections.ConfigDict, topology: str | Topology) -> Plan:
+    """Compiles `config`'s training step (the trainer's own, through build_train_step) for `topology`."""
+    topology = parse_topology(topology) if isinstance(topology, str) else topology
+    devices = topology_devices(topology)
+    mesh = sharding.make_mesh(devices)
+    t = config.train
+    model_config = get_model_config(config.model)
+    image_size, context = model_config.vision.image_size, model_config.text.context_length
+    # Random-init shapes (stacked when scan_layers): the planner never reads config.init's weights (same shapes).
+    parts = build_train_step(config, model_config, mesh, lambda: init_params(model_config,
+                                                                             scan_layers=config.scan_layers))
+    batch = {"image": jax.ShapeDtypeStruct((t.global_batch_size, image_size, image_size, 3), jnp.uint8),
+             "tokens": jax.ShapeDtypeStruct((t.global_batch_size, context), jnp.int32)}
+    abstract_batch = _abstract(batch, {k: parts.batch_sharding for k in batch})
+    abstract_state = _abstract(parts.abstract_state, parts.state_sharding)
+
+    kind = devices[0].device_kind
+    hbm = topology.chip.hbm_gib if topology.chip else round(_host_memory_bytes() / topology.chips / GIB, 2)
+    result = Plan(topology, kind, t.global_batch_size // topology.chips, t.global_batch_size, hbm, True, 0.0, {},
+                  analytic_flops=metrics_lib.train_flops_per_pair(model_config) * t.global_batch_size)
+    start = time.perf_counter()
+    try:
+        compiled = parts.step.lower(abstract_state, abstract_batch).compile()
+    except Exception as e:  # noqa: BLE001 - XLA raises its own runtime error type
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        result.compile_s = time.perf_counter() - start
+        used, result.exceeded = _exceeded_bytes(str(e))
+        result.fits, result.memory = False, {"total": used}
+        return result
+    result.compile_s = time.perf_counter() - start
+    m = compiled.memory_analysis()
+    result.memory = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
+                     "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes,
+                     "code": m.generated_code_size_in_bytes}
+    result.memory["total"] = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+                              + m.temp_size_in_bytes + m.generated_code_size_in_bytes)
+    result.fits = result.memory["total"] <= hbm * GIB
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    result.xla_flops = float((cost or {}).get("flops", 0.0)) * topology.chips  # the cost is per chip (SPMD)
+    result.hlo = compiled.as_text()
+    result.collectives = count_collectives(result.hlo)
+    return result
+
+
+def _host_memory_bytes() -> float:
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def _flops(value: float) -> str:
+    return f"{value / 1e12:.1f} TFLOP" if value >= 1e12 else f"{value / 1e9:.2f} GFLOP"
+
+
+def report(result: Plan) -> str:
+    """The human-readable plan, ending with the one machine-readable `plan:` line."""
+    r, gib = result, (lambda b: f"{b / GIB:.2f} GiB")
+    lines = [f"topology     {r.topology.name} ({r.device_kind}): {r.topology.chips} chips, "
+             f"{r.hbm_gib:g} GiB {'HBM' if r.topology.chip else 'host memory share'} each",
+             f"batch        {r.per_chip_batch} pairs per chip, {r.global_batch} global"]
+    if r.fits or r.memory.keys() - {"total"}:
+        lines.append(f"memory/chip  arguments {gib(r.memory['arguments'])}, temporaries {gib(r.memory['temporaries'])}"
+                     f", outputs not aliased {gib(r.memory['outputs'] - r.memory['aliased'])}, code "
+                     f"{gib(r.memory['code'])}: total {gib(r.memory['total'])} of {r.hbm_gib:g} GiB")
+    else:
+        lines.append(f"memory/chip  does not fit: {r.exceeded}")
+    lines.append(f"fits         {'yes' if r.fits else 'no'}")
+    lines.append(f"compile      {r.compile_s:.1f} s")
+    if r.xla_flops:
+        lines.append(f"flops/step   XLA {_flops(r.xla_flops)}, analytic {_flops(r.analytic_flops)} (x"
+                     f"{r.xla_flops / r.analytic_flops:.2f}: XLA also counts remat recomputation, the loss and the "
+                     f"optimizer)")
+        peak = metrics_lib.peak_flops(r.device_kind)
+        if peak:
+            lines.append(f"             at 100% MFU: {r.analytic_flops / (peak * r.topology.chips) * 1e3:.1f} ms "
+                         f"per step ({peak / 1e12:g} TFLOP/s per chip)")
+    if r.collectives:
+        for kind, c in r.collectives.items():
+            lines.append(f"collective   {kind}: {c['ops']} executed ({c['instructions']} HLO instructions"
+                         + (f"; {c['in_loops']} inside loops, run per iteration)" if c["in_loops"] else ")"))
+    elif r.fits:
+        lines.append("collectives  none")
+    lines.append(r.line())
+    return "\n".join(lines)

@@ -1,0 +1,216 @@
+"""`bioclip-jax plan`: topology names, the compiled step's fit / no-fit on a TPU slice (deviceless, through libtpu),
+the cpu:N dry run, exit codes, the collectives count, and the MFU peak table keyed by real `device_kind` strings."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bioclip_jax.train import metrics, plan
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "configs" / "tiny_train.py"
+LINE = re.compile(r"^plan: fits=(yes|no) chips=(\d+) per_chip_batch=(\d+) per_chip_gib=(\d+\.\d\d) "
+                  r"hbm_gib=([\d.]+) compile_s=(\d+\.\d)$")
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="deviceless TPU compilation needs libtpu: pip install -e '.[tpu-plan]'")
+
+
+def run_plan(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "bioclip_jax", "plan", *args], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=900)
+
+
+def plan_line(done: subprocess.CompletedProcess) -> re.Match:
+    last = done.stdout.strip().splitlines()[-1]
+    match = LINE.match(last)
+    assert match, f"last line {last!r} is not the plan line; stderr: {done.stderr[-2000:]}"
+    return match
+
+
+@pytest.mark.parametrize("name, jax_name, chips", [
+    ("v5litepod-256", "v5e:16x16", 256), ("v5e-256", "v5e:16x16", 256), ("v5litepod-4", "v5e:2x2", 4),
+    ("v5e-8", "v5e:2x4", 8), ("v6e-64", "v6e:8x8", 64), ("v6e-32", "v6e:4x8", 32),
+    # v4 and v5p Cloud names count TensorCores, two per chip.
+    ("v4-8", "v4:2x2x1", 4), ("v4-32", "v4:2x2x4", 16), ("v4-64", "v4:2x4x4", 32), ("v4-128", "v4:4x4x4", 64),
+    ("v5p-128", "v5p:4x4x4", 64), ("v5p-256", "v5p:4x4x8", 128), ("v5p-1024", "v5p:8x8x8", 512),
+    ("v5e:16x16", "v5e:16x16", 256), ("V4:2x2x1", "v4:2x2x1", 4), ("v5p:2x2x1", "v5p:2x2x1", 4),
+])
+def test_topology_names(name, jax_name, chips):
+    topology = plan.parse_topology(name)
+    assert (topology.platform, topology.name, topology.chips) == ("tpu", jax_name, chips)
+
+
+def test_cpu_topology():
+    assert plan.parse_topology("cpu:8") == plan.Topology("cpu", "cpu:8", 8)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("v7-8", "unknown TPU generation 'v7'"), ("v4-7", "not a multiple of 2"), ("v5e:2x2x1", "2 dimensions"),
+    ("v4:2x2", "3 dimensions"), ("v5e-12", "no standard shape"), ("tpu", "unknown topology"), ("cpu:0", "N >= 1"),
+])
+def test_bad_topology_names(name, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        plan.parse_topology(name)
+
+
+@pytest.mark.parametrize("kind, peak", [
+    ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5", 459e12), ("TPU v6 lite", 918e12),
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-40GB", 312e12),
+    ("TPU v3", 0.0), ("cpu", 0.0),
+])
+def test_peak_flops_by_device_kind(kind, peak):
+    assert metrics.peak_flops(kind) == peak
+
+
+def test_chip_table_matches_peak_table():
+    for chip in plan.CHIPS.values():
+        assert metrics.peak_flops(chip.device_kind) > 0
+
+
+HLO = """\
+HloModule step
+
+%async_collective_fusion.1 (p: bf16[4,8]) -> bf16[16,8] {
+  %p = bf16[4,8]{1,0} parameter(0)
+  ROOT %all-gather.1 = bf16[16,8]{1,0} all-gather(%p), channel_id=3, dimensions={0}
+}
+
+%async_collective_fusion.2 (p: bf16[4,8]) -> bf16[16,8] {
+  %p = bf16[4,8]{1,0} parameter(0)
+  ROOT %all-gather.2 = bf16[16,8]{1,0} all-gather(%p), channel_id=3, dimensions={0}
+}
+
+%all-reduce-scatter (input: f32[16,8]) -> f32[4,8] {
+  %input = f32[16,8]{1,0} parameter(0)
+  %all-reduce.9 = f32[16,8]{1,0} all-reduce(%input), channel_id=9, to_apply=%add
+  ROOT %dynamic-slice.1 = f32[4,8]{1,0} dynamic-slice(%all-reduce.9, %i, %j), dynamic_slice_sizes={4,8}
+}
+
+%body (s: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %s = (s32[], f32[8]) parameter(0)
+  %all-reduce-start.4 = f32[8]{0} all-reduce-start(%x), channel_id=4, to_apply=%add
+  %all-reduce-done.4 = f32[8]{0} all-reduce-done(%all-reduce-start.4)
+  ROOT %t = (s32[], f32[8]) tuple(%i, %all-reduce-done.4)
+}
+
+ENTRY %main (a: bf16[4,8]) -> f32[4,8] {
+  %a = bf16[4,8]{1,0} parameter(0)
+  %f1 = bf16[16,8]{1,0} fusion(%a), kind=kCustom, calls=%async_collective_fusion.1
+  %f2 = bf16[16,8]{1,0} fusion(%a), kind=kCustom, calls=%async_collective_fusion.2
+  %w = (s32[], f32[8]) while(%init), condition=%cond, body=%body
+  %all-reduce.7 = (f32[], f32[8]) all-reduce(%x, %y), channel_id=7, to_apply=%add
+  ROOT %rs = f32[4,8]{1,0} fusion(%g), kind=kCustom, calls=%all-reduce-scatter
+}
+"""
+
+
+def test_count_collectives():
+    counts = plan.count_collectives(HLO)
+    assert counts == {
+        "all-gather": {"ops": 1, "instructions": 2, "in_loops": 0},  # one transfer split over two fusions
+        "all-reduce": {"ops": 2, "instructions": 2, "in_loops": 1},  # the async pair counts once; one in a loop
+        "reduce-scatter": {"ops": 1, "instructions": 1, "in_loops": 0},  # all-reduce + dynamic-slice
+    }
+
+
+def test_bad_input_exits_2():
+    unknown = run_plan("--config", str(TINY), "--topology", "v9-8")
+    assert unknown.returncode == 2
+    last = unknown.stderr.strip().splitlines()[-1]
+    assert last.startswith("bioclip-jax plan: error: topology 'v9-8': unknown TPU generation 'v9'")
+    indivisible = run_plan("--config", str(TINY), "--topology", "cpu:8", "--config.train.global_batch_size=12")
+    assert indivisible.returncode == 2
+    assert "global batch size 12 is not divisible by the 8 devices" in indivisible.stderr.strip().splitlines()[-1]
+    bad_key = run_plan("--config", str(TINY), "--topology", "cpu:8", "--config.train.batch=8")
+    assert bad_key.returncode == 2 and "unknown config key 'train.batch'" in bad_key.stderr
+
+
+def test_cpu_dry_run():
+    done = run_plan("--config", str(TINY), "--topology", "cpu:8", "--config.train.global_batch_size=16",
+                    "--config.train.fsdp=True")
+    assert done.returncode == 0, done.stderr[-3000:]
+    fits, chips, per_chip, gib, _, _ = plan_line(done).groups()
+    assert (fits, chips, per_chip) == ("yes", "8", "2") and float(gib) > 0
+    assert "topology     cpu:8 (cpu): 8 chips" in done.stdout
+    assert "collective   all-gather" in done.stdout  # FSDP gathers the sharded params
+
+
+@pytest.mark.parametrize("message, gib", [
+    ("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 16.03G of 15.75G hbm. Exceeded hbm capacity "
+     "by 35.00M.", 16.03),
+    ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (24.38G) exceeds "
+     "available HBM (15.75G).", 24.38),
+])
+def test_exceeded_memory_is_read_from_xlas_error(message, gib):
+    used, reason = plan._exceeded_bytes("XlaRuntimeError: " + message + "\n")
+    assert used / 2 ** 30 == pytest.approx(gib) and reason == message
+
+
+@needs_libtpu
+def test_tpu_fits():
+    done = run_plan("--config", str(TINY), "--topology", "v5litepod-4", "--config.train.global_batch_size=64",
+                    "--config.dtype=bfloat16")
+    assert done.returncode == 0, done.stderr[-3000:]
+    fits, chips, per_chip, gib, hbm, _ = plan_line(done).groups()
+    assert (fits, chips, per_chip, hbm) == ("yes", "4", "16", "16")
+    assert 0 < float(gib) < 1
+    assert "v5e:2x2 (TPU v5 lite)" in done.stdout
+    # Data parallel: one gather (the text features), the reduce-scatter of its gradient, all-reduces for the
+    # text->image softmax and the gradients.
+    assert "collective   all-gather: 1 executed" in done.stdout
+    assert "collective   reduce-scatter: 1 executed" in done.stdout
+
+
+@needs_libtpu
+def test_tpu_does_not_fit():
+    # 32,768 pairs per chip: the [32768, 131072] float32 logits alone take 16 GiB of a v5e chip's 16.
+    done = run_plan("--config", str(TINY), "--topology", "v5e:2x2", "--config.train.global_batch_size=131072",
+                    "--config.dtype=bfloat16")
+    assert done.returncode == 1, done.stderr[-3000:]
+    fits, chips, per_chip, gib, hbm, _ = plan_line(done).groups()
+    assert (fits, chips, per_chip, hbm) == ("no", "4", "32768", "16")
+    assert float(gib) > 16
+    assert "does not fit: RESOURCE_EXHAUSTED" in done.stdout
+
+
+def test_libtpu_without_chips_is_a_cpu_host(monkeypatch):
+    """libtpu is installed on CPU hosts to plan TPU runs: the CPU tuning (runtime.tune_for_cpu) must still apply."""
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "libtpu" else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [])
+    from bioclip_jax import runtime
+
+    monkeypatch.setattr(runtime, "has_tpu_chips", lambda: False)
+    assert runtime.cpu_only() is (real_find_spec("jax_plugins") is None)
+    monkeypatch.setattr(runtime, "has_tpu_chips", lambda: True)
+    assert runtime.cpu_only() is False
+
+
+def test_loss_matches_open_clip_with_and_without_the_gather_constraint():
+    import jax
+    import numpy as np
+    import torch
+    from open_clip.loss import ClipLoss
+
+    from bioclip_jax.train.loss import clip_loss
+    from bioclip_jax.train.sharding import make_mesh, replicated
+
+    rng = np.random.default_rng(0)
+    image, text = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in rng.normal(size=(2, 16, 8)))
+    scale = np.float32(1 / 0.07)  # the model returns exp(logit_scale)
+    expected = ClipLoss()(torch.tensor(image), torch.tensor(text), torch.tensor(scale)).item()
+    mesh = make_mesh()
+    for sharding in (None, replicated(mesh)):
+        loss = jax.jit(lambda i, t, s: clip_loss(i, t, s, sharding))(image, text, scale)
+        np.testing.assert_allclose(float(loss), expected, rtol=1e-5)

@@ -203,7 +203,7 @@ def test_loss_matches_open_clip_with_and_without_the_gather_constraint():
     import torch
     from open_clip.loss import ClipLoss
 
-    from bioclip_jax.train.loss import clip_loss
+    from bioclip_jax.models.loss import clip_loss
     from bioclip_jax.train.sharding import make_mesh, replicated
 
     rng = np.random.default_rng(0)

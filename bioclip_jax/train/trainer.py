@@ -62,7 +62,7 @@ def make_train_step(module: CLIP, tx, schedule, normalization: str, accum_steps:
     open_clip's feature cache: features of all micro-batches are computed without gradients, then each micro-batch
     is recomputed with gradients against the cached rest, so the loss still contrasts the whole global batch and the
     summed gradient equals the full-batch gradient (logit_scale's gradient taken once). On a mesh, `replicated` (a
-    replicated sharding) makes the loss gather the text features once (train/loss.py) and FSDP gather the params
+    replicated sharding) makes the loss gather the text features once (models/loss.py) and FSDP gather the params
     for the forward (left to itself, XLA split the batch's activations along the sharded param dimensions instead:
     all-to-alls and gathers of activations), and `grad_sharding` (the params' shardings) puts each gradient where
     its param lives: FSDP reduce-scatters gradients."""

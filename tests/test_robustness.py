@@ -125,15 +125,16 @@ def test_a_decompression_bomb_is_refused_per_image(images, tiny):
                                                        r"the limit of 89,478,485 pixels"):
         load_image(bomb)
     # predict: the others still classified, the bomb reported with the limit
-    from bioclip_jax.inference.classify import CustomLabelsClassifier, load_images
+    from bioclip_jax.inference.classify import CustomLabelsClassifier, embed_images
 
     good = [str(images / "good1.jpg"), str(images / "good2.jpg")]
-    result = CustomLabelsClassifier(tiny, ["magpie", "raven"]).predict([good[0], bomb, good[1]])
-    assert list(dict.fromkeys(r["file_name"] for r in result.rows)) == good
-    assert list(result.failures) == [bomb] and "over the limit of 89,478,485 pixels" in result.failures[bomb]
-    # embed (the CLI loads with load_images, then encodes what loaded)
-    keys, loaded, failures = load_images([good[0], bomb])
-    assert keys == good[:1] and list(failures) == [bomb]
+    classifier = CustomLabelsClassifier(["magpie", "raven"], model_str=tiny, progress=False)
+    rows = classifier.predict([good[0], bomb, good[1]])
+    assert list(dict.fromkeys(r["file_name"] for r in rows)) == good
+    assert list(classifier.failures) == [bomb] and "over the limit of 89,478,485 pixels" in classifier.failures[bomb]
+    # embed: the images that load are embedded, the bomb reported
+    keys, features, failures = embed_images(tiny, [good[0], bomb], progress=False)
+    assert keys == good[:1] and len(features) == 1 and list(failures) == [bomb]
     # encode raises, naming the image and the limit; the good images encode on their own
     with pytest.raises(InputError, match="bomb.png: 20000x20000 image .* over the limit"):
         bioclip_jax.encode(tiny, images=[good[0], bomb])

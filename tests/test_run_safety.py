@@ -6,12 +6,14 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import shutil
 
 import numpy as np
 import pytest
 from flax import traverse_util
 
 import bioclip_jax
+from bioclip_jax import paths
 from bioclip_jax.cli import main
 from bioclip_jax.errors import InputError, ResourceError
 from bioclip_jax.train import checkpoint as checkpoint_lib
@@ -39,8 +41,6 @@ def finished(shards, tmp_path_factory):  # noqa: F811
 def test_a_second_trainer_on_the_same_workdir_is_refused_naming_the_holder(shards, tmp_path):  # noqa: F811
     workdir = tmp_path / "run"
     workdir.mkdir()
-    from bioclip_jax import paths
-
     with WorkdirLock(paths.resolve(workdir)):
         with pytest.raises(InputError, match=r"is in use by another training process \(host .*, pid \d+, since"):
             train(_config(shards), workdir, progress=False)
@@ -56,15 +56,12 @@ def test_a_failing_command_leaves_the_finished_run_loadable(finished, tmp_path):
 
 
 @pytest.mark.parametrize("override, named", [
-    ("model=ViT-B-32", "model embed_dim: 64 -> 512"),
+    ("model=demo", "model embed_dim: 64 -> 128"),  # another architecture
     ("train.grad_clip_norm=1.0", "new state leaves"),  # another optimizer structure, same model
 ])
 def test_another_model_or_optimizer_is_refused_and_allow_restart_starts_a_sub_folder(finished, shards,  # noqa: F811
                                                                                      override, named):
     workdir, params, run_text = finished
-    if override.startswith("model="):
-        override = "model=demo"  # small enough to train here; another architecture all the same
-        named = "model embed_dim: 64 -> 128"
     with pytest.raises(InputError, match=f"holds another run than this command describes: .*{named}.*"
                                          "allow_restart=True"):
         train(_config(shards, override, "train.steps=4"), workdir, progress=False)
@@ -74,9 +71,7 @@ def test_another_model_or_optimizer_is_refused_and_allow_restart_starts_a_sub_fo
     again = train(_config(shards, override, "train.steps=3", "train.allow_restart=True"), workdir, progress=False)
     assert again.workdir.name == "restart-1" and again.history[0]["step"] == 3  # resumed there, not restart-2
     assert _same(_flat(workdir), params)  # the old run untouched
-    import shutil
-
-    shutil.rmtree(workdir / "restart-1")
+    shutil.rmtree(workdir / "restart-1")  # the next case starts from the finished run alone
 
 
 def test_an_unreadable_newest_step_is_kept_aside_and_saved_again(shards, tmp_path, caplog):  # noqa: F811
@@ -115,7 +110,8 @@ def test_a_full_disk_is_one_line_and_keeps_earlier_checkpoints(shards, tmp_path,
     code = main(["train", "--config", str(CONFIG), "--workdir", str(workdir), f"--config.data.train={shards}",
                  "--config.train.steps=4"])
     err = capsys.readouterr().err
-    assert code == 1 and "no space left on device" in err and "Traceback" not in err
+    # One line, not an exception's traceback (stderr may also hold log records of earlier tests' handlers).
+    assert code == 1 and "bioclip-jax train: error: no space left on device" in err and "ResourceError" not in err
     assert bioclip_jax.load(workdir).source.endswith("(step 2)")
 
 

@@ -103,7 +103,7 @@ def _plan(args) -> int:
     config = _load_config(args)
     try:
         result = plan.plan(config, topology)
-    except (ValueError, FileNotFoundError, ImportError):
+    except USER_ERRORS:  # bad input: main prints it as one line
         raise
     except Exception as e:  # noqa: BLE001 - not a verdict on memory: keep 1 meaning "does not fit" for scripts
         print(f"bioclip-jax plan: compilation failed: {str(e).strip().splitlines()[0]}", file=sys.stderr)

@@ -123,7 +123,7 @@ def topology_devices(topology: Topology) -> list:
     import importlib.util
 
     if importlib.util.find_spec("libtpu") is None:
-        raise ImportError(f"compiling for {topology.name} needs libtpu: pip install 'bioclip_jax[tpu-plan]' "
+        raise InputError(f"compiling for {topology.name} needs libtpu: pip install 'bioclip_jax[tpu-plan]' "
                           f"(or \"jax[tpu]=={jax.__version__}\")")
     from jax.experimental import topologies
 

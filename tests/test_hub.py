@@ -224,9 +224,3 @@ def test_species_embeddings_come_from_the_release_dataset(hub_cache, tmp_path, t
     rows = capsys.readouterr().out.strip().splitlines()
     assert rows[0].startswith("file_name,kingdom") and len(rows) == 3
     assert no_network == []
-
-
-def test_resolve_source_leaves_local_paths_alone(tmp_path):
-    assert hub.resolve_source(tmp_path) == tmp_path
-    assert hub.hub_repo_id("no/such/path.safetensors") is None
-    assert hub.hub_repo_id("bioclip-2") == "imageomics/bioclip-2"

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from etils import epath
 from flax import traverse_util
+from jax.experimental import multihost_utils
 
 from bioclip_jax import paths
 from bioclip_jax.convert import files, hub, run_file
@@ -92,6 +93,10 @@ def _check_params(params: dict, config: CLIPConfig, source: str) -> None:
 
 
 def host_params(params) -> dict:
+    """The params as host numpy arrays on every process, also when FSDP spreads them over hosts (device_get would
+    fail on arrays that are not fully addressable here)."""
+    if jax.process_count() > 1:
+        params = multihost_utils.process_allgather(params, tiled=True)
     return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), params)
 
 

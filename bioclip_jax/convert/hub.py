@@ -53,12 +53,6 @@ def hub_repo_id(source: str | os.PathLike) -> str | None:
     return ALIASES.get(text)
 
 
-def resolve_source(source: str | os.PathLike) -> str | os.PathLike:
-    """A local path for any weights source: hub names become their snapshot folder, everything else is unchanged."""
-    repo_id = hub_repo_id(source)
-    return source if repo_id is None else download_model(repo_id)
-
-
 def cache_dir() -> Path:
     """huggingface_hub's cache folder as the environment says now (its constants are read once, at import)."""
     for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):

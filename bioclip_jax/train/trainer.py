@@ -16,11 +16,11 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from etils import epath
-from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from bioclip_jax import paths
 from bioclip_jax.convert import run_file
+from bioclip_jax.convert.checkpoint import host_params
 from bioclip_jax.data import pipeline
 from bioclip_jax.data.taxonomy import text_type_for_step
 from bioclip_jax.data.transforms import NORMALIZATION, Preprocess
@@ -332,14 +332,6 @@ def _raise_with_memory_advice(error: Exception, config) -> None:
         f"--config.train.accum_steps=2 (or more: same global batch, smaller micro-batches); "
         f"--config.train.fsdp=True (shards params and optimizer state); a smaller --config.train.global_batch_size."
     ) from error
-
-
-def host_params(params):
-    """The params as host numpy arrays on every process, also when FSDP spreads them over hosts (device_get would
-    fail on arrays that are not fully addressable here)."""
-    if jax.process_count() == 1:
-        return jax.device_get(params)
-    return multihost_utils.process_allgather(params, tiled=True)
 
 
 def _eval_model(eval_model: Model | None, model_config: CLIPConfig, state, preprocess: Preprocess) -> Model:

@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -117,12 +118,13 @@ def test_a_full_disk_is_one_line_and_keeps_earlier_checkpoints(shards, tmp_path,
 
 def test_a_gs_workdir_without_its_package_names_the_url_and_writes_nothing_locally(shards, tmp_path,  # noqa: F811
                                                                                  monkeypatch):
-    pytest.importorskip("etils.epath")
-    try:
-        import gcsfs  # noqa: F401
-        pytest.skip("gcsfs is installed: this checks the error without it")
-    except ImportError:
-        pass
+    from etils.epath import backend
+    from fsspec.registry import _registry as fsspec_registry
+
+    monkeypatch.setitem(sys.modules, "gcsfs", None)  # as if not installed: importing it raises ImportError
+    for protocol in ("gs", "gcs"):
+        monkeypatch.delitem(fsspec_registry, protocol, raising=False)  # imported classes
+    backend._FileSystemSpecBackend._get_filesystem.cache_clear()
     monkeypatch.chdir(tmp_path)
     with pytest.raises(InputError, match=r"gs://bucket/run: .*gcsfs.*bioclip_jax\[gcs\]"):
         train(_config(shards), "gs://bucket/run", progress=False)

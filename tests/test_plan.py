@@ -155,6 +155,17 @@ def test_exceeded_memory_is_read_from_xlas_error(message, gib):
     assert used / 2 ** 30 == pytest.approx(gib) and reason == message
 
 
+@pytest.mark.parametrize("scanned", [False, True])
+def test_flops_line_says_when_xla_counts_a_scanned_layer_once(scanned):
+    result = plan.Plan(plan.parse_topology("v5e:2x2"), "TPU v5 lite", 128, 512, 16, True, 80.0,
+                       {"arguments": 0, "outputs": 0, "aliased": 0, "temporaries": 0, "code": 0, "total": 0},
+                       xla_flops=5.6e12, analytic_flops=63.1e12, hlo=HLO if scanned else HLO.replace(" while(", " call("))
+    flops = next(line for line in plan.report(result).splitlines() if line.startswith("flops/step"))
+    if scanned:  # the loop body (one layer) is counted once: a ratio would read as 0.09 of the analytic count
+        assert "each scanned layer counted once" in flops and "x0.09" not in flops
+    else:
+        assert "(x0.09:" in flops
+
 @needs_libtpu
 def test_tpu_fits():
     done = run_plan("--config", str(TINY), "--topology", "v5litepod-4", "--config.train.global_batch_size=64",

@@ -311,7 +311,10 @@ def report(result: Plan) -> str:
         lines.append(f"memory/chip  does not fit: {r.exceeded}")
     lines.append(f"fits         {'yes' if r.fits else 'no'}")
     lines.append(f"compile      {r.compile_s:.1f} s")
-    if r.xla_flops:
+    if r.xla_flops and " while(" in r.hlo:  # XLA's cost analysis counts a loop body once, not once per iteration
+        lines.append(f"flops/step   XLA {_flops(r.xla_flops)} (each scanned layer counted once; "
+                     f"--config.scan_layers=False for XLA's full count), analytic {_flops(r.analytic_flops)}")
+    elif r.xla_flops:
         lines.append(f"flops/step   XLA {_flops(r.xla_flops)}, analytic {_flops(r.analytic_flops)} (x"
                      f"{r.xla_flops / r.analytic_flops:.2f}: XLA also counts remat recomputation, the loss and the "
                      f"optimizer)")

@@ -4,6 +4,7 @@ exporters write must land in the bucket, none in a local `gs:` folder; a second 
 
 from __future__ import annotations
 
+import gc
 import json
 import socket
 import subprocess
@@ -51,6 +52,17 @@ def _reset_clients():
     gcsfs.GCSFileSystem.clear_instance_cache()
 
 
+def _silence_closed_tensorboard_writers():
+    """tensorboardX keeps every SummaryWriter alive (an atexit hook) and its GCS record writer uploads its buffer
+    again when collected at interpreter exit, by then to a stopped server (two minutes of retries). The run closed
+    its writer, so everything is in the bucket already."""
+    from tensorboardX.record_writer import GCSRecordWriter
+
+    for obj in gc.get_objects():
+        if type(obj) is GCSRecordWriter:  # not isinstance: it would touch lazy modules (torch warns)
+            obj.flush = lambda: None
+
+
 @pytest.fixture(scope="module")
 def bucket():
     """gs://bucket on a fake-gcs-server subprocess: gcsfs (epath) and google-cloud-storage (tensorboardX) find it
@@ -66,6 +78,7 @@ def bucket():
         fs.mkdir("bucket")
         yield fs
     finally:
+        _silence_closed_tensorboard_writers()
         _reset_clients()
         mp.undo()
         server.kill()

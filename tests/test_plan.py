@@ -166,6 +166,7 @@ def test_flops_line_says_when_xla_counts_a_scanned_layer_once(scanned):
     else:
         assert "(x0.09:" in flops
 
+
 @needs_libtpu
 def test_tpu_fits():
     done = run_plan("--config", str(TINY), "--topology", "v5litepod-4", "--config.train.global_batch_size=64",

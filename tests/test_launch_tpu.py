@@ -278,6 +278,19 @@ def test_worker_script_runs_training_detached_with_logs_in_the_workdir(tmp_path)
     assert "training finished" in again.stdout
 
 
+def test_worker_script_reads_running_from_start_to_exit_and_never_starts_twice(tmp_path):
+    run = _worker_home(tmp_path, str(tmp_path / "w"))
+    release = tmp_path / "release"
+    (run / "venv" / "bin" / "bioclip-jax").write_text(f"#!/bin/bash\nuntil [ -e '{release}' ]; do sleep 0.05; done\n")
+    (run / "exit_code").write_text("1\n")  # an earlier attempt failed
+    assert "training started" in _train_sh(run, "start", tmp_path).stdout
+    for _ in range(5):  # no moment right after the start in which it reads stopped, or the earlier failure
+        assert _train_sh(run, "status", tmp_path).stdout.split()[1] == "running"
+    assert "already running" in _train_sh(run, "start", tmp_path).stdout
+    release.touch()
+    assert _wait_finished(run, tmp_path)[1] == "finished"
+
+
 def test_worker_script_copies_logs_to_gcs_and_keeps_earlier_attempts(tmp_path):
     bucket = tmp_path / "gcs"
     bin_dir = tmp_path / "bin"

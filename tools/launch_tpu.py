@@ -298,7 +298,7 @@ sync_log() {{
 }}""" if gcs else ""
     fetch_earlier = ('  gcloud storage cp --quiet "$REMOTE_LOG" "$LOG" >/dev/null 2>&1 || true  '
                      '# append to the earlier attempts\' log\n') if gcs else ""
-    start_sync = (f"  (while sleep {args.log_sync_seconds}; do sync_log; done) &\n  SYNC=$!\n") if gcs else ""
+    start_sync = (f"  (while sleep {args.log_sync_seconds}; do sync_log; done) 9>&- &\n  SYNC=$!\n") if gcs else ""
     stop_sync = '  kill "$SYNC" 2>/dev/null; sync_log\n' if gcs else ""
     return f"""#!/bin/bash
 # Written by tools/launch_tpu.py for {args.name} ({args.slice.accelerator}). Usage: train.sh start|status|run
@@ -312,16 +312,20 @@ WORKER=${{BIOCLIP_WORKER:-$(curl -sf -H 'Metadata-Flavor: Google' \\
   || {{ echo "train.sh: no agent-worker-number from the TPU VM metadata server (got '$WORKER')" >&2; exit 1; }}
 LOG={log}
 {remote_log}
+# `start` takes train.lock and hands it to the detached `run`, which (with training, its child; not the log sync loop)
+# holds it until it exits:
+# no pid file to go stale or be reused after a reboot, and no window in which a just-started run reads as stopped.
+running() {{
+  flock -n -E 75 "$RUN/train.lock" true 2>/dev/null
+  [ $? = 75 ]
+}}
 status() {{
-  local pid
-  pid=$(cat "$RUN/train.pid" 2>/dev/null)
-  if [ -n "$pid" ] && grep -qs train.sh "/proc/$pid/cmdline"; then echo running
+  if running; then echo running  # before exit_code, which `run` writes while it still holds the lock
   elif [ -f "$RUN/exit_code" ]; then [ "$(cat "$RUN/exit_code")" = 0 ] && echo finished || echo failed
   else echo stopped; fi
 }}
 {sync}
 run() {{
-  rm -f "$RUN/exit_code"
   mkdir -p "$(dirname "$LOG")"
 {fetch_earlier}  echo "=== $(date -u +%FT%TZ) worker $WORKER: start" >> "$LOG"
 {start_sync}{exports}  {train} >> "$LOG" 2>&1
@@ -336,8 +340,10 @@ case "${{1:-}}" in
     case "$(status)" in
       running) echo "worker $WORKER: training already running, log $LOG" ;;
       finished) echo "worker $WORKER: training finished (remove $RUN/exit_code to train again)" ;;
-      *) setsid nohup bash "$RUN/train.sh" run > /dev/null 2>&1 < /dev/null &
-         echo $! > "$RUN/train.pid"
+      *) exec 9>> "$RUN/train.lock"
+         flock -n 9 || {{ echo "worker $WORKER: training already running, log $LOG"; exit 0; }}
+         rm -f "$RUN/exit_code"  # the last attempt's exit is not this one's
+         setsid nohup bash "$RUN/train.sh" run > /dev/null 2>&1 < /dev/null &
          echo "worker $WORKER: training started, log $LOG" ;;
     esac ;;
   run) run ;;

@@ -95,7 +95,12 @@ HloModule step
   ROOT %dynamic-slice.1 = f32[4,8]{1,0} dynamic-slice(%all-reduce.9, %i, %j), dynamic_slice_sizes={4,8}
 }
 
-%body (s: (s32[], f32[8])) -> (s32[], f32[8]) {
+%cond.3 (s: (s32[], f32[8])) -> pred[] {
+  %s = (s32[], f32[8]) parameter(0)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%region_2.9_spmd.clone (s: (s32[], f32[8])) -> (s32[], f32[8]) {
   %s = (s32[], f32[8]) parameter(0)
   %all-reduce-start.4 = f32[8]{0} all-reduce-start(%x), channel_id=4, to_apply=%add
   %all-reduce-done.4 = f32[8]{0} all-reduce-done(%all-reduce-start.4)
@@ -106,7 +111,7 @@ ENTRY %main (a: bf16[4,8]) -> f32[4,8] {
   %a = bf16[4,8]{1,0} parameter(0)
   %f1 = bf16[16,8]{1,0} fusion(%a), kind=kCustom, calls=%async_collective_fusion.1
   %f2 = bf16[16,8]{1,0} fusion(%a), kind=kCustom, calls=%async_collective_fusion.2
-  %w = (s32[], f32[8]) while(%init), condition=%cond, body=%body
+  %w = (s32[], f32[8]) while(%init), condition=%cond.3, body=%region_2.9_spmd.clone
   %all-reduce.7 = (f32[], f32[8]) all-reduce(%x, %y), channel_id=7, to_apply=%add
   ROOT %rs = f32[4,8]{1,0} fusion(%g), kind=kCustom, calls=%all-reduce-scatter
 }
@@ -134,14 +139,17 @@ def test_bad_input_exits_2():
     assert bad_key.returncode == 2 and "unknown config key 'train.batch'" in bad_key.stderr
 
 
-def test_cpu_dry_run():
+@pytest.mark.parametrize("scan", [False, True])
+def test_cpu_dry_run(scan):
     done = run_plan("--config", str(TINY), "--topology", "cpu:8", "--config.train.global_batch_size=16",
-                    "--config.train.fsdp=True")
+                    "--config.train.fsdp=True", f"--config.scan_layers={scan}")
     assert done.returncode == 0, done.stderr[-3000:]
     fits, chips, per_chip, gib, _, _ = plan_line(done).groups()
     assert (fits, chips, per_chip) == ("yes", "8", "2") and float(gib) > 0
     assert "topology     cpu:8 (cpu): 8 chips" in done.stdout
-    assert "collective   all-gather" in done.stdout  # FSDP gathers the sharded params
+    gathers = next(line for line in done.stdout.splitlines() if line.startswith("collective   all-gather"))
+    # FSDP gathers the sharded params; scanned, each layer's inside the loop (not the whole stack before it).
+    assert ("inside loops" in gathers) is scan, gathers
 
 
 @pytest.mark.parametrize("message, gib", [

@@ -4,6 +4,10 @@ like any other."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +23,7 @@ from bioclip_jax.models.scan import is_stacked, stack_layers, unstack_layers
 from bioclip_jax.train.optimizer import decay_mask
 from bioclip_jax.train.trainer import train
 from conftest import CAPTIONS
-from test_train import _config, _params, shards  # noqa: F401 - shards is a fixture
+from test_train import CONFIG, _config, _params, shards  # noqa: F401 - shards is a fixture
 
 TINY = bioclip_jax.get_model_config("tiny")
 
@@ -203,3 +207,42 @@ def test_scanned_training_starts_from_per_layer_weights(tiny_open_clip, tmp_path
     back = sd.to_open_clip(params, TINY)
     for key, value in state_dict.items():
         assert back[key].tobytes() == value.tobytes(), key
+
+
+FSDP_STEPS = """
+import jax, numpy as np
+from flax import traverse_util
+from bioclip_jax.models.clip import init_params
+from bioclip_jax.models.config import get_model_config
+from bioclip_jax.models.scan import stack_layers, unstack_layers
+from bioclip_jax.train import sharding, trainer
+from bioclip_jax.train.config import load_config
+
+model = get_model_config("tiny")
+params = init_params(model, 0)
+rng = np.random.default_rng(0)
+size = model.vision.image_size
+batch = {"image": rng.integers(0, 256, (16, size, size, 3)).astype(np.uint8),
+         "tokens": rng.integers(1, 400, (16, model.text.context_length)).astype(np.int32)}
+result = {}
+for scan, fsdp in ((False, False), (True, True)):
+    config = load_config(CONFIG, [f"scan_layers={scan}", f"train.fsdp={fsdp}"])
+    parts = trainer.build_train_step(config, model, sharding.make_mesh(),
+                                     lambda: stack_layers(params) if scan else params)
+    state = jax.jit(parts.init_state, out_shardings=parts.state_sharding)()
+    for _ in range(3):
+        state, _ = parts.step(state, jax.device_put(batch, parts.batch_sharding))
+    result[scan] = traverse_util.flatten_dict(unstack_layers(jax.device_get(state["params"])), sep="/")
+worst = max(float(np.max(np.abs(result[True][k] - result[False][k]))) for k in result[False])
+print("max difference", worst)
+assert worst < 1e-4, worst
+"""
+
+
+def test_scanned_fsdp_steps_equal_per_layer_data_parallel_on_8_devices():
+    """FSDP under scan gathers each layer inside the loop and reduce-scatters its gradient there (train/sharding.py's
+    layer_gather); three steps on 8 devices land where per-layer data parallel does."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    done = subprocess.run([sys.executable, "-c", f"CONFIG = {str(CONFIG)!r}\n" + FSDP_STEPS], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]

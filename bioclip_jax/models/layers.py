@@ -163,6 +163,10 @@ class TowerOptions:
     attn_implementation: str | None = "xla"
     remat: str | None = None  # a key of REMAT_POLICIES, or None for no rematerialisation
     scan_layers: bool = False
+    # FSDP under scan: maps one layer's params (no layer axis) to where they are used (train/sharding.py's
+    # `layer_gather`). Applied inside the loop body, so one layer at a time is gathered, and inside remat, so the
+    # backward pass gathers again instead of keeping every gathered layer as a residual.
+    gather_layer_params: Callable[[Any], Any] | None = None
 
 
 def _scan_body(block: nn.Module, x: jax.Array, _) -> tuple[jax.Array, None]:
@@ -186,6 +190,10 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         block_cls = ResidualAttentionBlock
+        if self.options.scan_layers and self.options.gather_layer_params is not None:
+            gather = self.options.gather_layer_params
+            block_cls = nn.map_variables(block_cls, "params", init=self.is_initializing(),
+                                         trans_in_fn=lambda v: v if self.is_initializing() else gather(v))
         remat = self.options.remat
         if remat:
             if remat not in REMAT_POLICIES:

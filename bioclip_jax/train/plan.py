@@ -166,8 +166,10 @@ class Plan:
 _COLLECTIVE = re.compile(r"\s(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute|"
                          r"collective-broadcast|ragged-all-to-all)(-start)?\(")
 _COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+# One callee (`body=%b`) or a braced list (`branch_computations={%a, %b}`): a comma outside braces ends the callee
+# (`condition=%c, body=%b` names two).
 _CALLS = re.compile(r"(?:body|condition|to_apply|calls|branch_computations|true_computation|"
-                    r"false_computation)=\{?%?([\w.\-, %]+)\}?")
+                    r"false_computation)=(\{[^}]*\}|%?[\w.\-]+)")
 
 
 def count_collectives(hlo_text: str) -> dict[str, dict[str, int]]:
@@ -199,7 +201,7 @@ def count_collectives(hlo_text: str) -> dict[str, dict[str, int]]:
             in_loop.add(name)
         for line in computations[name]:
             for m in _CALLS.finditer(line):
-                for callee in re.split(r"[,\s%]+", m[1]):
+                for callee in re.split(r"[{},\s%]+", m[1]):
                     if callee:
                         mark(callee, looped or " while(" in line, seen)
 

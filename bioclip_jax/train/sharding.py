@@ -3,9 +3,13 @@ state sharded over `data` along their largest divisible dimension)."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+from bioclip_jax.models.scan import STACKED_BLOCKS
 
 
 def make_mesh(devices=None) -> jax.sharding.Mesh:
@@ -35,12 +39,47 @@ def fsdp_spec(shape: tuple[int, ...], data_size: int, min_size: int = 2 ** 14) -
     return P()
 
 
+def is_stacked_path(path) -> bool:
+    """Whether a tree path leads into scanned blocks (leaves with a leading layer axis, models/scan.py)."""
+    return any(getattr(key, "key", None) == STACKED_BLOCKS for key in path)
+
+
 def state_shardings(abstract_state, mesh, fsdp: bool):
-    """A sharding for every leaf of a (abstract) train state."""
+    """A sharding for every leaf of a (abstract) train state. The layer axis of stacked blocks is never sharded: each
+    layer is sharded as it would be on its own, so the scan slices one layer locally and `layer_gather` undoes it."""
     size = mesh.shape["data"]
 
-    def leaf(x):
-        shape = getattr(x, "shape", ())
-        return NamedSharding(mesh, fsdp_spec(tuple(shape), size) if fsdp else P())
+    def leaf(path, x):
+        shape = tuple(getattr(x, "shape", ()))
+        if not fsdp:
+            return NamedSharding(mesh, P())
+        if is_stacked_path(path):
+            return NamedSharding(mesh, P(None, *fsdp_spec(shape[1:], size)))
+        return NamedSharding(mesh, fsdp_spec(shape, size))
 
-    return jax.tree_util.tree_map(leaf, abstract_state)
+    return jax.tree_util.tree_map_with_path(leaf, abstract_state)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _gather(x, gathered: NamedSharding, sharded: NamedSharding):
+    return jax.lax.with_sharding_constraint(x, gathered)
+
+
+def _gather_fwd(x, gathered, sharded):
+    return _gather(x, gathered, sharded), None
+
+
+def _gather_bwd(gathered, sharded, _, cotangent):
+    # The gradient goes back to where the param lives: a reduce-scatter, not an all-reduce of the whole layer.
+    return (jax.lax.with_sharding_constraint(cotangent, sharded),)
+
+
+_gather.defvjp(_gather_fwd, _gather_bwd)
+
+
+def layer_gather(mesh):
+    """FSDP under scan (models' TowerOptions.gather_layer_params): one layer's params, sharded as `state_shardings`
+    shards a stacked layer, all-gathered where the layer runs; their gradients reduce-scattered back."""
+    size, everywhere = mesh.shape["data"], replicated(mesh)
+    return lambda params: jax.tree_util.tree_map(
+        lambda x: _gather(x, everywhere, NamedSharding(mesh, fsdp_spec(tuple(x.shape), size))), params)

@@ -57,7 +57,7 @@ class TrainResult:
 
 
 def make_train_step(module: CLIP, tx, schedule, normalization: str, accum_steps: int = 1, replicated=None,
-                    grad_sharding=None):
+                    grad_sharding=None, gather_layers: bool = False):
     """(state, batch) -> (state, metrics). With accum_steps > 1 the global batch is processed in micro-batches with
     open_clip's feature cache: features of all micro-batches are computed without gradients, then each micro-batch
     is recomputed with gradients against the cached rest, so the loss still contrasts the whole global batch and the
@@ -65,11 +65,17 @@ def make_train_step(module: CLIP, tx, schedule, normalization: str, accum_steps:
     replicated sharding) makes the loss gather the text features once (models/loss.py) and FSDP gather the params
     for the forward (left to itself, XLA split the batch's activations along the sharded param dimensions instead:
     all-to-alls and gathers of activations), and `grad_sharding` (the params' shardings) puts each gradient where
-    its param lives: FSDP reduce-scatters gradients."""
+    its param lives: FSDP reduce-scatters gradients. With `gather_layers` the module gathers scanned blocks itself,
+    one layer at a time inside the loop (gathered here, before the loop, every layer would be held at once)."""
+
+    def gather(path, param):
+        if gather_layers and sharding.is_stacked_path(path):
+            return param
+        return jax.lax.with_sharding_constraint(param, replicated)
 
     def encode(params, images, tokens):
         if replicated is not None:  # FSDP: gather each param where it is used, keep activations batch-sharded
-            params = jax.lax.with_sharding_constraint(params, replicated)
+            params = jax.tree_util.tree_map_with_path(gather, params)
         images = normalize_images(images, normalization, module.dtype)
         return module.apply({"params": params}, images, tokens)
 
@@ -139,8 +145,10 @@ def build_train_step(config: ml_collections.ConfigDict, model_config: CLIPConfig
     if t.global_batch_size % (devices * t.accum_steps):
         raise InputError(f"global batch size {t.global_batch_size} must split into accum_steps={t.accum_steps} "
                          f"micro-batches that divide over {devices} devices")
+    gather_layers = t.fsdp and config.scan_layers  # FSDP gathers scanned blocks layer by layer, inside the loop
     module = CLIP(model_config, dtype=DTYPES[config.dtype], attn_implementation=config.attn_implementation or None,
-                  remat=config.remat or None, scan_layers=config.scan_layers)
+                  remat=config.remat or None, scan_layers=config.scan_layers,
+                  gather_layer_params=sharding.layer_gather(mesh) if gather_layers else None)
     abstract_params = jax.eval_shape(make_params)
     tx, schedule = make_optimizer(abstract_params, lr=t.lr, warmup_steps=t.warmup_steps,
                                   total_steps=total_steps or t.steps, weight_decay=t.weight_decay, b1=t.b1, b2=t.b2,
@@ -154,7 +162,8 @@ def build_train_step(config: ml_collections.ConfigDict, model_config: CLIPConfig
     state_sharding = sharding.state_shardings(abstract_state, mesh, fsdp=t.fsdp)
     batch_sharding = sharding.batch_sharding(mesh)
     step = jax.jit(make_train_step(module, tx, schedule, config.data.normalization, t.accum_steps,
-                                   replicated=sharding.replicated(mesh), grad_sharding=state_sharding["params"]),
+                                   replicated=sharding.replicated(mesh), grad_sharding=state_sharding["params"],
+                                   gather_layers=gather_layers),
                    in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None),
                    donate_argnums=(0,))
     return TrainStep(module, tx, schedule, init_state, abstract_state, state_sharding, batch_sharding, step)

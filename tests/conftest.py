@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import gc
 
+import jax
 import numpy as np
 import pytest
 
@@ -31,6 +33,15 @@ def open_clip_reference(name: str, seed: int = 0):
     model.eval()
     state_dict = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     return model, state_dict
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Each module compiles its own programs; dropping them afterwards keeps the suite's memory flat (it grew to
+    16 GB of the machine's 24 by the end)."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

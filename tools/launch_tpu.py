@@ -312,9 +312,9 @@ WORKER=${{BIOCLIP_WORKER:-$(curl -sf -H 'Metadata-Flavor: Google' \\
   || {{ echo "train.sh: no agent-worker-number from the TPU VM metadata server (got '$WORKER')" >&2; exit 1; }}
 LOG={log}
 {remote_log}
-# `start` takes train.lock and hands it to the detached `run`, which (with training, its child; not the log sync loop)
-# holds it until it exits:
-# no pid file to go stale or be reused after a reboot, and no window in which a just-started run reads as stopped.
+# `start` takes train.lock and hands it to the detached `run`, which holds it (with training, its child; not the log
+# sync loop) until it exits: no pid file to go stale or be reused after a reboot, and no moment in which a
+# just-started run reads as stopped.
 running() {{
   flock -n -E 75 "$RUN/train.lock" true 2>/dev/null
   [ $? = 75 ]

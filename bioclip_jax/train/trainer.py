@@ -57,7 +57,7 @@ class TrainResult:
 
 
 def make_train_step(module: CLIP, tx, schedule, normalization: str, accum_steps: int = 1, replicated=None,
-                    grad_sharding=None, gather_layers: bool = False):
+                    grad_sharding=None):
     """(state, batch) -> (state, metrics). With accum_steps > 1 the global batch is processed in micro-batches with
     open_clip's feature cache: features of all micro-batches are computed without gradients, then each micro-batch
     is recomputed with gradients against the cached rest, so the loss still contrasts the whole global batch and the
@@ -65,8 +65,9 @@ def make_train_step(module: CLIP, tx, schedule, normalization: str, accum_steps:
     replicated sharding) makes the loss gather the text features once (models/loss.py) and FSDP gather the params
     for the forward (left to itself, XLA split the batch's activations along the sharded param dimensions instead:
     all-to-alls and gathers of activations), and `grad_sharding` (the params' shardings) puts each gradient where
-    its param lives: FSDP reduce-scatters gradients. With `gather_layers` the module gathers scanned blocks itself,
-    one layer at a time inside the loop (gathered here, before the loop, every layer would be held at once)."""
+    its param lives: FSDP reduce-scatters gradients. A module with `gather_layer_params` gathers its scanned blocks
+    itself, one layer at a time inside the loop (gathered here, before the loop, every layer would be held at once)."""
+    gather_layers = module.gather_layer_params is not None
 
     def gather(path, param):
         if gather_layers and sharding.is_stacked_path(path):
@@ -162,8 +163,7 @@ def build_train_step(config: ml_collections.ConfigDict, model_config: CLIPConfig
     state_sharding = sharding.state_shardings(abstract_state, mesh, fsdp=t.fsdp)
     batch_sharding = sharding.batch_sharding(mesh)
     step = jax.jit(make_train_step(module, tx, schedule, config.data.normalization, t.accum_steps,
-                                   replicated=sharding.replicated(mesh), grad_sharding=state_sharding["params"],
-                                   gather_layers=gather_layers),
+                                   replicated=sharding.replicated(mesh), grad_sharding=state_sharding["params"]),
                    in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None),
                    donate_argnums=(0,))
     return TrainStep(module, tx, schedule, init_state, abstract_state, state_sharding, batch_sharding, step)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 from bioclip_jax.train import metrics, plan
@@ -191,6 +192,24 @@ def test_tpu_fits():
 
 
 @needs_libtpu
+def test_tpu_quick_compile_says_so():
+    done = run_plan("--config", str(TINY), "--topology", "v5e:2x2", "--config.train.global_batch_size=64",
+                    "--config.dtype=bfloat16", "--config.scan_layers=True", "--quick")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert plan_line(done).group(1) == "yes"
+    assert "(--quick: XLA's exec-time optimisation effort -1, so the memory is without" in done.stdout
+
+
+def test_quick_plan_leaves_the_compiler_effort_as_it_was():
+    from bioclip_jax.train.config import load_config
+
+    before = jax.config.jax_exec_time_optimization_effort
+    result = plan.plan(load_config(str(TINY), ["train.global_batch_size=2"]), "cpu:1", quick=True)
+    assert result.fits and result.quick
+    assert jax.config.jax_exec_time_optimization_effort == before
+
+
+@needs_libtpu
 def test_tpu_does_not_fit():
     # 32,768 pairs per chip: the [32768, 131072] float32 logits alone take 16 GiB of a v5e chip's 16.
     done = run_plan("--config", str(TINY), "--topology", "v5e:2x2", "--config.train.global_batch_size=131072",
@@ -215,6 +234,15 @@ def test_libtpu_without_chips_is_a_cpu_host(monkeypatch):
     assert runtime.cpu_only() is (real_find_spec("jax_plugins") is None)
     monkeypatch.setattr(runtime, "has_tpu_chips", lambda: True)
     assert runtime.cpu_only() is False
+
+
+def test_planner_keeps_the_default_allocator(monkeypatch, capsys):
+    """One malloc arena (runtime.tune_for_cpu) serialises the TPU compiler's threads: plan must not set it."""
+    from bioclip_jax import cli, runtime
+
+    monkeypatch.setattr(runtime, "tune_for_cpu", lambda: pytest.fail("plan tuned the allocator for CPU steps"))
+    assert cli.main(["plan", "--config", str(TINY), "--topology", "v9-8"]) == 2  # bad input: returns before compiling
+    assert "unknown TPU generation 'v9'" in capsys.readouterr().err
 
 
 def test_loss_matches_open_clip_with_and_without_the_gather_constraint():

@@ -26,6 +26,9 @@ from bioclip_jax.train import metrics as metrics_lib, sharding
 from bioclip_jax.train.trainer import build_train_step
 
 GIB = 2 ** 30
+# XLA's exec_time_optimization_effort for `plan --quick` (-1 to 1, default 0): the TPU compiler then skips its
+# speed optimisations (collective/compute overlap, prefetch scheduling), which are most of its compile time.
+QUICK_EFFORT = -1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +154,7 @@ class Plan:
     xla_flops: float = 0.0  # per step, all chips
     analytic_flops: float = 0.0  # per step: train_flops_per_pair x global batch (no remat recompute)
     collectives: dict = dataclasses.field(default_factory=dict)  # kind -> {"ops", "instructions", "in_loops"}
+    quick: bool = False  # compiled at QUICK_EFFORT instead of the effort train compiles at
     hlo: str = dataclasses.field(default="", repr=False)  # the compiled, scheduled HLO module
 
     @property
@@ -245,8 +249,10 @@ def _exceeded_bytes(message: str) -> tuple[float, str]:
     return (float(m[1]) * units[m[2]] if m else 0.0), reason
 
 
-def plan(config: ml_collections.ConfigDict, topology: str | Topology) -> Plan:
-    """Compiles `config`'s training step (the trainer's own, through build_train_step) for `topology`."""
+def plan(config: ml_collections.ConfigDict, topology: str | Topology, quick: bool = False) -> Plan:
+    """Compiles `config`'s training step (the trainer's own, through build_train_step) for `topology`. `quick`
+    compiles with XLA's exec-time optimisation effort at QUICK_EFFORT: 4-5x faster, and the memory is what the step
+    needs without XLA's speed optimisations (docs/tpu.md: close for scanned steps, lower for unrolled ones)."""
     topology = parse_topology(topology) if isinstance(topology, str) else topology
     devices = topology_devices(topology)
     mesh = sharding.make_mesh(devices)
@@ -264,10 +270,13 @@ def plan(config: ml_collections.ConfigDict, topology: str | Topology) -> Plan:
     kind = devices[0].device_kind
     hbm = topology.chip.hbm_gib if topology.chip else round(_host_memory_bytes() / topology.chips / GIB, 2)
     result = Plan(topology, kind, t.global_batch_size // topology.chips, t.global_batch_size, hbm, True, 0.0, {},
-                  analytic_flops=metrics_lib.train_flops_per_pair(model_config) * t.global_batch_size)
+                  analytic_flops=metrics_lib.train_flops_per_pair(model_config) * t.global_batch_size, quick=quick)
+    lowered = parts.step.lower(abstract_state, abstract_batch)
+    default_effort = jax.config.jax_exec_time_optimization_effort
     start = time.perf_counter()
     try:
-        compiled = parts.step.lower(abstract_state, abstract_batch).compile()
+        jax.config.update("jax_exec_time_optimization_effort", QUICK_EFFORT if quick else default_effort)
+        compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 - XLA raises its own runtime error type
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -275,6 +284,8 @@ def plan(config: ml_collections.ConfigDict, topology: str | Topology) -> Plan:
         used, result.exceeded = _exceeded_bytes(str(e))
         result.fits, result.memory = False, {"total": used}
         return result
+    finally:
+        jax.config.update("jax_exec_time_optimization_effort", default_effort)
     result.compile_s = time.perf_counter() - start
     m = compiled.memory_analysis()
     result.memory = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
@@ -312,7 +323,9 @@ def report(result: Plan) -> str:
     else:
         lines.append(f"memory/chip  does not fit: {r.exceeded}")
     lines.append(f"fits         {'yes' if r.fits else 'no'}")
-    lines.append(f"compile      {r.compile_s:.1f} s")
+    lines.append(f"compile      {r.compile_s:.1f} s" + (
+        f" (--quick: XLA's exec-time optimisation effort {QUICK_EFFORT:g}, so the memory is without XLA's speed "
+        "optimisations; near the HBM limit, plan again without --quick)" if r.quick else ""))
     if r.xla_flops and " while(" in r.hlo:  # XLA's cost analysis counts a loop body once, not once per iteration
         lines.append(f"flops/step   XLA {_flops(r.xla_flops)} (each scanned layer counted once; "
                      f"--config.scan_layers=False for XLA's full count), analytic {_flops(r.analytic_flops)}")

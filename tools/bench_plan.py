@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 
+from bioclip_jax.train.plan import parse_topology
+
 CASES = {
     "b16": ("bioclip_vitb16", "v5e:2x2", 512),
     "l14": ("bioclip2_vitl14", "v5p:2x2x1", 1024),
@@ -59,7 +61,7 @@ def main() -> None:
     print("|---|---|---|---|---|---:|---:|")
     for case in args.only or list(CASES):
         config, topology, batch = CASES[case]
-        chips = 4
+        chips = parse_topology(topology).chips
         for scan in scans:
             for mode in args.mode or list(MODES):
                 if mode == "full, one arena" and not scan:

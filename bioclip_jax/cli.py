@@ -467,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     from bioclip_jax.runtime import tune_for_cpu
 
     # Before anything starts JAX. Not for the planner: one malloc arena serialises the TPU compiler's threads
-    # (B/16 on v5e:2x2 compiled in 110 s with it, 84 s without; docs/tpu.md).
+    # (B/16 on v5e:2x2 compiled in 104 s with it, 82 s without: tools/bench_plan.py, docs/tpu.md).
     if args.command != "plan":
         tune_for_cpu()
     try:

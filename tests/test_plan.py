@@ -164,6 +164,13 @@ def test_exceeded_memory_is_read_from_xlas_error(message, gib):
     assert used / 2 ** 30 == pytest.approx(gib) and reason == message
 
 
+def test_read_line_reads_back_the_plan_line():
+    result = plan.Plan(plan.parse_topology("v5e:2x2"), "TPU v5 lite", 256, 1024, 16, False, 101.26,
+                       {"total": 15.79 * plan.GIB})
+    assert plan.read_line("compiling...\n" + plan.report(result) + "\n") == (False, 15.79, 101.3)
+    assert plan.read_line("bioclip-jax plan: error: unknown topology") is None
+
+
 @pytest.mark.parametrize("scanned", [False, True])
 def test_flops_line_says_when_xla_counts_a_scanned_layer_once(scanned):
     result = plan.Plan(plan.parse_topology("v5e:2x2"), "TPU v5 lite", 128, 512, 16, True, 80.0,

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import subprocess
 import sys
 import time
 
-from bioclip_jax.train.plan import parse_topology
+from bioclip_jax.train.plan import parse_topology, read_line
 
 CASES = {
     "b16": ("bioclip_vitb16", "v5e:2x2", 512),
@@ -34,7 +33,6 @@ MODES = {
 }
 ONE_ARENA = ("import sys; from bioclip_jax.runtime import keep_freed_host_memory; keep_freed_host_memory(); "
              "from bioclip_jax.cli import main; sys.argv[0] = 'bioclip-jax'; sys.exit(main(sys.argv[1:]))")
-LINE = re.compile(r"^plan: fits=(\w+) .*per_chip_gib=([\d.]+) .*compile_s=([\d.]+)$", re.M)
 
 
 def run(config: str, topology: str, batch: int, scan: bool, mode: str) -> tuple[str, str, str]:
@@ -43,10 +41,11 @@ def run(config: str, topology: str, batch: int, scan: bool, mode: str) -> tuple[
     command = ([sys.executable, "-c", ONE_ARENA, *args] if mode == "full, one arena"
                else [sys.executable, "-m", "bioclip_jax", *args])
     done = subprocess.run(command, capture_output=True, text=True)
-    match = LINE.search(done.stdout)
-    if not match:
+    result = read_line(done.stdout)
+    if result is None:
         return "error", "", (done.stderr.strip().splitlines() or ["no output"])[-1][:80]
-    return match[1], match[2], match[3]
+    fits, gib, seconds = result
+    return "yes" if fits else "no", f"{gib:.2f}", f"{seconds:.1f}"
 
 
 def main() -> None:

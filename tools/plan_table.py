@@ -15,27 +15,27 @@ more.
 from __future__ import annotations
 
 import argparse
-import re
 import subprocess
 import sys
 import time
 
+from bioclip_jax.train.plan import parse_topology, read_line
+
 TOPOLOGIES = {"v4": ("v4:2x2x1", 32), "v5e": ("v5e:2x2", 16), "v5p": ("v5p:2x2x1", 95), "v6e": ("v6e:2x2", 32)}
-LINE = re.compile(r"^plan: fits=(\w+) .*per_chip_gib=([\d.]+) .*compile_s=([\d.]+)$", re.M)
-CHIPS = 4
 SMALLEST, LARGEST = 8, 4096
 
 
 def plan(recipe: str, topology: str, per_chip: int, remat: bool, fsdp: bool, quick: bool) -> tuple[bool, float]:
     """(fits, GiB per chip) from one `bioclip-jax plan`; exit 3 (the compiler failed otherwise) raises."""
     command = [sys.executable, "-m", "bioclip_jax", "plan", "--config", recipe, "--topology", topology,
-               f"--config.train.global_batch_size={per_chip * CHIPS}", f"--config.train.fsdp={fsdp}",
+               f"--config.train.global_batch_size={per_chip * parse_topology(topology).chips}",
+               f"--config.train.fsdp={fsdp}",
                *([] if remat else ["--config.remat="]), *(["--quick"] if quick else [])]
     done = subprocess.run(command, capture_output=True, text=True)
-    match = LINE.search(done.stdout)
-    if done.returncode not in (0, 1) or not match:
+    result = read_line(done.stdout)
+    if done.returncode not in (0, 1) or result is None:
         raise RuntimeError(f"{' '.join(command[2:])}: exit {done.returncode}: {done.stderr.strip()[-300:]}")
-    return match[1] == "yes", float(match[2])
+    return result[0], result[1]
 
 
 def largest_fit(recipe, topology, remat, fsdp, quick, guess) -> tuple[int, float, float]:
@@ -44,12 +44,9 @@ def largest_fit(recipe, topology, remat, fsdp, quick, guess) -> tuple[int, float
     batch = guess
     while SMALLEST <= batch <= LARGEST:
         fits[batch] = plan(recipe, topology, batch, remat, fsdp, quick)
-        if fits[batch][0] and (2 * batch) in fits:
-            break
-        if not fits[batch][0] and (batch // 2) in fits:
-            batch //= 2
-            break
         batch = 2 * batch if fits[batch][0] else batch // 2
+        if batch in fits:  # bracketed: one batch fits and twice it does not
+            break
     best = max((b for b, (ok, _) in fits.items() if ok), default=0)
     return best, fits.get(best, (False, 0.0))[1], fits.get(2 * best, (False, 0.0))[1]
 

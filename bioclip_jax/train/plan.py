@@ -167,6 +167,15 @@ class Plan:
                 f"hbm_gib={self.hbm_gib:g} compile_s={self.compile_s:.1f}")
 
 
+_LINE = re.compile(r"^plan: fits=(yes|no) .*per_chip_gib=([\d.]+) .*compile_s=([\d.]+)$", re.M)
+
+
+def read_line(output: str) -> tuple[bool, float, float] | None:
+    """(fits, GiB per chip, compile seconds) from `bioclip-jax plan`'s output (its `Plan.line`), None without one."""
+    match = _LINE.search(output)
+    return (match[1] == "yes", float(match[2]), float(match[3])) if match else None
+
+
 _COLLECTIVE = re.compile(r"\s(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute|"
                          r"collective-broadcast|ragged-all-to-all)(-start)?\(")
 _COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "bioclip_jax"
 # Lowest first. Modules of one layer may import each other (without cycles); the package __init__ is the public face.
 LAYERS = [
     {"errors"},
-    {"paths"},
+    {"paths", "hardware"},
     {"runtime", "tokenizer", "models"},
     {"data"},
     {"convert"},

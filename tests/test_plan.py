@@ -72,11 +72,6 @@ def test_peak_flops_by_device_kind(kind, peak):
     assert metrics.peak_flops(kind) == peak
 
 
-def test_chip_table_matches_peak_table():
-    for chip in plan.CHIPS.values():
-        assert metrics.peak_flops(chip.device_kind) > 0
-
-
 HLO = """\
 HloModule step
 

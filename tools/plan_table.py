@@ -19,9 +19,12 @@ import subprocess
 import sys
 import time
 
+from bioclip_jax import hardware
 from bioclip_jax.train.plan import parse_topology, read_line
 
-TOPOLOGIES = {"v4": ("v4:2x2x1", 32), "v5e": ("v5e:2x2", 16), "v5p": ("v5p:2x2x1", 95), "v6e": ("v6e:2x2", 32)}
+# Each generation's 4-chip slice and its HBM per chip in GiB.
+TOPOLOGIES = {c.name: (f"{c.name}:{'2x2x1' if c.topology_dims == 3 else '2x2'}", round(c.hbm_gib))
+              for c in hardware.TPUS.values()}
 SMALLEST, LARGEST = 8, 4096
 
 

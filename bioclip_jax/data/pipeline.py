@@ -29,6 +29,7 @@ from bioclip_jax.data import transforms
 from bioclip_jax.data.records import RecordVersionError, Unreadable, decode_record, find_shards, open_shards
 from bioclip_jax.data.transforms import decode_image
 from bioclip_jax.data.taxonomy import MIXED_TEXT_TYPES, TEXT_TYPES, Taxon, text_type_for_sample, text_type_for_step
+from bioclip_jax import hardware
 from bioclip_jax.errors import InputError
 from bioclip_jax.tokenizer import tokenize
 
@@ -166,24 +167,23 @@ class Captioner:
 
 # ---------------------------------------------------------------------------------------- input workers (TPU host)
 AUTO_WORKERS = -1  # data.workers = -1: sized from this host's accelerators and CPUs (auto_worker_count)
-# Images/s one chip consumes training ViT-B/16 at 128 pairs/chip and 40% MFU: bf16 peak x 0.4 / 123.3 GFLOP per pair
-# (train.metrics.train_flops_per_pair). Keyed by device_kind; others (GPUs) get the fastest. docs/performance.md.
-B16_IMAGES_PER_S_PER_CHIP = {"TPU v4": 890, "TPU v5 lite": 640, "TPU v5": 1490, "TPU v6 lite": 2980}
-IMAGES_PER_S_PER_WORKER = 600  # one worker process: decode + crop + resize 224 px JPEGs, tokenize (measured)
+IMAGES_PER_S_PER_WORKER = 600  # one worker process: decode + crop + resize 224 px JPEGs, tokenize (docs/performance.md)
 WORKER_HEADROOM = 2  # photos larger than 224 px decode slower; a worker shares its core with the host's other work
 READ_THREADS = 2  # without worker processes: batches made concurrently by threads of the training process
 
 
 def auto_worker_count(cpu_count: int | None = None, devices: Sequence[Any] | None = None) -> int:
-    """Worker processes that feed this host's accelerators B/16 at the rate above, twice over, using at most half
-    of the CPUs (the rest: the training process, the TPU runtime). 0 (threads in the training process) on a CPU-only
-    host, or where fewer than 2 processes would fit (2-core machines)."""
+    """Worker processes that feed this host's accelerators B/16 at their rate (`hardware`), twice over, using at most
+    half of the CPUs (the rest: the training process, the TPU runtime). 0 (threads in the training process) on a
+    CPU-only host, or where fewer than 2 processes would fit (2-core machines)."""
     devices = jax.local_devices() if devices is None else devices
     if cpu_count is None:
         cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if not devices or devices[0].platform == "cpu":
         return 0
-    per_chip = B16_IMAGES_PER_S_PER_CHIP.get(devices[0].device_kind, max(B16_IMAGES_PER_S_PER_CHIP.values()))
+    # Unknown kinds (a TPU v3, a GPU not in the table) are sized as the fastest TPU.
+    fastest_tpu = max(hardware.TPUS.values(), key=lambda a: a.b16_images_per_s)
+    per_chip = (hardware.find(devices[0].device_kind) or fastest_tpu).b16_images_per_s
     needed = math.ceil(WORKER_HEADROOM * len(devices) * per_chip / IMAGES_PER_S_PER_WORKER)
     workers = min(needed, cpu_count // 2)
     return workers if workers >= 2 else 0

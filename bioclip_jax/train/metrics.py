@@ -7,14 +7,8 @@ import os
 
 import jax
 
-from bioclip_jax import paths
+from bioclip_jax import hardware, paths
 from bioclip_jax.models.config import CLIPConfig
-
-# Dense bf16 peak per device, for MFU, keyed by what `device_kind` reports. TPU VMs report "TPU v4", "TPU v5 lite"
-# (v5e), "TPU v5" (v5p), "TPU v6 lite" (v6e); GPUs their product name ("NVIDIA H100 80GB HBM3"). Unknown: MFU 0.
-TPU_PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5": 459e12, "TPU v6 lite": 918e12,
-                  "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6e": 918e12}  # the last three: marketing names
-GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def _transformer_flops(tokens: int, width: int, layers: int, mlp_ratio: float) -> float:
@@ -44,14 +38,9 @@ def train_flops_per_pair(config: CLIPConfig) -> float:
 
 
 def peak_flops(device_kind: str) -> float:
-    """Dense bf16 FLOP/s of one device from its `device_kind`; 0.0 when unknown. TPU kinds match exactly ("TPU v5"
-    is v5p, a prefix of v5e's "TPU v5 lite"); GPU kinds by the product name they contain."""
-    kind = device_kind.strip()
-    if kind in TPU_PEAK_FLOPS:
-        return TPU_PEAK_FLOPS[kind]
-    if kind.lower().startswith("tpu"):
-        return 0.0
-    return next((v for k, v in GPU_PEAK_FLOPS.items() if k.lower() in kind.lower()), 0.0)
+    """Dense bf16 FLOP/s of one device from its `device_kind` (`hardware.find`); 0.0 when unknown (MFU 0)."""
+    accelerator = hardware.find(device_kind)
+    return accelerator.peak_bf16_flops if accelerator else 0.0
 
 
 def peak_flops_per_device() -> float:

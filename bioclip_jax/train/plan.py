@@ -19,34 +19,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from bioclip_jax import hardware
 from bioclip_jax.errors import InputError
 from bioclip_jax.models.clip import init_params
 from bioclip_jax.models.config import get_model_config
 from bioclip_jax.train import metrics as metrics_lib, sharding
 from bioclip_jax.train.trainer import build_train_step
 
-GIB = 2 ** 30
+GIB = hardware.GIB
 # XLA's exec_time_optimization_effort for `plan --quick` (-1 to 1, default 0): the TPU compiler then skips its
 # speed optimisations (collective/compute overlap, prefetch scheduling), which are most of its compile time.
 QUICK_EFFORT = -1.0
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    device_kind: str  # what jax.devices()[0].device_kind reports on that chip
-    hbm_gib: float
-    dims: int  # topology dimensions (2D torus for the "lite" chips, 3D for v4 / v5p)
-    cores_per_chip: int  # the Cloud accelerator name counts TensorCores: 2 per chip on v4 and v5p
-    chip_config: str  # "megacore": one JAX device per chip, as on a TPU VM
-
-
-CHIPS = {
-    "v4": Chip("TPU v4", 32, 3, 2, "megacore"),
-    "v5e": Chip("TPU v5 lite", 16, 2, 1, "default"),
-    "v5p": Chip("TPU v5", 95, 3, 2, "megacore"),
-    "v6e": Chip("TPU v6 lite", 32, 2, 1, "default"),
-}
-CLOUD_ALIASES = {"v5litepod": "v5e"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,24 +37,24 @@ class Topology:
     platform: str  # "tpu" or "cpu"
     name: str  # JAX topology name ("v5e:16x16") or "cpu:N"
     chips: int
-    generation: str = ""  # "v4", "v5e", "v5p", "v6e"; "" for cpu
+    generation: str = ""  # "v4", "v5e", "v5p", "v6e" (hardware.TPUS); "" for cpu
 
     @property
-    def chip(self) -> Chip | None:
-        return CHIPS.get(self.generation)
+    def chip(self) -> hardware.Accelerator | None:
+        return hardware.TPUS.get(self.generation)
 
 
-def _cloud_shape(generation: str, chips: int) -> str:
+def _cloud_shape(chip: hardware.Accelerator, chips: int) -> str:
     """Chip count -> the slice shape Cloud TPU builds for it (v5e/v6e: 2x2, 2x4, 4x4 ... 16x16; v4/v5p: 2x2x1,
     2x2x2, 2x2x4, 2x4x4, 4x4x4, 4x4x8 ...: doubling the last of the smallest dimensions)."""
     if chips & (chips - 1):
-        raise InputError(f"{generation} slices of {chips} chips have no standard shape; give the JAX topology "
-                         f"name instead, e.g. {generation}:{'2x2x3' if CHIPS[generation].dims == 3 else '4x6'}")
-    if CHIPS[generation].dims == 2:
+        raise InputError(f"{chip.name} slices of {chips} chips have no standard shape; give the JAX topology "
+                         f"name instead, e.g. {chip.name}:{'2x2x3' if chip.topology_dims == 3 else '4x6'}")
+    if chip.topology_dims == 2:
         k = chips.bit_length() - 1
         return f"{2 ** (k // 2)}x{2 ** (k - k // 2)}"
     if chips < 4:
-        raise InputError(f"the smallest {generation} slice has 4 chips ({generation}-8); got {chips} chips")
+        raise InputError(f"the smallest {chip.name} slice has 4 chips ({chip.name}-8); got {chips} chips")
     shape = [2, 2, 1]
     while math.prod(shape) < chips:
         smallest = min(shape)
@@ -81,34 +64,33 @@ def _cloud_shape(generation: str, chips: int) -> str:
 
 def parse_topology(name: str) -> Topology:
     """Cloud names (`v5litepod-256`, `v5e-256`, `v4-32`, `v5p-128`, `v6e-64`: v4/v5p count TensorCores, two per
-    chip), JAX names (`v5e:16x16`, `v4:2x2x1`) or `cpu:N` (N fake CPU devices, a dry run of the shardings)."""
+    chip), JAX names (`v5e:16x16`, `v4:2x2x1`) or `cpu:N` (N fake CPU devices, a dry run of the shardings). The
+    generations are those of `hardware.TPUS`."""
     text = name.strip().lower()
     known = "a Cloud name (v5litepod-256, v5e-256, v4-32, v5p-128, v6e-64), a JAX name (v5e:16x16, v4:2x2x1) or cpu:N"
     if m := re.fullmatch(r"cpu:(\d+)", text):
         if int(m[1]) < 1:
             raise InputError(f"topology {name!r}: cpu:N needs N >= 1")
         return Topology("cpu", text, int(m[1]))
-    if m := re.fullmatch(r"([a-z0-9]+)-(\d+)", text):
-        generation = CLOUD_ALIASES.get(m[1], m[1])
-        if generation not in CHIPS:
-            raise InputError(f"topology {name!r}: unknown TPU generation {m[1]!r}; expected {known}")
-        cores, per_chip = int(m[2]), CHIPS[generation].cores_per_chip
-        if cores < 1 or cores % per_chip:
-            raise InputError(f"topology {name!r}: {generation} Cloud names count TensorCores ({per_chip} per chip); "
-                             f"{cores} is not a multiple of {per_chip}")
-        chips = cores // per_chip
-        return Topology("tpu", f"{generation}:{_cloud_shape(generation, chips)}", chips, generation)
-    if m := re.fullmatch(r"([a-z0-9]+):(\d+(?:x\d+)*)", text):
-        generation = CLOUD_ALIASES.get(m[1], m[1])
-        if generation not in CHIPS:
-            raise InputError(f"topology {name!r}: unknown TPU generation {m[1]!r}; expected {known}")
-        dims = [int(d) for d in m[2].split("x")]
-        if len(dims) != CHIPS[generation].dims or min(dims) < 1:
-            example = "2x2x1" if CHIPS[generation].dims == 3 else "2x2"
-            raise InputError(f"topology {name!r}: {generation} shapes have {CHIPS[generation].dims} dimensions, "
-                             f"e.g. {generation}:{example}")
-        return Topology("tpu", f"{generation}:{m[2]}", math.prod(dims), generation)
-    raise InputError(f"unknown topology {name!r}; expected {known}")
+    m = re.fullmatch(r"([a-z0-9]+)-(\d+)", text) or re.fullmatch(r"([a-z0-9]+):(\d+(?:x\d+)*)", text)
+    if not m:
+        raise InputError(f"unknown topology {name!r}; expected {known}")
+    chip = hardware.tpu(m[1])
+    if chip is None:
+        raise InputError(f"topology {name!r}: unknown TPU generation {m[1]!r}; expected {known}")
+    if "-" in text:
+        cores = int(m[2])
+        if cores < 1 or cores % chip.cores_per_chip:
+            raise InputError(f"topology {name!r}: {chip.name} Cloud names count TensorCores ({chip.cores_per_chip} "
+                             f"per chip); {cores} is not a multiple of {chip.cores_per_chip}")
+        chips = cores // chip.cores_per_chip
+        return Topology("tpu", f"{chip.name}:{_cloud_shape(chip, chips)}", chips, chip.name)
+    dims = [int(d) for d in m[2].split("x")]
+    if len(dims) != chip.topology_dims or min(dims) < 1:
+        example = "2x2x1" if chip.topology_dims == 3 else "2x2"
+        raise InputError(f"topology {name!r}: {chip.name} shapes have {chip.topology_dims} dimensions, "
+                         f"e.g. {chip.name}:{example}")
+    return Topology("tpu", f"{chip.name}:{m[2]}", math.prod(dims), chip.name)
 
 
 def topology_devices(topology: Topology) -> list:

@@ -9,11 +9,12 @@ pybioclip's classes, same names and signatures, returning pybioclip's rows (list
 """
 
 from bioclip_jax.convert.checkpoint import convert_checkpoint, export_open_clip, save_model
+from bioclip_jax.convert.files import load_model_config as get_model_config
 from bioclip_jax.data.transforms import Preprocess
 from bioclip_jax.inference.classify import CustomLabelsBinningClassifier, CustomLabelsClassifier
 from bioclip_jax.inference.model import Model, create_model, encode, load
 from bioclip_jax.inference.tree_of_life import Rank, TreeOfLifeClassifier
-from bioclip_jax.models.config import get_model_config, list_models
+from bioclip_jax.models.config import list_models
 from bioclip_jax.tokenizer import tokenize
 
 __version__ = "0.1.0"

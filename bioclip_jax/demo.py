@@ -15,12 +15,12 @@ import time
 import ml_collections
 
 from bioclip_jax.convert.checkpoint import export_open_clip
+from bioclip_jax.convert.files import load_model_config
 from bioclip_jax.data.synthetic import SyntheticConfig, SyntheticTreeOfLife
 from bioclip_jax.data.taxonomy import RANKS
 from bioclip_jax.data.writers import write_synthetic_shards
 from bioclip_jax.evaluate.plots import plot_embeddings
 from bioclip_jax.evaluate.zero_shot import embed_eval_set, hierarchy_consistency, per_rank_accuracy
-from bioclip_jax.models.config import get_model_config
 from bioclip_jax.train.trainer import train
 
 
@@ -66,7 +66,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str, evaluate_fn=None) 
     """`evaluate_fn` is the trainer's periodic evaluation (config.eval.every_steps), e.g. the validation metrics."""
 
     start = time.perf_counter()
-    image_size = get_model_config(config.model).vision.image_size
+    image_size = load_model_config(config.model).vision.image_size
     data_dir = os.path.join(workdir, "data")
     tree = write_data(data_dir, image_size, config.train.seed)
     for split in ("train", "val", "heldout"):

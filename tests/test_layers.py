@@ -138,3 +138,43 @@ def test_a_planted_cycle_fails(tmp_path):
     target = copy / "models" / "config.py"  # models.clip imports models.config; close the circle
     target.write_text(target.read_text() + "\ndef f():\n    from bioclip_jax.models import clip\n")
     assert any("import cycle" in p and "bioclip_jax.models.clip" in p for p in violations(copy))
+
+
+# `models` turns dicts into configs and params into outputs; reading files belongs to `convert` (docs/architecture.md).
+FILE_CALLS = {"open", "read_text", "read_bytes", "write_text", "write_bytes"}
+FILE_MODULES = {"etils", "etils.epath", "pathlib", "bioclip_jax.paths"}
+
+
+def file_access(root: Path, layer: str = "models") -> list[str]:
+    found = []
+    for path in sorted((root / layer).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            where = f"{path.relative_to(root.parent)}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.Call):
+                f = node.func
+                name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+                owner = f.value.id if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) else ""
+                if name in FILE_CALLS or (owner == "json" and name in ("load", "dump")):
+                    found.append(f"{where}: {owner + '.' if owner else ''}{name}()")
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                names += [f"{node.module}.{a.name}" for a in node.names] if isinstance(node, ast.ImportFrom) else []
+                found += [f"{where}: imports {n}" for n in names if n in FILE_MODULES]
+            elif isinstance(node, ast.Attribute) and node.attr == "epath":
+                found.append(f"{where}: epath")
+    return found
+
+
+def test_models_read_no_files():
+    assert file_access(PACKAGE) == []
+
+
+@pytest.mark.parametrize("planted", ["def f(p):\n    return open(p).read()\n",
+                                     "def f(p):\n    import json\n    return json.load(p)\n",
+                                     "from etils import epath\n", "def f(p):\n    return p.read_text()\n"])
+def test_a_planted_file_read_in_models_fails(tmp_path, planted):
+    copy = tmp_path / "bioclip_jax"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    target = copy / "models" / "config.py"
+    target.write_text(target.read_text() + "\n" + planted)
+    assert any("models/config.py" in p for p in file_access(copy))

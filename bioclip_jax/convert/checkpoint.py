@@ -24,7 +24,7 @@ from bioclip_jax.convert import state_dict as sd
 from bioclip_jax.convert import transformers as hf
 from bioclip_jax.data.transforms import Preprocess
 from bioclip_jax.errors import InputError
-from bioclip_jax.models.config import CLIPConfig, get_model_config
+from bioclip_jax.models.config import CLIPConfig
 
 
 @dataclasses.dataclass
@@ -69,9 +69,9 @@ def resolve(ckpt: files.Checkpoint, model: str | None = None) -> Resolved:
 def _resolve_config(ckpt: files.Checkpoint, model: str | None) -> CLIPConfig:
     if ckpt.model_cfg is not None:
         config = CLIPConfig.from_open_clip(ckpt.model_cfg, name=model or "")
-        if model is not None and get_model_config(model).to_open_clip() != config.to_open_clip():
+        if model is not None and files.load_model_config(model).to_open_clip() != config.to_open_clip():
             raise InputError(f"{ckpt.source}: its config {config.to_open_clip()} does not match model={model!r} "
-                             f"({get_model_config(model).to_open_clip()}); drop `model` to use the folder's config")
+                             f"({files.load_model_config(model).to_open_clip()}); drop `model` to use the folder's config")
         return config
     if model is None:
         fits = sd.fitting_architectures(ckpt.state_dict) if ckpt.state_dict is not None else []
@@ -79,7 +79,7 @@ def _resolve_config(ckpt: files.Checkpoint, model: str | None) -> CLIPConfig:
         raise InputError(f"{ckpt.source}: these weights carry no model config; pass the architecture, e.g. "
                          f"model='ViT-B-16-quickgelu' for BioCLIP{hint}. GELU and QuickGELU models have the same "
                          "tensors, so it cannot be inferred.")
-    return get_model_config(model)
+    return files.load_model_config(model)
 
 
 def _check_params(params: dict, config: CLIPConfig, source: str) -> None:

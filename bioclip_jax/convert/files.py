@@ -29,7 +29,7 @@ from safetensors.numpy import load as load_safetensors, save as save_safetensors
 from bioclip_jax import paths
 from bioclip_jax.convert import transformers as hf
 from bioclip_jax.errors import InputError
-from bioclip_jax.models.config import CLIPConfig
+from bioclip_jax.models.config import CLIPConfig, config_from_json_dict, get_model_config
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_SAFETENSORS = "open_clip_model.safetensors"
@@ -122,6 +122,14 @@ def read_json(path: epath.Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_model_config(name: str | os.PathLike) -> CLIPConfig:
+    """Config for an open_clip model name or alias (`models.get_model_config`), or a path (local or gs://) to an
+    open_clip model JSON (`model_configs/*.json`) or folder config (`{"model_cfg": ...}`)."""
+    if not os.fspath(name).endswith(".json"):
+        return get_model_config(os.fspath(name))
+    return config_from_json_dict(read_json(paths.resolve(name)), os.fspath(name))
 
 
 def _read_open_clip_folder(folder: epath.Path) -> Checkpoint:

@@ -14,11 +14,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from bioclip_jax.convert import checkpoint
-from bioclip_jax.convert.files import Checkpoint
+from bioclip_jax.convert.files import Checkpoint, load_model_config
 from bioclip_jax.data.transforms import ImageInput, Preprocess, load_image
 from bioclip_jax.errors import InputError
 from bioclip_jax.models.clip import CLIP, init_params
-from bioclip_jax.models.config import CLIPConfig, get_model_config
+from bioclip_jax.models.config import CLIPConfig
 from bioclip_jax.tokenizer import tokenize
 
 
@@ -60,7 +60,7 @@ class Model:
 def create_model(name: str | CLIPConfig, seed: int = 0, dtype: Any = jnp.float32,
                  attn_implementation: str | None = "xla") -> Model:
     """A randomly initialised model of a named architecture (for training from scratch, tests and demos)."""
-    config = get_model_config(name) if isinstance(name, str) else name
+    config = load_model_config(name) if isinstance(name, str) else name
     params = jax.jit(init_params, static_argnums=(0,))(config, seed)
     return Model(config, params, Preprocess(size=config.vision.image_size), dtype, attn_implementation,
                  f"init:{seed}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import json
 from typing import Any
 
 from bioclip_jax.errors import InputError
@@ -189,9 +188,8 @@ def list_models() -> list[str]:
 
 
 def get_model_config(name: str) -> CLIPConfig:
-    """Config for an open_clip model name (e.g. "ViT-B-16-quickgelu") or a path to an open_clip JSON config."""
-    if name.endswith(".json"):
-        return config_from_json(name)
+    """Config for an open_clip model name (e.g. "ViT-B-16-quickgelu") or one of `ALIASES`. A JSON config file is read
+    by `convert.files.load_model_config`, which also takes names."""
     key = ALIASES.get(name, name)
     if key not in _OPEN_CLIP_CONFIGS:
         close = difflib.get_close_matches(name, list_models(), n=3)
@@ -200,15 +198,11 @@ def get_model_config(name: str) -> CLIPConfig:
     return CLIPConfig.from_open_clip(copy.deepcopy(_OPEN_CLIP_CONFIGS[key]), name=key)
 
 
-def config_from_json(path: str) -> CLIPConfig:
-    """Reads an open_clip model JSON (`model_configs/*.json`) or folder config (`{"model_cfg": ...}`)."""
-    with open(path) as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}: not valid JSON ({e})") from None
-    model_cfg = data.get("model_cfg", data)
-    if "embed_dim" not in model_cfg:
-        raise InputError(f"{path}: no 'embed_dim' (expected an open_clip model config or "
-                         "{{'model_cfg': ..., 'preprocess_cfg': ...}})")
+def config_from_json_dict(data: dict[str, Any], source: str) -> CLIPConfig:
+    """The config in an open_clip model JSON's contents (`model_configs/*.json`) or a folder config's
+    (`{"model_cfg": ...}`); `source` names the file in errors."""
+    model_cfg = data.get("model_cfg", data) if isinstance(data, dict) else None
+    if not isinstance(model_cfg, dict) or "embed_dim" not in model_cfg:
+        raise InputError(f"{source}: no 'embed_dim' (expected an open_clip model config or "
+                         "{'model_cfg': ..., 'preprocess_cfg': ...})")
     return CLIPConfig.from_open_clip(model_cfg, name=data.get("model_name", ""))

@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from bioclip_jax import hardware
+from bioclip_jax.convert.files import load_model_config
 from bioclip_jax.errors import InputError
 from bioclip_jax.models.clip import init_params
-from bioclip_jax.models.config import get_model_config
 from bioclip_jax.train import metrics as metrics_lib, sharding
 from bioclip_jax.train.trainer import build_train_step
 
@@ -248,7 +248,7 @@ def plan(config: ml_collections.ConfigDict, topology: str | Topology, quick: boo
     devices = topology_devices(topology)
     mesh = sharding.make_mesh(devices)
     t = config.train
-    model_config = get_model_config(config.model)
+    model_config = load_model_config(config.model)
     image_size, context = model_config.vision.image_size, model_config.text.context_length
     # Random-init shapes (stacked when scan_layers): the planner never reads config.init's weights (same shapes).
     parts = build_train_step(config, model_config, mesh, lambda: init_params(model_config,

@@ -48,11 +48,10 @@ def cpu_only() -> bool:
 def keep_freed_host_memory() -> bool:
     """Makes glibc keep freed memory for reuse instead of returning it to the kernel.
 
-    XLA's CPU backend allocates each step's temporaries afresh (240 MB for the demo's training step). glibc serves
-    blocks that large with mmap and unmaps them on free, so every step page-faults them in again: 59,500 page faults
-    and about half of the step's CPU time spent in the kernel. One arena that never trims or unmaps cuts that to
-    5,800 faults and the step from 345 to 282 ms (docs/performance.md). The cost is a resident size that stays at
-    its peak. It only works before JAX starts its threads (each thread keeps the arena it first used), so call it at
+    XLA's CPU backend allocates each step's temporaries afresh, hundreds of MB a step. glibc serves blocks that large
+    with mmap and unmaps them on free, so every step page-faults them in again and spends much of its CPU time in the
+    kernel. One arena that never trims or unmaps removes most of those faults (docs/performance.md has the demo
+    step's numbers). The cost is a resident size that stays at its peak. It only works before JAX starts its threads (each thread keeps the arena it first used), so call it at
     the start of a process. Returns False where it cannot apply (not glibc)."""
     libc_name = ctypes.util.find_library("c")
     try:

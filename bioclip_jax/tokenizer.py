@@ -51,7 +51,7 @@ def _split_pattern() -> str:
     IGNORECASE in the `regex` module. Oniguruma's own \p{L}/\p{N} lag in Unicode version (no
     Unicode 16/17 letters or digits) and differ under IGNORECASE (`regex` puts U+0345 in none of
     the classes, so findall drops it; 's also matches 'ſ), so the classes and the case variants
-    of the literals are computed from `regex` and written out as code point ranges (~0.2 s).
+    of the literals are computed from `regex` and written out as code point ranges (once per process).
     """
     every = np.r_[0:0xD800, 0xE000:0x110000].astype("<u4").tobytes().decode("utf-32-le")
     cp = lambda i: i + 0x800 * (i >= 0xD800)  # string index -> code point (surrogates skipped)
@@ -177,7 +177,8 @@ def _check_texts(texts: str | Sequence[str]) -> list[str]:
 
 @functools.lru_cache(maxsize=None)
 def get_tokenizer() -> Tokenizer:
-    """The shared tokenizer (built once: loading merges and compiling the regex take ~0.5 s)."""
+    """The shared tokenizer, built once per process (loading the merges and compiling the regex cost a moment:
+    docs/performance.md)."""
     return Tokenizer()
 
 

@@ -64,7 +64,7 @@ def main() -> None:
         for scan in scans:
             for mode in args.mode or list(MODES):
                 if mode == "full, one arena" and not scan:
-                    continue  # the arena's cost shows on the scanned step; the unrolled one takes minutes more
+                    continue  # the arena's cost shows on the scanned step; the unrolled one compiles far longer
                 fits, gib, seconds = run(config, topology, batch, scan, mode)
                 print(f"| {config} | {topology}, {batch // chips} | {'on' if scan else 'off'} | {mode} | {fits} | "
                       f"{gib} | {seconds} |", flush=True)

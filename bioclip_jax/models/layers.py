@@ -49,8 +49,8 @@ def layer_norm(name: str, dtype: Any) -> nn.LayerNorm:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> jax.Array:
-    """Softmax attention on [B, N, T, H] (heads before tokens: XLA's CPU batched matmuls are ~3x faster in this
-    layout than in [B, T, N, H]). Scores are softmaxed in float32 whatever the compute dtype."""
+    """Softmax attention on [B, N, T, H] (heads before tokens: XLA's CPU batched matmuls are faster in this layout
+    than in [B, T, N, H], docs/performance.md). Scores are softmaxed in float32 whatever the compute dtype."""
     scores = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
     if causal:
         length = q.shape[2]
@@ -62,7 +62,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> jax.Arr
 class HeadsInProjection(nn.Module):
     """torch.nn.MultiheadAttention's fused QKV projection (kernel [width, 3 * width], q, k, v stacked, as nn.Dense would
     store it), computed by one einsum straight into per-head layout: reshaping and transposing a Dense output instead
-    costs XLA's CPU backend 2.5x in the backward pass (the causal text tower's attention: 66 ms -> 26 ms)."""
+    makes XLA's CPU backward pass pay for the transposes (docs/performance.md, "What moved the numbers")."""
 
     heads: int
     heads_first: bool  # [3, B, N, T, H] if True, else [3, B, T, N, H]

@@ -242,8 +242,8 @@ def _exceeded_bytes(message: str) -> tuple[float, str]:
 
 def plan(config: ml_collections.ConfigDict, topology: str | Topology, quick: bool = False) -> Plan:
     """Compiles `config`'s training step (the trainer's own, through build_train_step) for `topology`. `quick`
-    compiles with XLA's exec-time optimisation effort at QUICK_EFFORT: 4-5x faster, and the memory is what the step
-    needs without XLA's speed optimisations (docs/tpu.md: within 0.4% to ~20% under the full compile's)."""
+    compiles with XLA's exec-time optimisation effort at QUICK_EFFORT: much faster, and the memory is what the step
+    needs without XLA's speed optimisations, at or under the full compile's (docs/tpu.md has both measured)."""
     topology = parse_topology(topology) if isinstance(topology, str) else topology
     devices = topology_devices(topology)
     mesh = sharding.make_mesh(devices)

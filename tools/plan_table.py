@@ -7,9 +7,9 @@
 Every verdict is a `bioclip-jax plan` compile (its own process) on a 4-chip slice of that generation; the search
 doubles or halves the per-chip batch from a guess until it brackets the limit. `--quick` compiles (the default here,
 much faster) are what the step needs without XLA's speed optimisations: close to the full compile for some steps,
-well under it for others (docs/tpu.md has the measurements); `--full` checks with the compile `train` runs. Data parallel
-holds the same per-chip memory on any slice size; FSDP divides the state by the chips, so larger slices fit a little
-more.
+well under it for others (docs/tpu.md has the measurements); `--full` checks with the compile `train` runs. Data
+parallel holds the same per-chip memory on any slice size; FSDP divides the state by the chips, so larger slices fit a
+little more.
 """
 
 from __future__ import annotations

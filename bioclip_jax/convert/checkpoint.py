@@ -69,9 +69,10 @@ def resolve(ckpt: files.Checkpoint, model: str | None = None) -> Resolved:
 def _resolve_config(ckpt: files.Checkpoint, model: str | None) -> CLIPConfig:
     if ckpt.model_cfg is not None:
         config = CLIPConfig.from_open_clip(ckpt.model_cfg, name=model or "")
-        if model is not None and files.load_model_config(model).to_open_clip() != config.to_open_clip():
+        expected = files.load_model_config(model).to_open_clip() if model is not None else None
+        if expected is not None and expected != config.to_open_clip():
             raise InputError(f"{ckpt.source}: its config {config.to_open_clip()} does not match model={model!r} "
-                             f"({files.load_model_config(model).to_open_clip()}); drop `model` to use the folder's config")
+                             f"({expected}); drop `model` to use the folder's config")
         return config
     if model is None:
         fits = sd.fitting_architectures(ckpt.state_dict) if ckpt.state_dict is not None else []

@@ -158,7 +158,8 @@ class BaseClassifier:
         return image_key(image, idx)
 
     def iter_image_features(self, images, batch_size: int = DEFAULT_BATCH_SIZE, normalize: bool = True,
-                            callback: Callable[[int, int], None] | None = None) -> Iterator[tuple[list[str], np.ndarray]]:
+                            callback: Callable[[int, int], None] | None = None
+                            ) -> Iterator[tuple[list[str], np.ndarray]]:
         """(keys, features [B', D]) per batch, streaming; unreadable images go into `self.failures`."""
         images = as_image_list(images)
         if not batch_size or batch_size < 1:

@@ -75,7 +75,7 @@ def test_binning_sums_label_probabilities(exported):
     by_label = {r["classification"]: r["score"] for r in plain}
     assert binned["birds"] == pytest.approx(by_label["Pica hudsonia"] + by_label["Corvus corax"], abs=1e-6)
     assert sum(binned.values()) == pytest.approx(1.0, abs=1e-5)
-    with pytest.raises(ValueError, match="labels without a bin"):
+    with pytest.raises(ValueError, match="Empty, null, or nan are not allowed for bin values."):
         CustomLabelsBinningClassifier({"a": ""}, model_str=model)
 
 

@@ -158,8 +158,11 @@ def test_unknown_subset_values_are_pybioclip_errors(setup, pybioclip, tmp_path, 
         reference.create_taxa_filter_from_csv(str(tmp_path / "subset.csv"))
     assert main(["predict", images[0], "--model", str(folder), "--txt-emb", str(emb), "--subset",
                  str(tmp_path / "subset.csv")]) == 2
-    err = capsys.readouterr().err
-    assert str(theirs.value) in err and "subset.csv" in err  # "Unknown species received: Pica hudsonai. ..."
+    assert str(theirs.value) in capsys.readouterr().err  # "Unknown species received: Pica hudsonai. ..."
+    ours = bioclip_jax.TreeOfLifeClassifier(model_str=str(folder), txt_emb=emb, progress=False)
+    with pytest.raises(ValueError) as raised:
+        ours.create_taxa_filter_from_csv(str(tmp_path / "subset.csv"))
+    assert str(raised.value) == str(theirs.value)
 
 
 def test_list_tol_taxa_prints_what_pybioclip_prints(setup, pybioclip, capsys):
@@ -203,3 +206,154 @@ def test_embed_matches_pybioclip(setup, pybioclip, tmp_path):
     assert main(["embed", *images, "--model", str(folder), "--output", str(tmp_path / "e.json")]) == 0
     ours = json.loads((tmp_path / "e.json").read_text())["embeddings"]
     np.testing.assert_allclose([ours[p] for p in images], expected, atol=2e-4)
+
+
+def test_label_data_is_pybioclip_dataframe_and_filters_alike(setup, pybioclip):
+    import pandas as pd
+
+    folder, weights, emb, images = setup
+    reference = pybioclip.TreeOfLifeClassifier(model_str=ARCH, pretrained_str=weights)
+    ours = bioclip_jax.TreeOfLifeClassifier(model_str=str(folder), txt_emb=emb, progress=False)
+    df = ours.get_label_data()
+    pd.testing.assert_frame_equal(df, reference.get_label_data())  # columns, dtypes, order, None common names
+    # pybioclip's documented idiom: pick rows of the DataFrame, filter by their species, predict among them.
+    bears = df[df.species == "Ursus arctos"]
+    keep = ours.create_taxa_filter(bioclip_jax.Rank.SPECIES, bears.species)
+    expected = reference.create_taxa_filter(pybioclip.Rank.SPECIES, bears.species)
+    pd.testing.assert_series_equal(keep, expected)
+    ours.apply_filter(keep)
+    reference.apply_filter(expected)
+    _compare(ours.predict(images[:2], bioclip_jax.Rank.SPECIES), reference.predict(images[:2], pybioclip.Rank.SPECIES),
+             "filtered by DataFrame", {})
+    for rank, values in [(pybioclip.Rank.FAMILY, ["Corvidae", "Canidae"]), (bioclip_jax.Rank.GENUS, ["Pica"])]:
+        pd.testing.assert_series_equal(ours.create_taxa_filter(rank, values),
+                                       reference.create_taxa_filter(pybioclip.Rank[rank.name], values))
+
+
+def test_single_image_features_match_pybioclip(setup, pybioclip):
+    folder, weights, _, images = setup
+    reference = pybioclip.BaseClassifier(model_str=ARCH, pretrained_str=weights)
+    ours = bioclip_jax.TreeOfLifeClassifier(model_str=str(folder), txt_emb=setup[2], progress=False)
+    for normalize in (True, False):
+        expected = reference.create_image_features_for_image(images[1], normalize).numpy()
+        got = ours.create_image_features_for_image(Image.open(images[1]), normalize)
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, atol=2e-4)
+
+
+@pytest.mark.parametrize("bad", ["", None, float("nan"), "pd.NA"])
+def test_bad_bins_are_pybioclip_errors(setup, pybioclip, bad):
+    import pandas as pd
+
+    folder, weights, _, _ = setup
+    bins = {"Pica hudsonia": "bird", "Canis lupus": pd.NA if bad == "pd.NA" else bad}
+    with pytest.raises(ValueError) as theirs:
+        pybioclip.CustomLabelsBinningClassifier(cls_to_bin=bins, model_str=ARCH, pretrained_str=weights)
+    with pytest.raises(ValueError) as ours:
+        bioclip_jax.CustomLabelsBinningClassifier(bins, model_str=str(folder))
+    assert str(ours.value) == str(theirs.value) == "Empty, null, or nan are not allowed for bin values."
+
+
+def test_public_names_and_signatures_are_pybioclips():
+    """Every public function, class and method of pybioclip's predict.py and recorder.py exists here and takes
+    pybioclip's arguments with pybioclip's defaults; the one different default is the device (JAX's default)."""
+    import inspect
+
+    from bioclip import _constants as bioclip_constants
+    from bioclip import predict as their_predict
+    from bioclip import recorder as their_recorder
+
+    from bioclip_jax.inference import predict as our_predict
+    from bioclip_jax.inference import recorder as our_recorder
+
+    def same_arguments(theirs, ours, where):
+        ours_params = inspect.signature(ours).parameters
+        for p in inspect.signature(theirs).parameters.values():
+            assert p.name in ours_params, where
+            if p.default is not inspect.Parameter.empty and p.name != "device":
+                assert ours_params[p.name].default == p.default, (where, p.name)
+
+    for theirs_mod, ours_mod in [(their_predict, our_predict), (their_recorder, our_recorder)]:
+        for name, value in vars(theirs_mod).items():
+            if name.startswith("_") or getattr(value, "__module__", "").split(".")[0] != "bioclip":
+                continue
+            ours = getattr(ours_mod, name)
+            if inspect.isclass(value):
+                for method, fn in vars(value).items():
+                    if callable(fn) and (not method.startswith("_") or method == "__init__"):
+                        same_arguments(getattr(value, method), getattr(ours, method), f"{name}.{method}")
+            elif callable(value):
+                same_arguments(value, ours, name)
+    for name in ["BIOCLIP_MODEL_STR", "BIOCLIP_V1_MODEL_STR", "BIOCLIP_V2_MODEL_STR", "TOL_MODELS",
+                 "HF_DATAFILE_REPO_TYPE", "PRED_FILENAME_KEY", "PRED_CLASSICATION_KEY", "PRED_SCORE_KEY",
+                 "SPECIES_LABEL", "SPECIES_EPITHET_LABEL", "COMMON_NAME_LABEL"]:
+        assert getattr(our_predict, name) == getattr(their_predict, name, getattr(bioclip_constants, name, None)), name
+    assert [t("x") for t in our_predict.OPENA_AI_IMAGENET_TEMPLATE] == \
+        [t("x") for t in their_predict.OPENA_AI_IMAGENET_TEMPLATE]
+    assert our_predict.get_rank_labels() == their_predict.get_rank_labels()
+    with pytest.raises(ValueError) as theirs:
+        their_predict.get_tol_repo_id("ViT-B-16")
+    with pytest.raises(ValueError) as ours:
+        our_predict.get_tol_repo_id("ViT-B-16")
+    assert str(ours.value) == str(theirs.value)
+
+
+def _log_content(path) -> tuple[object, dict]:
+    """(the log without what differs between two runs by design: times, the version line, model paths and the species
+    matrix's source; those fields)."""
+    text = path.read_text()
+    if path.suffix == ".json":
+        log = json.loads(text)
+        fields = {k: log.pop(k, None) for k in ("pybioclip_version", "bioclip_jax_version", "start", "end", "model",
+                                                 "pretrained")}
+        fields["tree_of_life_version"] = log["top_level_settings"].pop("tree_of_life_version", None)
+        return log, fields
+    dropped = ("*", "Model: ", "Pretrained: ", "Tree Of Life Version: ")
+    return [line for line in text.splitlines() if not line.startswith(dropped)], {}
+
+
+def test_prediction_logs_match_pybioclip(setup, pybioclip, tmp_path):
+    """pybioclip's `predict --log` (its commands.predict) against ours through the calls our CLI makes: the same
+    JSON and text logs for --cls, --bins and the tree of life with --subset."""
+    from bioclip.commands import predict as their_cli_predict
+
+    from bioclip_jax.inference.recorder import attach_cli_recorder, save_recorded_predictions, verify_recorder_path
+
+    folder, weights, emb, images = setup
+    (tmp_path / "bins.csv").write_text("label,bin\nPica hudsonia,bird\nCorvus corax,bird\nCanis lupus,mammal\n")
+    (tmp_path / "subset.csv").write_text("family\nCorvidae\nCanidae\n")
+    modes = [  # (log name, pybioclip's arguments, our classifier, our predict arguments, our CLI's log arguments)
+        ("cls.json", dict(cls_str=" Pica hudsonia,Canis lupus"), lambda: bioclip_jax.CustomLabelsClassifier(
+            [" Pica hudsonia", "Canis lupus"], model_str=str(folder), progress=False), dict(k=None),
+         dict(cls=" Pica hudsonia,Canis lupus")),
+        ("bins.txt", dict(bins_path=str(tmp_path / "bins.csv"), k=1), lambda: bioclip_jax.CustomLabelsBinningClassifier(
+            {"Pica hudsonia": "bird", "Corvus corax": "bird", "Canis lupus": "mammal"}, model_str=str(folder),
+            progress=False), dict(k=1), dict(bins_path=str(tmp_path / "bins.csv"))),
+        ("tol.json", dict(rank=pybioclip.Rank.FAMILY, k=3, subset=str(tmp_path / "subset.csv")),
+         lambda: bioclip_jax.TreeOfLifeClassifier(model_str=str(folder), txt_emb=emb, progress=False),
+         dict(rank="family", k=3), dict(subset=str(tmp_path / "subset.csv"))),
+        ("tol.txt", dict(rank=pybioclip.Rank.SPECIES, k=5), lambda: bioclip_jax.TreeOfLifeClassifier(
+            model_str=str(folder), txt_emb=emb, progress=False), dict(k=5), {}),
+    ]
+    for name, theirs_args, make_ours, predict_args, log_args in modes:
+        theirs_log, ours_log = tmp_path / f"theirs_{name}", tmp_path / f"ours_{name}"
+        arguments = {**dict(cls_str=None, rank=None, bins_path=None, k=None, subset=None), **theirs_args}
+        for _ in range(1 if name.endswith(".json") else 2):  # text logs append
+            their_cli_predict(images[:3], format="csv", output=str(tmp_path / "out.csv"), batch_size=10,
+                              log=str(theirs_log), device="cpu", model_str=ARCH, pretrained_str=weights, **arguments)
+            verify_recorder_path(str(ours_log))
+            ours = make_ours()
+            if log_args.get("subset"):
+                ours.apply_filter(ours.create_taxa_filter_from_csv(log_args["subset"]))
+            attach_cli_recorder(ours, **log_args)
+            ours.predict(images[:3], batch_size=10, **predict_args)
+            save_recorded_predictions(ours, str(ours_log))
+        (expected, theirs_fields), (got, ours_fields) = _log_content(theirs_log), _log_content(ours_log)
+        assert got == expected, name
+        if name.endswith(".json"):
+            assert ours_fields["model"] == str(folder) and ours_fields["pretrained"] is None
+            assert ours_fields["bioclip_jax_version"] == bioclip_jax.__version__
+            assert ours_fields["tree_of_life_version"] == (str(emb) if name.startswith("tol") else None)
+    with pytest.raises(ValueError, match="already exists") as raised:
+        verify_recorder_path(str(tmp_path / "ours_cls.json"))
+    assert "Please choose a different file name." in str(raised.value)

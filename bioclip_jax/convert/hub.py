@@ -103,6 +103,15 @@ def resolve_txt_emb(source: str | os.PathLike) -> Path:
     return matrix.parent
 
 
+def download_dataset_file(repo_id: str, filename: str) -> Path:
+    """One file of a dataset repository (pybioclip's `get_cached_datafile`), from the hub or the local cache."""
+    hub = _Fetcher(repo_id, "dataset")
+    path = hub.get(filename)
+    if path is None:
+        raise hub.missing(filename)
+    return path
+
+
 def _commit(path: Path, filename: str) -> str:
     """The snapshot (commit) a cached file belongs to: later files come from the same one."""
     return path.parents[len(filename.split("/")) - 1].name

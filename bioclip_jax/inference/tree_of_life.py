@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 from bioclip_jax.data.taxonomy import RANKS, Taxon
 from bioclip_jax.errors import InputError
 from bioclip_jax.convert.hub import resolve_txt_emb
-from bioclip_jax.inference.classify import BIOCLIP_MODEL_STR, DEFAULT_BATCH_SIZE, BaseClassifier
+from bioclip_jax.inference.classify import BIOCLIP_MODEL_STR, DEFAULT_BATCH_SIZE, BaseClassifier, recorded_images
 from bioclip_jax.inference.io import read_subset
-from bioclip_jax.inference.model import Model
+from bioclip_jax.inference.model import Model, as_image_list
 from bioclip_jax.inference.templates import OPENAI_IMAGENET_TEMPLATES
 from bioclip_jax.inference.zero_shot import class_embeddings, class_texts
 
@@ -103,6 +103,11 @@ class Rank(enum.Enum):
         return self.name.lower()
 
 
+def get_rank_labels() -> list[str]:
+    """["kingdom", ..., "species"], as pybioclip."""
+    return [rank.get_label() for rank in Rank]
+
+
 def rank_label(rank: Rank | str | enum.Enum) -> str:
     """"species" for Rank.SPECIES, pybioclip's own Rank.SPECIES or the string (any case)."""
     label = rank.name.lower() if isinstance(rank, enum.Enum) else str(rank).strip().lower()
@@ -111,22 +116,39 @@ def rank_label(rank: Rank | str | enum.Enum) -> str:
     return label
 
 
-def classification(names: list, rank: str) -> dict:
-    """pybioclip's columns for one species at `rank`, with the strings as stored: the ranks up to `rank` ("class"
-    for the class rank); at species rank also species_epithet, species ("Genus epithet") and common_name."""
+SPECIES_LABEL = "species"
+SPECIES_EPITHET_LABEL = "species_epithet"
+COMMON_NAME_LABEL = "common_name"
+
+
+def get_tol_classification_labels(rank: Rank | str) -> list[str]:
+    """pybioclip's row columns at `rank`: the ranks up to it; at species rank with species_epithet before species
+    and common_name after it."""
+    depth = RANKS.index(rank_label(rank))
+    labels = list(COLUMNS[:depth + 1])
+    if depth == len(COLUMNS):
+        labels += [SPECIES_EPITHET_LABEL, SPECIES_LABEL, COMMON_NAME_LABEL]
+    return labels
+
+
+def create_classification_dict(names: list, rank: Rank | str) -> dict:
+    """pybioclip's columns for one species at `rank`, with the strings as stored; species is "Genus epithet"."""
     ranks, common = names
-    row = {column: ranks[i] for i, column in enumerate(COLUMNS[:RANKS.index(rank) + 1])}
-    if rank == "species":
-        row.update(species_epithet=ranks[6], species=f"{ranks[5]} {ranks[6]}", common_name=common)
-    return row
+    values = {SPECIES_EPITHET_LABEL: ranks[6], SPECIES_LABEL: f"{ranks[5]} {ranks[6]}", COMMON_NAME_LABEL: common}
+    return {label: values[label] if label in values else ranks[i]
+            for i, label in enumerate(get_tol_classification_labels(rank))}
 
 
-SPECIES_COLUMNS = [*COLUMNS, "species_epithet", "species", "common_name"]
+def join_names(classification_dict: dict) -> str:
+    return " ".join(classification_dict.values())
+
+
+SPECIES_COLUMNS = [*COLUMNS, SPECIES_EPITHET_LABEL, SPECIES_LABEL, COMMON_NAME_LABEL]
 
 
 def label_data(names: list[list]) -> list[dict]:
     """Every species' columns at species rank: what pybioclip's list-tol-taxa prints (columns SPECIES_COLUMNS)."""
-    return [classification(entry, "species") for entry in names]
+    return [create_classification_dict(entry, Rank.SPECIES) for entry in names]
 
 
 class TreeOfLifeClassifier(BaseClassifier):
@@ -138,12 +160,18 @@ class TreeOfLifeClassifier(BaseClassifier):
                  pretrained_str: str | None = None, device=None, *, txt_emb: str | os.PathLike | None = None,
                  **kwargs):
         super().__init__(model_str, pretrained_str, device, **kwargs)
-        folder = txt_emb if txt_emb is not None else resolve_txt_emb(self.model_str)
-        self.txt_embeddings, self.txt_names = load_txt_matrix(folder)
+        self.txt_emb = Path(txt_emb if txt_emb is not None else resolve_txt_emb(self.model_str))
+        # What a prediction log names as the species embeddings: pybioclip's dataset repository, or the folder given.
+        self.tree_of_life_version = os.fspath(txt_emb) if txt_emb is not None else self.get_tol_repo_id()
+        self.txt_embeddings, self.txt_names = load_txt_matrix(self.txt_emb)
         if self.txt_embeddings.shape[0] != self.model.config.embed_dim:
-            raise InputError(f"{folder}: text embeddings have dimension {self.txt_embeddings.shape[0]}, but the "
-                             f"model embeds to {self.model.config.embed_dim}: they were made with another model")
+            raise InputError(f"{self.txt_emb}: text embeddings have dimension {self.txt_embeddings.shape[0]}, but "
+                             f"the model embeds to {self.model.config.embed_dim}: they were made with another model")
         self._subset: np.ndarray | None = None  # indices of the species kept by apply_filter
+
+    def get_cached_datafile(self, filename: str) -> str:
+        """The species files come from this classifier's `txt_emb` folder (the hub's, or the one given)."""
+        return str(self.txt_emb / os.path.basename(filename))
 
     def get_txt_embeddings(self) -> np.ndarray:
         return self.txt_embeddings if self._subset is None else self.txt_embeddings[:, self._subset]
@@ -151,30 +179,33 @@ class TreeOfLifeClassifier(BaseClassifier):
     def get_current_txt_names(self) -> list[list]:
         return self.txt_names if self._subset is None else [self.txt_names[i] for i in self._subset]
 
-    def get_label_data(self) -> list[dict]:
-        """Every species' columns at species rank (pybioclip returns these rows as a DataFrame)."""
-        return label_data(self.txt_names)
+    def get_classification_dict(self, idx: int, rank: Rank | str) -> dict:
+        return create_classification_dict(self.get_current_txt_names()[idx], rank)
 
-    def create_taxa_filter(self, rank: Rank | str, user_values: Sequence[str]) -> list[bool]:
-        """Which species have one of `user_values` at `rank` (binomials at species rank); unknown values are an
-        error naming them, with pybioclip's message."""
-        label = rank_label(rank)
-        column = [classification(names, "species")[label] for names in self.txt_names]
-        known = set(column)
-        unknown = [v for v in user_values if v not in known]
-        if unknown:
-            raise InputError(f"Unknown {label} received: {', '.join(map(str, unknown))}. "
-                             f"Only known {label} may be used.")
-        wanted = set(user_values)
-        return [value in wanted for value in column]
+    def get_label_data(self):
+        """Every species' columns at species rank as a pandas DataFrame (pybioclip's, column for column)."""
+        import pandas as pd  # only this method and create_taxa_filter need pandas
 
-    def create_taxa_filter_from_csv(self, csv_path: str | os.PathLike) -> list[bool]:
+        return pd.DataFrame(label_data(self.txt_names), copy=True)
+
+    def create_taxa_filter(self, rank: Rank | str, user_values: Sequence[str]):
+        """A boolean pandas Series, one per species: has it one of `user_values` at `rank` (binomials at species
+        rank)? Unknown values are pybioclip's ValueError naming them."""
+        import pandas as pd
+
+        column = rank_label(rank)
+        label_data_df = self.get_label_data()
+        values = pd.Series(user_values, name=column, dtype=object)
+        unknown = values[~values.isin(label_data_df[column])]
+        if not unknown.empty:
+            raise InputError(f"Unknown {column} received: {', '.join(map(str, unknown.values))}. "
+                             f"Only known {column} may be used.")
+        return label_data_df[column].isin(values)
+
+    def create_taxa_filter_from_csv(self, csv_path: str | os.PathLike):
         """pybioclip's --subset: the first column's header names the rank, its rows the taxa to keep."""
         rank, values = read_subset(csv_path)
-        try:
-            return self.create_taxa_filter(rank, values)
-        except InputError as e:
-            raise InputError(f"{csv_path}: {e}") from None
+        return self.create_taxa_filter(rank, values)
 
     def apply_filter(self, keep_labels_ary: Sequence[bool]) -> None:
         """Keeps only the species marked True (see `create_taxa_filter`)."""
@@ -186,27 +217,40 @@ class TreeOfLifeClassifier(BaseClassifier):
             raise InputError("the filter keeps no species")
         self._subset = keep
 
+    def format_species_probs(self, image_key: str, probs: np.ndarray, k: int = 5) -> list[dict]:
+        """The `k` most probable species' rows, best first."""
+        best = np.argsort(-probs, kind="stable")[:k]
+        return [{"file_name": image_key, **self.get_classification_dict(i, Rank.SPECIES), "score": float(probs[i])}
+                for i in best]
+
+    def format_grouped_probs(self, image_key: str, probs: np.ndarray, rank: Rank | str, min_prob: float = 1e-9,
+                             k: int = 5) -> list[dict]:
+        """The `k` most probable taxa at `rank`, each the sum of its species above `min_prob`, best first."""
+        totals: dict[str, float] = collections.defaultdict(float)
+        labels: dict[str, dict] = {}
+        for i in np.flatnonzero(probs > min_prob):
+            row = self.get_classification_dict(i, rank)
+            name = join_names(row)  # pybioclip's key: a taxon is its whole lineage
+            totals[name] += float(probs[i])
+            labels[name] = row
+        best = sorted(totals, key=lambda n: -totals[n])[:k]  # stable: ties keep first-seen order, as heapq.nlargest
+        return [{"file_name": image_key, **labels[n], "score": totals[n]} for n in best]
+
     def predict(self, images, rank: Rank | str = Rank.SPECIES, min_prob: float = 1e-9, k: int | None = 5,
                 batch_size: int = DEFAULT_BATCH_SIZE, callback: Callable[[int, int], None] | None = None) -> list[dict]:
         """Rows {"file_name", ranks..., "score"}, best first, `k` per image (pybioclip's columns)."""
-        rank = rank_label(rank)
-        names = self.get_current_txt_names()
+        label = rank_label(rank)
+        images = as_image_list(images)
         rows: list[dict] = []
         for key, probs in self.iter_probabilities(images, self.get_txt_embeddings(), batch_size, callback):
-            rows += _top_rows(key, probs, names, rank, min_prob, k or 5)
+            if label == SPECIES_LABEL:
+                rows += self.format_species_probs(key, probs, k or 5)
+            else:
+                rows += self.format_grouped_probs(key, probs, label, min_prob, k or 5)
+        self.record_event(images=recorded_images(images), rank=label, min_prob=min_prob, k=k, batch_size=batch_size)
         return rows
 
 
-def _top_rows(key: str, probs: np.ndarray, names: list[list], rank: str, min_prob: float, k: int) -> list[dict]:
-    if rank == "species":
-        best = np.argsort(-probs, kind="stable")[:k]
-        return [{"file_name": key, **classification(names[i], rank), "score": float(probs[i])} for i in best]
-    totals: dict[tuple, float] = collections.defaultdict(float)
-    labels: dict[tuple, dict] = {}
-    for i in np.flatnonzero(probs > min_prob):
-        row = classification(names[i], rank)
-        lineage = tuple(row.values())
-        totals[lineage] += float(probs[i])
-        labels[lineage] = row
-    best = sorted(totals, key=lambda n: -totals[n])[:k]  # stable: ties keep first-seen order, as heapq.nlargest
-    return [{"file_name": key, **labels[n], "score": totals[n]} for n in best]
+def predict_classification(img, rank: Rank | str, device=None, min_prob: float = 1e-9, k: int = 5) -> list[dict]:
+    """pybioclip's one-call tree-of-life prediction for one image with its default model."""
+    return TreeOfLifeClassifier(device=device).predict([img], rank, min_prob, k)

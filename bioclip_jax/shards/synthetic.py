@@ -7,9 +7,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import io
 import os
 
+from PIL import Image
 from tqdm.auto import tqdm
 
 from bioclip_jax.data.synthetic import SyntheticConfig, SyntheticTreeOfLife
@@ -22,7 +22,7 @@ SPOOL = ".synthetic.spool"
 
 
 class SyntheticTree(ItemSource):
-    """The generator is one sequential iterator, so planning draws every image once into a spool file (lossless PNG,
+    """The generator is one sequential iterator, so planning draws every image once into a spool file (its RGB pixels,
     so the records are those of the drawn images); the workers then encode and write them. `generator` replaces
     SyntheticTreeOfLife(config) by any object with `iter_examples(split)` -> (id, PIL image, Taxon) and optionally
     `.config`."""
@@ -61,11 +61,11 @@ class SyntheticTree(ItemSource):
                             {"name": example_id, "reason": "duplicate id", "detail": ""})
                         continue
                     seen_ids.add(example_id)
-                    png = io.BytesIO()
-                    to_rgb(image).save(png, format="PNG", compress_level=1)
-                    items[split].append((example_id, f.tell(), png.tell(), list(dataclasses.astuple(taxon)[:7]),
-                                         taxon.common_name))
-                    f.write(png.getvalue())
+                    image = to_rgb(image)  # what encoding starts with: the same JPEG from the spooled pixels
+                    pixels = image.tobytes()  # raw, not PNG: compressing would cost more than drawing
+                    items[split].append((example_id, f.tell(), len(pixels), list(dataclasses.astuple(taxon)[:7]),
+                                         taxon.common_name, image.size))
+                    f.write(pixels)
         val_ids = self._val_ids(items["seen"])
         groups = {"train": [[it for it in items["seen"] if it[0] not in val_ids]],
                   "val": [[it for it in items["seen"] if it[0] in val_ids]], "heldout": [items["heldout"]]}
@@ -83,8 +83,9 @@ class SyntheticTree(ItemSource):
         return val_ids
 
     def load(self, item, files: dict) -> Example:
-        example_id, offset, size, ranks, common = item
-        return Example(example_id, read_at(files, self.spool, offset, size), Taxon.from_ranks(ranks, common))
+        example_id, offset, nbytes, ranks, common, size = item
+        image = Image.frombytes("RGB", size, read_at(files, self.spool, offset, nbytes))
+        return Example(example_id, image, Taxon.from_ranks(ranks, common))
 
     def name_of(self, item) -> str:
         return item[0]

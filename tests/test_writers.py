@@ -16,6 +16,7 @@ from bioclip_jax.cli import main
 from bioclip_jax.shards import MetadataFolder, SyntheticTree, TreeOfLifeTars, make_shards, treeoflife
 from bioclip_jax.data.records import find_shards, read_records
 from bioclip_jax.data.taxonomy import Taxon
+from bioclip_jax.shards.build import Example, build_record
 from bioclip_jax.shards.source import is_val
 
 MAGPIE = Taxon("Animalia", "Chordata", "Aves", "Passeriformes", "Corvidae", "Pica", "hudsonia", "black-billed magpie")
@@ -217,6 +218,10 @@ def test_synthetic_splits(tmp_path):
     heldout = _records(tmp_path / "out", "heldout")
     assert {r.taxon.kingdom for r in heldout.values()} == {"Fungi"} and len(heldout) == 4
     assert all(r.source == "synthetic" for r in heldout.values())
+    # The records are build_record's, so another writer calling it (e.g. a Beam pipeline) writes the same bytes.
+    built = {i: build_record(Example(i, image, taxon), source="synthetic")
+             for i, image, taxon in FakeTree().iter_examples("heldout")}
+    assert {i: r.to_bytes() for i, r in heldout.items()} == built
     assert not list((tmp_path / "out").glob(".synthetic.spool"))
     assert summary["splits"]["train"]["kingdoms"] == {"Animalia": 15}
 

@@ -122,28 +122,29 @@ def _demo(args) -> int:
 
 
 def _make_shards(args) -> int:
-    from bioclip_jax.data import writers
+    from bioclip_jax import shards
 
     common = dict(records_per_shard=args.records_per_shard, resize=args.resize, quality=args.quality,
                   workers=args.workers, prefix=args.prefix)
-    try:
-        if args.source == "treeoflife":
-            writers.write_treeoflife_shards(args.inputs, args.out, val_fraction=args.val_fraction, seed=args.seed,
-                                            **common)
-        elif args.source == "tol10m":
-            writers.write_tol10m_shards(args.catalog, args.images, args.out, **common)
-        elif args.source == "folder":
-            writers.write_folder_shards(args.csv, args.out, val_fraction=args.val_fraction, seed=args.seed, **common)
-        else:
-            from bioclip_jax.data.synthetic import SyntheticConfig
+    if args.source == "treeoflife":
+        source = shards.TreeOfLifeTars(args.inputs, val_fraction=args.val_fraction, seed=args.seed)
+    elif args.source == "tol10m":
+        source = shards.TreeOfLife10M(args.catalog, args.images)
+    elif args.source == "folder":
+        source = shards.MetadataFolder(args.csv, val_fraction=args.val_fraction, seed=args.seed)
+    else:
+        from bioclip_jax.data.synthetic import SyntheticConfig
 
-            config = SyntheticConfig(seed=args.seed, n_species=args.n_species,
-                                     images_per_species=args.images_per_species, image_size=args.image_size,
-                                     heldout_fraction=args.heldout_fraction)
-            writers.write_synthetic_shards(args.out, config, val_per_species=args.val_per_species, **common)
+        config = SyntheticConfig(seed=args.seed, n_species=args.n_species,
+                                 images_per_species=args.images_per_species, image_size=args.image_size,
+                                 heldout_fraction=args.heldout_fraction)
+        source = shards.SyntheticTree(config, val_per_species=args.val_per_species)
+    try:
+        summary = shards.make_shards(source, args.out, **common)
     except KeyboardInterrupt:  # finished shards are kept: say how to go on rather than print a traceback
         print(f"\nbioclip-jax make-shards: interrupted; rerun the same command to finish {args.out}", file=sys.stderr)
         return 130
+    print(summary.report())
     return 0
 
 

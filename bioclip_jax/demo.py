@@ -18,15 +18,15 @@ from bioclip_jax.convert.checkpoint import export_open_clip
 from bioclip_jax.convert.files import load_model_config
 from bioclip_jax.data.synthetic import SyntheticConfig, SyntheticTreeOfLife
 from bioclip_jax.data.taxonomy import RANKS
-from bioclip_jax.data.writers import write_synthetic_shards
 from bioclip_jax.evaluate.plots import plot_embeddings
 from bioclip_jax.evaluate.zero_shot import embed_eval_set, hierarchy_consistency, per_rank_accuracy
+from bioclip_jax.shards import SyntheticTree, make_shards
 from bioclip_jax.train.trainer import train
 
 
 def write_data(data_dir: str, image_size: int, seed: int = 0) -> SyntheticTreeOfLife:
     config = SyntheticConfig(seed=seed, image_size=image_size)
-    write_synthetic_shards(data_dir, config, records_per_shard=1000)
+    print(make_shards(SyntheticTree(config), data_dir, records_per_shard=1000).report())
     return SyntheticTreeOfLife(config)
 
 

@@ -16,6 +16,7 @@ LAYERS = [
     {"paths", "hardware"},
     {"runtime", "tokenizer", "models"},
     {"data"},
+    {"shards"},
     {"convert"},
     {"inference"},
     {"evaluate"},

@@ -19,7 +19,7 @@ from PIL import Image
 import bioclip_jax
 from bioclip_jax.data import pipeline, transforms
 from bioclip_jax.data.records import Record, ShardWriter
-from bioclip_jax.data.sources import Skip, encode_image
+from bioclip_jax.shards.build import Skip, encode_image
 from bioclip_jax.data.taxonomy import Taxon
 from bioclip_jax.data.transforms import Preprocess, load_image
 from bioclip_jax.errors import InputError

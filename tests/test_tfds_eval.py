@@ -190,7 +190,7 @@ def test_published_folder_names_and_subspecies(tmp_path):
 def test_folder_taxa_read_as_make_shards_reads_them(tmp_path):
     """A binomial in the species column (no genus column) gives the same ranks in evaluation as in the shards; the
     common name stays as written (BioCLIP's evaluation naming has no fallback to drop)."""
-    from bioclip_jax.data.sources import row_taxon
+    from bioclip_jax.data.taxonomy import row_taxon
     from bioclip_jax.data.taxonomy import Taxon
 
     header = ["filepath", "class", "kingdom", "species", "common_name"]

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from bioclip_jax.cli import main
-from bioclip_jax.data import writers
+from bioclip_jax.shards import TreeOfLife10M, make_shards
 from bioclip_jax.data.records import find_shards, read_records
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,7 +130,7 @@ def test_records_captions_splits_and_mismatches(published, tmp_path, capsys):
     assert fungus.taxon.ranks == ("Fungi", "", "", "Agaricales", "Amanitaceae", "Amanita", "muscaria")
     assert fungus.taxon.text("com") == "a photo of Amanita muscaria."
 
-    summary = writers.write_tol10m_shards(catalog, images, out, records_per_shard=2, workers=1, verbose=False)
+    summary = make_shards(TreeOfLife10M(catalog, images), out, records_per_shard=2, workers=1, progress=False)
     tar1, tar2 = sorted(str(p) for p in (published / "dataset" / "EOL").glob("*.tar.gz"))
     cat = summary["catalog"]
     assert cat["rows"] == len(ROWS) and cat["images"] == 12
@@ -146,30 +146,30 @@ def test_records_captions_splits_and_mismatches(published, tmp_path, capsys):
     assert not (out / ".plan").exists()
 
     # Two workers stream the two tars in parallel: the same bytes.
-    two = writers.write_tol10m_shards(catalog, images, tmp_path / "two", records_per_shard=2, workers=2,
-                                      verbose=False)
+    two = make_shards(TreeOfLife10M(catalog, images), tmp_path / "two", records_per_shard=2, workers=2,
+                      progress=False)
     assert _shards(tmp_path / "two") == _shards(out) and two["splits"] == summary["splits"]
 
 
 KILL = """
 import os, signal, sys
-from bioclip_jax.data import sources, writers
-encode, seen = sources.encode_image, [0]
+from bioclip_jax.shards import TreeOfLife10M, build, make_shards
+encode, seen = build.encode_image, [0]
 def encode_then_die(*args, **kwargs):
     seen[0] += 1
     if seen[0] == int(sys.argv[4]):
         os.kill(os.getpid(), signal.SIGKILL)  # no cleanup at all, as a killed job or a lost machine
     return encode(*args, **kwargs)
-sources.encode_image = encode_then_die
-writers.write_tol10m_shards(sys.argv[1], sys.argv[2], sys.argv[3], records_per_shard=2, resize=16, workers=1,
-                            verbose=False)
+build.encode_image = encode_then_die
+make_shards(TreeOfLife10M(sys.argv[1], sys.argv[2]), sys.argv[3], records_per_shard=2, resize=16, workers=1,
+            progress=False)
 """
 
 
 def test_kill_9_then_rerun_gives_the_same_bytes(published, tmp_path):
     catalog, images = _args(published)
-    kw = dict(records_per_shard=2, resize=16, workers=1, verbose=False)
-    reference = writers.write_tol10m_shards(catalog, images, tmp_path / "ref", **kw)
+    kw = dict(records_per_shard=2, resize=16, workers=1, progress=False)
+    reference = make_shards(TreeOfLife10M(catalog, images), tmp_path / "ref", **kw)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     killed = subprocess.run([sys.executable, "-c", KILL, catalog, images, str(out), "7"], env=env)
@@ -177,31 +177,31 @@ def test_kill_9_then_rerun_gives_the_same_bytes(published, tmp_path):
     # Killed inside tar 2: tar 1's shards are finished, one shard of tar 2 is left half written.
     assert len(list(out.rglob("*.array_record"))) == 3 and list(out.rglob("*.partial"))
     finished = {p: p.stat().st_mtime_ns for p in out.rglob("*.array_record")}
-    again = writers.write_tol10m_shards(catalog, images, out, **kw)
+    again = make_shards(TreeOfLife10M(catalog, images), out, **kw)
     assert _all_bytes(out) == _all_bytes(tmp_path / "ref") and again == reference
     assert {p: p.stat().st_mtime_ns for p in finished} == finished  # finished shards were not rewritten
-    assert writers.write_tol10m_shards(catalog, images, out, **kw) == reference  # done: recognised at once
+    assert make_shards(TreeOfLife10M(catalog, images), out, **kw) == reference  # done: recognised at once
     with pytest.raises(ValueError, match="differs in: resize"):
-        writers.write_tol10m_shards(catalog, images, out, **{**kw, "resize": 32})
+        make_shards(TreeOfLife10M(catalog, images), out, **{**kw, "resize": 32})
 
 
 def test_parquet_catalog_and_uncompressed_tars(published, tmp_path):
     catalog, images = _args(published)
-    reference = writers.write_tol10m_shards(catalog, images, tmp_path / "ref", records_per_shard=3, workers=1,
-                                            verbose=False)
+    reference = make_shards(TreeOfLife10M(catalog, images), tmp_path / "ref", records_per_shard=3, workers=1,
+                            progress=False)
     # Parquet as TreeOfLife-200M ships it: typed columns, nulls where the CSV had empty cells.
     table = pcsv.read_csv(catalog, convert_options=pcsv.ConvertOptions(strings_can_be_null=True))
     assert table["eol_content_id"].type == pa.int64() and table["common"].null_count > 0
     pq.write_table(table, tmp_path / "catalog.parquet")
-    from_parquet = writers.write_tol10m_shards(tmp_path / "catalog.parquet", images, tmp_path / "parquet",
-                                               records_per_shard=3, workers=1, verbose=False)
+    from_parquet = make_shards(TreeOfLife10M(tmp_path / "catalog.parquet", images), tmp_path / "parquet",
+                               records_per_shard=3, workers=1, progress=False)
     assert _shards(tmp_path / "parquet") == _shards(tmp_path / "ref")
     assert from_parquet["splits"] == reference["splits"]
     assert {k: v for k, v in from_parquet["catalog"].items() if k != "file"} == \
         {k: v for k, v in reference["catalog"].items() if k != "file"}
 
-    plain = writers.write_tol10m_shards(catalog, str(published / "plain"), tmp_path / "plain", records_per_shard=3,
-                                        workers=1, verbose=False)
+    plain = make_shards(TreeOfLife10M(catalog, str(published / "plain")), tmp_path / "plain", records_per_shard=3,
+                        workers=1, progress=False)
     assert _shards(tmp_path / "plain") == _shards(tmp_path / "ref") and plain["records"] == reference["records"]
 
 
@@ -211,7 +211,7 @@ def test_catalog_without_id_column_is_a_one_line_error(published, tmp_path, caps
                    "train,x,Animalia,,,,,,,\n")
     images = _args(published)[1]
     with pytest.raises(ValueError, match=rf"{bad}: missing catalog column\(s\) treeoflife_id \(found: split, uuid"):
-        writers.write_tol10m_shards(bad, images, tmp_path / "out", verbose=False)
+        make_shards(TreeOfLife10M(bad, images), tmp_path / "out", progress=False)
     assert main(["make-shards", "tol10m", "--catalog", str(bad), "--images", images,
                  "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
@@ -225,8 +225,8 @@ def test_repeated_rows_empty_splits_and_catalog_without_split(published, tmp_pat
     rows[2][0] = "nan"  # _uuid(1): no split, so not placed
     with open(tmp_path / "catalog.csv", "w", newline="") as f:
         csv.writer(f).writerows([HEADER, *rows])
-    summary = writers.write_tol10m_shards(tmp_path / "catalog.csv", images, tmp_path / "out", workers=1,
-                                          verbose=False)
+    summary = make_shards(TreeOfLife10M(tmp_path / "catalog.csv", images), tmp_path / "out", workers=1,
+                          progress=False)
     cat = summary["catalog"]
     assert cat["duplicate_row_ids"] == {"count": 1, "first": [_uuid(0)]}
     tar1 = sorted(str(p) for p in (published / "dataset" / "EOL").glob("*.tar.gz"))[0]
@@ -237,12 +237,12 @@ def test_repeated_rows_empty_splits_and_catalog_without_split(published, tmp_pat
     with open(tmp_path / "bad_split.csv", "w", newline="") as f:
         csv.writer(f).writerows([HEADER, *rows])
     with pytest.raises(ValueError, match=r"bad_split.csv: split value\(s\) '../val' cannot name an output folder"):
-        writers.write_tol10m_shards(tmp_path / "bad_split.csv", images, tmp_path / "bad", workers=1, verbose=False)
+        make_shards(TreeOfLife10M(tmp_path / "bad_split.csv", images), tmp_path / "bad", workers=1, progress=False)
 
     # A catalog without a split column: everything goes to train, and the summary says so.
     with open(tmp_path / "nosplit.csv", "w", newline="") as f:
         csv.writer(f).writerows([HEADER[1:]] + [r[1:] for r in ROWS])
-    summary = writers.write_tol10m_shards(tmp_path / "nosplit.csv", images, tmp_path / "nosplit", workers=1,
-                                          verbose=False)
+    summary = make_shards(TreeOfLife10M(tmp_path / "nosplit.csv", images), tmp_path / "nosplit", workers=1,
+                          progress=False)
     assert list(summary["splits"]) == ["train"] and summary["records"] == 10
     assert summary["catalog"]["absent_columns"] == ["split"]

@@ -13,9 +13,11 @@ import pytest
 from PIL import Image
 
 from bioclip_jax.cli import main
-from bioclip_jax.data import sources, writers
+from bioclip_jax.shards import MetadataFolder, SyntheticTree, TreeOfLifeTars, make_shards, treeoflife
 from bioclip_jax.data.records import find_shards, read_records
 from bioclip_jax.data.taxonomy import Taxon
+from bioclip_jax.shards.build import Example, build_record
+from bioclip_jax.shards.source import is_val
 
 MAGPIE = Taxon("Animalia", "Chordata", "Aves", "Passeriformes", "Corvidae", "Pica", "hudsonia", "black-billed magpie")
 NO_ORDER = Taxon("Animalia", "Chordata", "Aves", "", "Corvidae", "Pica", "pica")  # missing rank, no common name
@@ -75,10 +77,10 @@ def _all_bytes(out: Path) -> dict[str, bytes]:
 
 def test_treeoflife_records_summary_and_worker_independence(tol_tars, tmp_path):
     pattern = str(tol_tars / "shard-{000000..000001}.tar")
-    one = writers.write_treeoflife_shards(pattern, tmp_path / "w1", records_per_shard=4, val_fraction=0.25,
-                                          workers=1, verbose=False)
-    two = writers.write_treeoflife_shards(str(tol_tars), tmp_path / "w2", records_per_shard=4, val_fraction=0.25,
-                                          workers=2, verbose=False)
+    one = make_shards(TreeOfLifeTars(pattern, val_fraction=0.25), tmp_path / "w1", records_per_shard=4, workers=1,
+                      progress=False)
+    two = make_shards(TreeOfLifeTars(str(tol_tars), val_fraction=0.25), tmp_path / "w2", records_per_shard=4,
+                      workers=2, progress=False)
     # Same plan from a brace pattern and from the folder, whatever the number of workers: the same shard bytes.
     shards = lambda out: {k: v for k, v in _all_bytes(out).items() if k.endswith(".array_record")}  # noqa: E731
     assert shards(tmp_path / "w1") == shards(tmp_path / "w2") and len(shards(tmp_path / "w1")) >= 3
@@ -87,7 +89,7 @@ def test_treeoflife_records_summary_and_worker_independence(tol_tars, tmp_path):
     records = {**_records(tmp_path / "w1", "train"), **_records(tmp_path / "w1", "val")}
     assert set(records) == {"magpie", "noorder", "rose"} | {f"bird{i:02d}" for i in range(12)}
     for split in ("train", "val"):  # the split is the seeded hash of the id
-        assert all(writers.is_val(0, i, 0.25) == (split == "val") for i in _records(tmp_path / "w1", split))
+        assert all(is_val(0, i, 0.25) == (split == "val") for i in _records(tmp_path / "w1", split))
     assert records["magpie"].taxon == MAGPIE and records["magpie"].source == "treeoflife"
     noorder = records["noorder"].taxon
     assert noorder.ranks == ("Animalia", "Chordata", "Aves", "", "Corvidae", "Pica", "pica")  # placed by taxonTag
@@ -110,8 +112,9 @@ def test_treeoflife_records_summary_and_worker_independence(tol_tars, tmp_path):
 
 def test_resume_finishes_only_missing_shards_with_the_same_bytes(tol_tars, tmp_path):
     out = tmp_path / "out"
-    kw = dict(records_per_shard=3, val_fraction=0.25, workers=1, verbose=False)
-    first = writers.write_treeoflife_shards(str(tol_tars), out, **kw)
+    kw = dict(records_per_shard=3, workers=1, progress=False)
+    tars = TreeOfLifeTars(str(tol_tars), val_fraction=0.25)
+    first = make_shards(tars, out, **kw)
     before = _all_bytes(out)
     victim = out / "train" / first["splits"]["train"]["shards"][1]["file"]
     others = [p for p in out.rglob("*.array_record") if p != victim]
@@ -119,14 +122,14 @@ def test_resume_finishes_only_missing_shards_with_the_same_bytes(tol_tars, tmp_p
     victim.unlink()
     (out / "train" / "summary.json").unlink()
     Path(f"{victim}.partial").write_bytes(b"half a shard from a killed run")
-    again = writers.write_treeoflife_shards(str(tol_tars), out, **kw)
+    again = make_shards(tars, out, **kw)
     assert _all_bytes(out) == before and again == first
     assert {p: p.stat().st_mtime_ns for p in others} == mtimes  # finished shards were not rewritten
     assert not list(out.rglob("*.partial"))
     # A finished run is recognised at once; other settings are refused rather than mixed into the folder.
-    assert writers.write_treeoflife_shards(str(tol_tars), out, **kw) == first
+    assert make_shards(tars, out, **kw) == first
     with pytest.raises(ValueError, match="differs in: seed"):
-        writers.write_treeoflife_shards(str(tol_tars), out, **{**kw, "seed": 1})
+        make_shards(TreeOfLifeTars(str(tol_tars), val_fraction=0.25, seed=1), out, **kw)
 
 
 def _image_bytes(img: Image.Image, fmt: str) -> bytes:
@@ -159,8 +162,8 @@ def test_folder_modes_missing_file_and_labels(tmp_path):
     with open(root / "metadata.csv", "w", newline="") as f:
         csv.writer(f).writerows([columns] + rows)
 
-    summary = writers.write_folder_shards(root / "metadata.csv", tmp_path / "out", val_fraction=0.0, resize=16,
-                                          verbose=False)
+    summary = make_shards(MetadataFolder(root / "metadata.csv", val_fraction=0.0), tmp_path / "out", resize=16,
+                          progress=False)
     assert list(summary["splits"]) == ["train"]
     records = _records(tmp_path / "out", "train")
     assert sorted(records) == sorted(f"images/{n}" for n in images if n != "truncated.jpg")
@@ -185,7 +188,7 @@ def test_folder_modes_missing_file_and_labels(tmp_path):
 def test_folder_missing_columns_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "metadata.csv").write_text("path,label\na.jpg,x\n")
     with pytest.raises(ValueError, match=r"missing required column\(s\) filepath, class \(found: path, label"):
-        writers.write_folder_shards(tmp_path / "metadata.csv", tmp_path / "out", verbose=False)
+        make_shards(MetadataFolder(tmp_path / "metadata.csv"), tmp_path / "out", progress=False)
     assert main(["make-shards", "folder", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "bioclip-jax make-shards: error:" in err and "filepath, class" in err and "Traceback" not in err
@@ -207,14 +210,18 @@ class FakeTree:
 
 
 def test_synthetic_splits(tmp_path):
-    summary = writers.write_synthetic_shards(tmp_path / "out", generator=FakeTree(), records_per_shard=6,
-                                             val_per_species=1, verbose=False)
+    summary = make_shards(SyntheticTree(generator=FakeTree(), val_per_species=1), tmp_path / "out",
+                          records_per_shard=6, progress=False)
     assert {s: i["records"] for s, i in summary["splits"].items()} == {"train": 15, "val": 5, "heldout": 4}
     val = _records(tmp_path / "out", "val")
     assert sorted(r.taxon.genus for r in val.values()) == [f"Genus{i}" for i in range(5)]  # one per seen species
     heldout = _records(tmp_path / "out", "heldout")
     assert {r.taxon.kingdom for r in heldout.values()} == {"Fungi"} and len(heldout) == 4
     assert all(r.source == "synthetic" for r in heldout.values())
+    # The records are build_record's, so another writer calling it (e.g. a Beam pipeline) writes the same bytes.
+    built = {i: build_record(Example(i, image, taxon), source="synthetic")
+             for i, image, taxon in FakeTree().iter_examples("heldout")}
+    assert {i: r.to_bytes() for i, r in heldout.items()} == built
     assert not list((tmp_path / "out").glob(".synthetic.spool"))
     assert summary["splits"]["train"]["kingdoms"] == {"Animalia": 15}
 
@@ -232,19 +239,19 @@ def test_synthetic_cli_with_the_real_generator(tmp_path, capsys):
 
 
 def test_parsers():
-    assert sources.expand_braces("d/shard-{000008..000011}.tar") == [f"d/shard-{i:06d}.tar" for i in range(8, 12)]
-    assert sources.expand_braces("{a,b}-{1..2}") == ["a-1", "a-2", "b-1", "b-2"]
-    assert sources.parse_tagged("a photo of kingdom Animalia class Aves genus Pica species Pica hudsonia.") == [
+    assert treeoflife.expand_braces("d/shard-{000008..000011}.tar") == [f"d/shard-{i:06d}.tar" for i in range(8, 12)]
+    assert treeoflife.expand_braces("{a,b}-{1..2}") == ["a-1", "a-2", "b-1", "b-2"]
+    assert treeoflife.parse_tagged("a photo of kingdom Animalia class Aves genus Pica species Pica hudsonia.") == [
         "Animalia", "", "Aves", "", "", "Pica", "hudsonia"]
-    assert sources.parse_tagged("Animalia Chordata") is None
+    assert treeoflife.parse_tagged("Animalia Chordata") is None
     # Without taxonTag, genus and epithet come from the scientific name, higher ranks are filled from kingdom.
-    assert sources.parse_positional("Animalia Chordata Aves Pica hudsonia", "Pica hudsonia") == [
+    assert treeoflife.parse_positional("Animalia Chordata Aves Pica hudsonia", "Pica hudsonia") == [
         "Animalia", "Chordata", "Aves", "", "", "Pica", "hudsonia"]
-    assert sources.parse_positional("Animalia Chordata Aves Pica hudsonia", "") == [
+    assert treeoflife.parse_positional("Animalia Chordata Aves Pica hudsonia", "") == [
         "Animalia", "Chordata", "Aves", "", "", "Pica", "hudsonia"]
-    assert sources.parse_positional("Fungi Basidiomycota", "") == ["Fungi", "Basidiomycota", "", "", "", "", ""]
-    taxon = sources.treeoflife_taxon({"taxonomic_name.txt": "Animalia Chordata Aves",
-                                      "common_name.txt": "Animalia Chordata Aves"})
+    assert treeoflife.parse_positional("Fungi Basidiomycota", "") == ["Fungi", "Basidiomycota", "", "", "", "", ""]
+    taxon = treeoflife.treeoflife_taxon({"taxonomic_name.txt": "Animalia Chordata Aves",
+                                         "common_name.txt": "Animalia Chordata Aves"})
     assert taxon.cls == "Aves" and taxon.common_name == ""  # the taxonomic-name fallback is not a common name
     with pytest.raises(FileNotFoundError, match="no tar files"):
-        sources.find_tars("/nonexistent/shard-{000000..000001}.tar")
+        treeoflife.find_tars("/nonexistent/shard-{000000..000001}.tar")

@@ -110,10 +110,10 @@ def _pipeline_data(folder: str) -> tuple[str, list[str]]:
 
     from bioclip_jax.data.records import find_shards, read_records
     from bioclip_jax.data.synthetic import SyntheticConfig
-    from bioclip_jax.data.writers import write_synthetic_shards
+    from bioclip_jax.shards import SyntheticTree, make_shards
 
-    write_synthetic_shards(folder, SyntheticConfig(n_species=50, images_per_species=20, image_size=224),
-                           records_per_shard=250, verbose=False)
+    make_shards(SyntheticTree(SyntheticConfig(n_species=50, images_per_species=20, image_size=224)), folder,
+                records_per_shard=250, progress=False)
     shards = find_shards(os.path.join(folder, "train"))
     tars = []
     for i, shard in enumerate(shards):

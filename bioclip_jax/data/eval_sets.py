@@ -35,8 +35,7 @@ import re
 
 from etils import epath
 
-from bioclip_jax.data import sources
-from bioclip_jax.data.taxonomy import EVAL_TEXT_TYPES, RANK_COLUMNS, Taxon, eval_class_name
+from bioclip_jax.data.taxonomy import EVAL_TEXT_TYPES, RANK_COLUMNS, Taxon, eval_class_name, row_taxon
 from bioclip_jax.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -127,7 +126,7 @@ def detect_layout(path: str | os.PathLike, columns: list[str]) -> str:
 
 
 def _bioclip_row(cells: dict[str, str]) -> EvalRow:
-    taxon = sources.row_taxon(cells)  # ranks as make-shards reads them; its common-name fallback is not used here
+    taxon = row_taxon(cells)  # ranks as make-shards reads them; its common-name fallback is not used here
     return EvalRow(filepath=cells["filepath"], class_name=cells["class"], ranks=dataclasses.astuple(taxon)[:7],
                    common=cells.get("common_name", ""), subspecies=cells.get("subspecies", ""))
 
@@ -160,7 +159,7 @@ def _hf_rows(folder: epath.Path, csv_path: epath.Path, cells: list[dict[str, str
                            f"{c['eol_content_id']}_{c['eol_page_id']}_eol_full-size-copy.jpg") for c in cells]
     rows = []
     for c, path in zip(cells, paths):
-        taxon = sources.row_taxon({"kingdom": c["kingdom"], "phylum": c["phylum"], "cls": c["class"],
+        taxon = row_taxon({"kingdom": c["kingdom"], "phylum": c["phylum"], "cls": c["class"],
                                    "order": c["order"], "family": c["family"], "genus": c["genus"],
                                    "species": c["species"]})
         rows.append(EvalRow(filepath=path, class_name=c["sciName"], ranks=dataclasses.astuple(taxon)[:7],

@@ -86,6 +86,90 @@ class _Traits:
     marking: str
 
 
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+    """Where an organism's parts go on its canvas of r x r pixels (u: one pixel of a 128 px canvas)."""
+    r: int
+    u: float
+    a: float  # body half length
+    b: float  # body half width
+    hr: float  # head radius
+    cx: float  # body centre
+    cy: float
+    hx: float  # head centre
+    front: float  # the body's front edge
+    ey: float  # half height: appendages start beyond it
+
+    @classmethod
+    def of(cls, t: _Traits, r: int) -> "_Geometry":
+        u = r / 128
+        a, b = 22 * u * math.sqrt(t.elongation), 22 * u / math.sqrt(t.elongation)  # equal area, different shape
+        radial = t.plan == "radial"
+        hr = t.head * b * (0.6 if radial else 1.0)  # a radial head is the central disc: keep the rays visible
+        cx, cy = r / 2 - (0 if radial else 0.6 * hr), r / 2
+        hx = cx if radial else cx + a + 0.2 * hr  # the head sticks out in front, so its size reads at 64 px
+        front = cx + a if radial else hx + hr
+        ey = b * {"radial": 1.2, "branching": 2.1}.get(t.plan, 1.0)
+        return cls(r, u, a, b, hr, cx, cy, hx, front, ey)
+
+
+def _draw_appendages(draw: ImageDraw.ImageDraw, t: _Traits, g: _Geometry, accent: tuple) -> None:
+    """Wings, legs, antennae ("horns") or a tail fan, drawn before the body so it covers their roots."""
+    u, a, cx, cy, ey, n = g.u, g.a, g.cx, g.cy, g.ey, t.n_appendages
+    limb, w = _hsv(t.hue, 0.6, 0.3) + (255,), max(1, round(3 * u))
+    if t.appendage == "winged":  # wings under the body, pale and translucent
+        for i in range(1 + n):
+            x0 = cx + 0.15 * a - i * 14 * u
+            for sy in (-1, 1):
+                y0 = cy + sy * (ey + 9 * u)
+                draw.ellipse((x0 - 9 * u, y0 - 11 * u, x0 + 9 * u, y0 + 11 * u), fill=(*accent, 200))
+    elif t.appendage == "legged":
+        for x in np.linspace(-0.55 * a, 0.45 * a, 2 + n):
+            for sy in (-1, 1):
+                knee = (cx + x - 4 * u, cy + sy * (ey + 9 * u))
+                draw.line([(cx + x, cy + sy * 0.6 * ey), knee, (knee[0] - 7 * u, knee[1] + sy * 7 * u)], limb, w)
+    elif t.appendage == "horned":
+        for i in range(2 + 2 * n):
+            dy = (i // 2 + 1) * 7 * u * (1 if i % 2 else -1)
+            tip = (g.front + 14 * u, cy + dy)
+            draw.line([(g.front - 4 * u, cy + dy / 4), tip], limb, w)
+            draw.ellipse((tip[0] - 3 * u, tip[1] - 3 * u, tip[0] + 3 * u, tip[1] + 3 * u), fill=limb)
+    else:  # tail fan of 3 or 5 fins
+        for ang in np.linspace(-50, 50, 3 + 2 * n) * math.pi / 180:
+            base_x = cx - 0.85 * a
+            tip = (base_x - 18 * u * math.cos(ang), cy + 18 * u * math.sin(ang))
+            side = (4 * u * math.sin(ang), 4 * u * math.cos(ang))
+            draw.polygon([(base_x + side[0], cy + side[1]), (base_x - side[0], cy - side[1]), tip], fill=limb)
+
+
+def _body_mask(t: _Traits, g: _Geometry) -> Image.Image:
+    """The body plan's silhouette (255 inside)."""
+    a, b, cx, cy = g.a, g.b, g.cx, g.cy
+    mask = Image.new("L", (g.r, g.r), 0)
+    md = ImageDraw.Draw(mask)
+    if t.plan == "bilateral":
+        md.ellipse((cx - a, cy - b, cx + a, cy + b), fill=255)
+    elif t.plan == "radial":  # a star of 5-7 rays, stretched by the elongation
+        rays = 5 + t.shape_seed % 3
+        pts = [(cx + a * 1.2 * f * math.cos(q), cy + b * 1.2 * f * math.sin(q))
+               for i in range(2 * rays) for q, f in [(math.pi * i / rays, 1.0 if i % 2 == 0 else 0.5)]]
+        md.polygon(pts, fill=255)
+    elif t.plan == "branching":
+        md.line([(cx - a, cy), (cx + a, cy)], 255, round(0.7 * b))
+        for x in np.linspace(-0.7 * a, 0.3 * a, 3):
+            for sy in (-1, 1):  # forked branches with a round leaf at each tip
+                tip = (cx + x + 0.45 * a, cy + sy * 1.7 * b)
+                md.line([(cx + x, cy), tip], 255, round(0.4 * b))
+                md.ellipse((tip[0] - 0.45 * b, tip[1] - 0.45 * b, tip[0] + 0.45 * b, tip[1] + 0.45 * b), 255)
+    else:  # blob: a wobbly ellipse, its wobble fixed per phylum
+        ph = random.Random(t.shape_seed).uniform(0, 2 * math.pi)
+        qs = np.linspace(0, 2 * np.pi, 32, endpoint=False)
+        m = 1 + 0.15 * np.sin(3 * qs + ph) + 0.08 * np.sin(5 * qs - ph)
+        pts = list(zip(cx + a * m * np.cos(qs), cy + b * m * np.sin(qs)))
+        md.polygon(pts, fill=255)
+    return mask
+
+
 def _spread(j: int, n: int, amplitude: float) -> float:
     """Sibling j of n placed evenly on [-amplitude, amplitude] (0 for an only child)."""
     return amplitude * (2 * j / (n - 1) - 1) if n > 1 else 0.0
@@ -231,72 +315,32 @@ class SyntheticTreeOfLife:
     # ---- drawing --------------------------------------------------------------------------------------------------
     def _render(self, t: _Traits) -> Image.Image:
         """The organism in its canonical pose (head towards +x) on a transparent canvas of twice the image size."""
-        r = 2 * self.config.image_size
-        u = r / 128  # the constants below are pixels of a 128 px canvas
-        a, b = 22 * u * math.sqrt(t.elongation), 22 * u / math.sqrt(t.elongation)  # equal area, different shape
-        radial = t.plan == "radial"
-        hr = t.head * b * (0.6 if radial else 1.0)  # a radial head is the central disc: keep the rays visible
-        cx, cy = r / 2 - (0 if radial else 0.6 * hr), r / 2
-        hx = cx if radial else cx + a + 0.2 * hr  # the head sticks out in front, so its size reads at 64 px
-        front = cx + a if radial else hx + hr
-        ey = b * {"radial": 1.2, "branching": 2.1}.get(t.plan, 1.0)  # half height: appendages start beyond it
+        g = _Geometry.of(t, 2 * self.config.image_size)
         body = _hsv(t.hue, 0.75, 0.85)
         accent = _hsv(t.hue, 0.5, 0.15) if t.accent_dark else _hsv(t.hue + 0.1, 0.15, 0.97)
-        limb, w = _hsv(t.hue, 0.6, 0.3) + (255,), max(1, round(3 * u))
-        img = Image.new("RGBA", (r, r), (*body, 0))  # transparent body colour: no dark fringes when resampled
+        img = Image.new("RGBA", (g.r, g.r), (*body, 0))  # transparent body colour: no dark fringes when resampled
+        _draw_appendages(ImageDraw.Draw(img), t, g, accent)
+        inside = np.asarray(_body_mask(t, g)) > 0
+        colour = self._body_colours(t, g, body, accent)
+        arr = np.asarray(img).copy()
+        arr[inside, :3], arr[inside, 3] = colour[inside], 255
+        img = Image.fromarray(arr, "RGBA")
         draw = ImageDraw.Draw(img)
-        n = t.n_appendages
-        if t.appendage == "winged":  # wings under the body, pale and translucent
-            for i in range(1 + n):
-                x0 = cx + 0.15 * a - i * 14 * u
-                for sy in (-1, 1):
-                    y0 = cy + sy * (ey + 9 * u)
-                    draw.ellipse((x0 - 9 * u, y0 - 11 * u, x0 + 9 * u, y0 + 11 * u), fill=(*accent, 200))
-        elif t.appendage == "legged":
-            for x in np.linspace(-0.55 * a, 0.45 * a, 2 + n):
-                for sy in (-1, 1):
-                    knee = (cx + x - 4 * u, cy + sy * (ey + 9 * u))
-                    draw.line([(cx + x, cy + sy * 0.6 * ey), knee, (knee[0] - 7 * u, knee[1] + sy * 7 * u)], limb, w)
-        elif t.appendage == "horned":
-            for i in range(2 + 2 * n):
-                dy = (i // 2 + 1) * 7 * u * (1 if i % 2 else -1)
-                tip = (front + 14 * u, cy + dy)
-                draw.line([(front - 4 * u, cy + dy / 4), tip], limb, w)
-                draw.ellipse((tip[0] - 3 * u, tip[1] - 3 * u, tip[0] + 3 * u, tip[1] + 3 * u), fill=limb)
-        else:  # tail fan of 3 or 5 fins
-            for ang in np.linspace(-50, 50, 3 + 2 * n) * math.pi / 180:
-                base_x = cx - 0.85 * a
-                tip = (base_x - 18 * u * math.cos(ang), cy + 18 * u * math.sin(ang))
-                side = (4 * u * math.sin(ang), 4 * u * math.cos(ang))
-                draw.polygon([(base_x + side[0], cy + side[1]), (base_x - side[0], cy - side[1]), tip], fill=limb)
+        head = _hsv(t.hue, 0.8, 0.5)
+        draw.ellipse((g.hx - g.hr, g.cy - g.hr, g.hx + g.hr, g.cy + g.hr), fill=head + (255,))
+        if t.marking == "eyed":
+            for sy in (-1, 1):
+                px, py, pr = g.cx - 0.3 * g.a, g.cy + sy * 0.45 * g.b, 0.2 * g.b + 2 * g.u
+                draw.ellipse((px - pr, py - pr, px + pr, py + pr), fill=(250, 250, 240, 255))
+                draw.ellipse((px - pr / 2, py - pr / 2, px + pr / 2, py + pr / 2), fill=(10, 10, 10, 255))
+        return img
 
-        mask = Image.new("L", (r, r), 0)
-        md = ImageDraw.Draw(mask)
-        if t.plan == "bilateral":
-            md.ellipse((cx - a, cy - b, cx + a, cy + b), fill=255)
-        elif radial:  # a star of 5-7 rays, stretched by the elongation
-            rays = 5 + t.shape_seed % 3
-            pts = [(cx + a * 1.2 * f * math.cos(q), cy + b * 1.2 * f * math.sin(q))
-                   for i in range(2 * rays) for q, f in [(math.pi * i / rays, 1.0 if i % 2 == 0 else 0.5)]]
-            md.polygon(pts, fill=255)
-        elif t.plan == "branching":
-            md.line([(cx - a, cy), (cx + a, cy)], 255, round(0.7 * b))
-            for x in np.linspace(-0.7 * a, 0.3 * a, 3):
-                for sy in (-1, 1):  # forked branches with a round leaf at each tip
-                    tip = (cx + x + 0.45 * a, cy + sy * 1.7 * b)
-                    md.line([(cx + x, cy), tip], 255, round(0.4 * b))
-                    md.ellipse((tip[0] - 0.45 * b, tip[1] - 0.45 * b, tip[0] + 0.45 * b, tip[1] + 0.45 * b), 255)
-        else:  # blob: a wobbly ellipse, its wobble fixed per phylum
-            ph = random.Random(t.shape_seed).uniform(0, 2 * math.pi)
-            qs = np.linspace(0, 2 * np.pi, 32, endpoint=False)
-            m = 1 + 0.15 * np.sin(3 * qs + ph) + 0.08 * np.sin(5 * qs - ph)
-            pts = list(zip(cx + a * m * np.cos(qs), cy + b * m * np.sin(qs)))
-            md.polygon(pts, fill=255)
-
-        # texture in body coordinates rotated by the genus angle, so it turns with the body in every pose
-        x, y = self._xx - (cx - r / 2), self._yy
+    def _body_colours(self, t: _Traits, g: "_Geometry", body: tuple, accent: tuple) -> np.ndarray:
+        """The body's colour at every pixel: texture in body coordinates rotated by the genus angle, so it turns with
+        the body in every pose, and the species' marking."""
+        x, y = self._xx - (g.cx - g.r / 2), self._yy
         th = math.radians(t.angle)
-        period = t.period * u
+        period = t.period * g.u
         pu, pv = (x * math.cos(th) + y * math.sin(th)) / period, (y * math.cos(th) - x * math.sin(th)) / period
         if t.texture == "striped":
             pattern = np.sin(2 * np.pi * pu) > 0.2
@@ -304,27 +348,15 @@ class SyntheticTreeOfLife:
             pv = pv + 0.5 * np.round(pu)  # staggered rows
             pattern = (pu - np.round(pu)) ** 2 + (pv - np.round(pv)) ** 2 < 0.09
         elif t.texture == "ringed":
-            pattern = np.sin(2 * np.pi * np.hypot(pu + 0.3 * a / period, pv)) > 0  # off-centre: the angle shows
+            pattern = np.sin(2 * np.pi * np.hypot(pu + 0.3 * g.a / period, pv)) > 0  # off-centre: the angle shows
         else:
             pattern = np.sin(np.pi * pu) * np.sin(np.pi * pv) > 0
-        inside = np.asarray(mask) > 0
         colour = np.where(pattern[..., None], np.array(accent, np.uint8), np.array(body, np.uint8))
         if t.marking == "bright-tipped":
-            colour[x < -0.6 * a] = _hsv(t.hue + 0.5, 0.85, 0.95)
+            colour[x < -0.6 * g.a] = _hsv(t.hue + 0.5, 0.85, 0.95)
         elif t.marking == "collared":
-            colour[(x > 0.45 * a) & (x < 0.68 * a)] = _hsv(t.hue + 0.5, 0.85, 0.95)
-        arr = np.asarray(img).copy()
-        arr[inside, :3], arr[inside, 3] = colour[inside], 255
-        img = Image.fromarray(arr, "RGBA")
-        draw = ImageDraw.Draw(img)
-        head = _hsv(t.hue, 0.8, 0.5)
-        draw.ellipse((hx - hr, cy - hr, hx + hr, cy + hr), fill=head + (255,))
-        if t.marking == "eyed":
-            for sy in (-1, 1):
-                px, py, pr = cx - 0.3 * a, cy + sy * 0.45 * b, 0.2 * b + 2 * u
-                draw.ellipse((px - pr, py - pr, px + pr, py + pr), fill=(250, 250, 240, 255))
-                draw.ellipse((px - pr / 2, py - pr / 2, px + pr / 2, py + pr / 2), fill=(10, 10, 10, 255))
-        return img
+            colour[(x > 0.45 * g.a) & (x < 0.68 * g.a)] = _hsv(t.hue + 0.5, 0.85, 0.95)
+        return colour
 
     def _background(self, rng: np.random.Generator, size: int) -> np.ndarray:
         """Muted colours (saturation <= 0.35) so the background never imitates a kingdom's palette."""

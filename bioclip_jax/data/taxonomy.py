@@ -94,6 +94,33 @@ class Taxon:
         return f"a photo of {self.name(text_type)}."
 
 
+def epithet(genus: str, species: str) -> str:
+    """The species epithet alone, also when a binomial "Pica hudsonia" was given."""
+    parts = species.split()
+    if len(parts) > 1 and genus and parts[0].lower() == genus.lower():
+        return " ".join(parts[1:])
+    return species
+
+
+def is_fallback_common(common: str, names: list[str]) -> bool:
+    """BioCLIP wrote the scientific or taxonomic name into common_name.txt when there was no common name."""
+    key = " ".join(common.split()).lower()
+    return not key or any(key == " ".join(n.split()).lower() for n in names if n)
+
+
+def row_taxon(row: dict[str, str]) -> Taxon:
+    """Taxon from a metadata.csv row (optional columns kingdom..species, common_name; species may be a binomial)."""
+    ranks = [(row.get(c) or "").strip() for c in RANK_COLUMNS]
+    if not ranks[5] and len(ranks[6].split()) > 1 and ranks[6][:1].isupper():
+        ranks[5] = ranks[6].split()[0]  # "Pica hudsonia" in the species column, no genus column
+    ranks[6] = epithet(ranks[5], ranks[6])
+    taxon = Taxon.from_ranks(ranks)
+    common = (row.get("common_name") or "").strip()
+    if is_fallback_common(common, [taxon.scientific_name, taxon.taxonomic_name]):
+        common = ""
+    return Taxon.from_ranks(ranks, common)
+
+
 def eval_class_name(taxon: Taxon, text_type: str, subspecies: str = "") -> str:
     """The class name BioCLIP's evaluation prompts with (naming_eval), from the taxon's fields as given (not its
     training fallbacks): kingdom..genus capitalised, species and subspecies lower case.

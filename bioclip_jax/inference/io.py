@@ -9,8 +9,7 @@ import os
 import warnings
 
 from bioclip_jax import paths
-from bioclip_jax.data import sources
-from bioclip_jax.data.taxonomy import RANKS, Taxon
+from bioclip_jax.data.taxonomy import RANKS, Taxon, row_taxon
 from bioclip_jax.errors import InputError
 
 
@@ -122,7 +121,7 @@ def read_taxa(path: str) -> list[Taxon]:
     except csv.Error as e:
         raise InputError(f"{path}: {e}") from None
     rename = {"class": "cls"}  # metadata.csv says "cls"; accept the plain word too
-    taxa = [sources.row_taxon({rename.get(k.strip(), k.strip()): (v or "") for k, v in row.items() if k})
+    taxa = [row_taxon({rename.get(k.strip(), k.strip()): (v or "") for k, v in row.items() if k})
             for row in rows]
     empty = [i + 2 for i, t in enumerate(taxa) if t.empty]
     if not taxa or empty:

@@ -1,14 +1,16 @@
 """TreeOfLife-10M as published on Hugging Face (imageomics/TreeOfLife-10M): tars of `<treeoflife_id>.jpg` members
 (`dataset/EOL/image_set_01..63.tar.gz`) and a catalog with one row per image (`metadata/catalog.csv`, or a Parquet
-catalog with the same columns such as TreeOfLife-200M's `catalog.parquet`). Input side only: the catalog is read in
+catalog with the same columns such as TreeOfLife-200M's `catalog.parquet`). The catalog is read in
 column batches with pyarrow (only the columns needed, never one Python object per row), tars as streams (gzip cannot
-seek); planning and writing live in writers.py. See docs/data_format.md.
+seek). The `TreeOfLife10M` source plans a tar as one unit of work. See docs/data_format.md.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
+import itertools
 import os
 import posixpath
 import re
@@ -21,9 +23,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
-from bioclip_jax.data.sources import IMAGE_EXTS, Skip, describe, row_taxon
-from bioclip_jax.data.taxonomy import RANKS, Taxon
+from bioclip_jax.data.taxonomy import RANKS, Taxon, row_taxon
 from bioclip_jax.errors import InputError
+from bioclip_jax.shards.build import Example, Skip, describe
+from bioclip_jax.shards.output import Shard
+from bioclip_jax.shards.pool import map_ordered
+from bioclip_jax.shards.source import Plan, Source
+from bioclip_jax.shards.treeoflife import IMAGE_EXTS, find_tars
 
 ID = "treeoflife_id"
 SPLIT = "split"
@@ -247,17 +253,9 @@ class _Mismatches:
         return _mismatch(self.count, self.first)
 
 
-def join(catalog: Catalog, tars: list[str], names: list[list[str]], plan_paths: list[str],
-         verbose: bool = True) -> tuple[list[dict[str, int]], dict[str, list[dict]], dict]:
-    """Joins every tar's image members (names, in file order) to the catalog rows by treeoflife_id, and writes each
-    tar's plan to plan_paths[k]: its placed images in file order (ordinal among the tar's images, member name,
-    catalog FIELDS). An image is placed when it has a row with a split and its id was not met before (a repeated id
-    is a `duplicate id` skip of its row's split). Catalog rows are streamed and only those of an image kept, so the
-    memory follows the images, not the catalog.
-    -> (per tar {split: placed images}, {split: duplicate skips}, the `catalog` section of the summary)."""
-    image_ids = pa.chunked_array([pa.array([image_id(n) for n in tar_names], pa.string()) for tar_names in names],
-                                 pa.string())
-    value_set = image_ids.combine_chunks()
+def _rows_with_image(catalog: Catalog, value_set: pa.Array, verbose: bool) -> tuple[pa.Table, int, _Mismatches]:
+    """Streams the catalog and keeps only the rows of an image, so the memory follows the images, not the catalog
+    -> (those rows, the catalog's row count, the rows without an image)."""
     kept, pending, rows, orphans = [], [], 0, _Mismatches()
 
     def probe() -> None:  # one hash table of the image ids per PROBE_ROWS catalog rows, not one per file block
@@ -276,11 +274,33 @@ def join(catalog: Catalog, tars: list[str], names: list[list[str]], plan_paths: 
             probe()
     if pending:
         probe()
-    table = pa.concat_tables(kept).combine_chunks() if kept else _normalise(
-        catalog, pa.RecordBatch.from_pylist([], pa.schema([(c, pa.string()) for c in catalog.columns.values()
-                                                          if c is not None])))
-    row_of = pc.index_in(value_set, value_set=table["id"]).fill_null(-1).to_numpy()  # first row of a repeated id
-    # Splits as small integer codes (not one Python string per image); -1: no row.
+    if kept:
+        return pa.concat_tables(kept).combine_chunks(), rows, orphans
+    empty = pa.RecordBatch.from_pylist([], pa.schema([(c, pa.string()) for c in catalog.columns.values()
+                                                      if c is not None]))
+    return _normalise(catalog, empty), rows, orphans
+
+
+@dataclasses.dataclass
+class _Placement:
+    """Where each image (every tar's images, in order) goes: `row_of` its catalog row (the first of a repeated id;
+    -1: none), `split_of` that row's split as a code into `split_names` (-1: no row), `first_time` whether it is the
+    first image of its id, `placed` whether it is written (first time, and a split)."""
+    row_of: np.ndarray
+    split_of: np.ndarray
+    first_time: np.ndarray
+    placed: np.ndarray
+    split_names: list[str]
+    no_split: int  # the code of the empty split ("" in the catalog), or -2
+
+    def at(self, at: slice) -> "_Placement":
+        return _Placement(self.row_of[at], self.split_of[at], self.first_time[at], self.placed[at], self.split_names,
+                          self.no_split)
+
+
+def _place(catalog: Catalog, table: pa.Table, value_set: pa.Array) -> _Placement:
+    row_of = pc.index_in(value_set, value_set=table["id"]).fill_null(-1).to_numpy()
+    # Splits as small integer codes (not one Python string per image).
     encoded = pc.dictionary_encode(pc.cast(table["split"], pa.string()).combine_chunks())
     split_names, codes = encoded.dictionary.to_pylist(), encoded.indices.to_numpy(zero_copy_only=False)
     split_of = np.where(row_of >= 0, codes[np.maximum(row_of, 0)] if len(codes) else -1, -1)
@@ -293,41 +313,66 @@ def join(catalog: Catalog, tars: list[str], names: list[list[str]], plan_paths: 
     if bad:
         raise InputError(f"{catalog.path}: split value(s) {', '.join(map(repr, bad[:5]))} cannot name an output "
                          f"folder (expected letters, digits, '_', '.', '-')")
+    return _Placement(row_of, split_of, first_time, placed, split_names, no_split)
 
-    counts: list[dict[str, int]] = []
-    duplicates: dict[str, list[dict]] = collections.defaultdict(list)
-    without_row, without_split = _Mismatches(), _Mismatches()
-    start = 0
+
+class _JoinReport:
+    """The images the join could not place, by why."""
+
+    def __init__(self):
+        self.without_row, self.without_split = _Mismatches(), _Mismatches()
+        self.duplicates: dict[str, list[dict]] = collections.defaultdict(list)
+
+    def add_tar(self, tar: str, names: list[str], p: _Placement) -> None:
+        for j in np.flatnonzero(p.row_of < 0):
+            self.without_row.add(f"{tar}:{names[j]}")
+        for j in np.flatnonzero((p.row_of >= 0) & ~p.first_time):
+            self.duplicates[p.split_names[p.split_of[j]]].append(
+                {"name": f"{tar}:{names[j]}", "reason": "duplicate id", "detail": ""})
+        for j in np.flatnonzero(p.first_time & (p.split_of == p.no_split)):
+            self.without_split.add(f"{tar}:{names[j]}")
+
+
+def _write_tar_plan(path: str, names: list[str], p: _Placement, table: pa.Table) -> dict[str, int]:
+    """One tar's plan file: its placed images in file order (ordinal among the tar's images, member name, catalog
+    FIELDS) -> {split: placed images}."""
+    keep = np.flatnonzero(p.placed)
+    rows = table.take(pa.array(p.row_of[keep]))
+    plan = pa.Table.from_arrays(
+        [pa.array(keep, pa.int64()), pa.array([names[j] for j in keep], pa.string())]
+        + [pc.cast(c, pa.string()).combine_chunks() for c in rows.columns],
+        names=["ordinal", "member", *rows.column_names])
+    _write_table(path, plan)
+    return {p.split_names[c]: int(n) for c, n in zip(*np.unique(p.split_of[keep], return_counts=True))}
+
+
+def join(catalog: Catalog, tars: list[str], names: list[list[str]], plan_paths: list[str],
+         verbose: bool = True) -> tuple[list[dict[str, int]], dict[str, list[dict]], dict]:
+    """Joins every tar's image members (names, in file order) to the catalog rows by treeoflife_id, and writes each
+    tar's plan to plan_paths[k] (`_write_tar_plan`). An image is placed when it has a row with a split and its id was
+    not met before (a repeated id is a `duplicate id` skip of its row's split).
+    -> (per tar {split: placed images}, {split: duplicate skips}, the `catalog` section of the summary)."""
+    image_ids = pa.chunked_array([pa.array([image_id(n) for n in tar_names], pa.string()) for tar_names in names],
+                                 pa.string())
+    value_set = image_ids.combine_chunks()
+    table, rows, orphans = _rows_with_image(catalog, value_set, verbose)
+    placement = _place(catalog, table, value_set)
+    report, counts, start = _JoinReport(), [], 0
     for tar, tar_names, plan_path in zip(tars, names, plan_paths):
-        at = slice(start, start + len(tar_names))
+        here = placement.at(slice(start, start + len(tar_names)))
         start += len(tar_names)
-        rows_here, splits_here, first_here = row_of[at], split_of[at], first_time[at]
-        for j in np.flatnonzero(rows_here < 0):
-            without_row.add(f"{tar}:{tar_names[j]}")
-        for j in np.flatnonzero((rows_here >= 0) & ~first_here):
-            duplicates[split_names[splits_here[j]]].append(
-                {"name": f"{tar}:{tar_names[j]}", "reason": "duplicate id", "detail": ""})
-        for j in np.flatnonzero(first_here & (splits_here == no_split)):
-            without_split.add(f"{tar}:{tar_names[j]}")
-        keep = np.flatnonzero(placed[at])
-        plan = table.take(pa.array(rows_here[keep]))
-        plan = pa.Table.from_arrays(
-            [pa.array(keep, pa.int64()), pa.array([tar_names[j] for j in keep], pa.string())]
-            + [pc.cast(c, pa.string()).combine_chunks() for c in plan.columns],
-            names=["ordinal", "member", *plan.column_names])
-        _write_table(plan_path, plan)
-        counts.append({split_names[c]: int(n) for c, n in zip(*np.unique(splits_here[keep], return_counts=True))})
-
+        report.add_tar(tar, tar_names, here)
+        counts.append(_write_tar_plan(plan_path, tar_names, here, table))
     repeated = pc.value_counts(table["id"])
     repeated = repeated.filter(pc.greater(repeated.field("counts"), 1))
     info = {"file": catalog.path, "rows": rows, "absent_columns": catalog.missing_optional,
-            "images": len(row_of),
-            "images_without_row": without_row.summary(),
+            "images": len(placement.row_of),
+            "images_without_row": report.without_row.summary(),
             "rows_without_image": orphans.summary(),
-            "images_without_split": without_split.summary(),
+            "images_without_split": report.without_split.summary(),
             "duplicate_row_ids": _mismatch(sum(repeated.field("counts").to_pylist()) - len(repeated),
                                            repeated.field("values").slice(0, FIRST).to_pylist())}
-    return counts, dict(duplicates), info
+    return counts, dict(report.duplicates), info
 
 
 def describe_join(info: dict) -> str:
@@ -364,3 +409,89 @@ def read_plan(path: str) -> dict[str, list[dict]]:
     for row in rows:
         by_split[row[SPLIT]].append(row)
     return dict(by_split)
+
+
+def _file_sha256(path: str) -> str:
+    """An edited catalog is another plan (read in blocks: the published catalog is several GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _list_tar(path: str, progress) -> tuple[list[str], list[dict]]:
+    result = list_tar_images(path)
+    progress(1)
+    return result
+
+
+class TreeOfLife10M(Source):
+    """Tars of `<treeoflife_id>.jpg` (gzip or not) plus catalog.csv or a Parquet catalog with the same columns
+    -> OUT/<split>/ shards, the split being the catalog's. The summary's `catalog` section names the images without
+    a row and the rows without an image.
+
+    Gzip tars cannot seek, so a tar is a unit of work: one worker streams it once and fills all its shards. A shard
+    never spans two tars (a tar is a plan group), so each tar's shards are numbered in the plan before any is
+    written, and a rerun streams only the tars with unfinished shards."""
+
+    name = "tol10m"
+
+    def __init__(self, catalog: str, images: str | list[str]):
+        self.catalog, self.images = str(catalog), images
+        self.tars: list[str] = []
+        self.plan_paths: list[str] = []
+        self._columns: Catalog | None = None
+
+    def settings(self) -> dict:
+        self._columns = open_catalog(self.catalog)  # a bad header fails before the long passes over the tars
+        self.tars = find_tars(self.images, suffixes=TAR_SUFFIXES)
+        return {"inputs": [[t, os.path.getsize(t)] for t in self.tars],
+                "catalog": [os.path.abspath(self._columns.path), _file_sha256(self._columns.path)]}
+
+    def plan(self, out: str, *, workers: int, progress: bool) -> Plan:
+        with tqdm(total=len(self.tars), unit="tar", desc="indexing tars", disable=not progress) as bar:
+            indexed = map_ordered(_list_tar, self.tars, workers, bar)
+        plans = os.path.join(out, ".plan")
+        os.makedirs(plans, exist_ok=True)
+        self.plan_paths = [os.path.join(plans, f"{k:05d}.arrow") for k in range(len(self.tars))]
+        input_errors = [e for _, errors in indexed for e in errors]
+        names = [tar_names for tar_names, _ in indexed]
+        del indexed
+        counts, duplicates, info = join(self._columns, self.tars, names, self.plan_paths, progress)
+        self._columns = None
+        groups = {split: [range(c.get(split, 0)) for c in counts]  # items: indices into a tar's rows of the split
+                  for split in sorted({s for c in counts for s in c} | set(duplicates))}
+        return Plan(groups, duplicates, input_errors, {"catalog": info}, scratch=[plans])
+
+    def jobs(self, shards: list[Shard]) -> list[list[Shard]]:
+        by_tar: dict[int, list[Shard]] = {}
+        for shard in shards:
+            by_tar.setdefault(shard.group, []).append(shard)
+        return list(by_tar.values())
+
+    def read(self, shards: list[Shard]) -> Iterator[tuple[int, str, Example | Skip]]:
+        """One streamed pass over the tar of these shards (all of one tar)."""
+        tar, plan = self.tars[shards[0].group], read_plan(self.plan_paths[shards[0].group])
+        wanted = {plan[s.split][i]["ordinal"]: (k, plan[s.split][i]) for k, s in enumerate(shards) for i in s.items}
+
+        def not_reached():  # what the stream never yielded: the tar ended (damaged) before these members
+            for ordinal in sorted(wanted):
+                yield ordinal, Skip("missing image", "the tar ended before this member")
+
+        streamed = ((ordinal, data) for ordinal, _, data in iter_tar_images(tar, wanted))
+        for ordinal, data in itertools.chain(streamed, not_reached()):
+            k, row = wanted.pop(ordinal)
+            yield k, f"{tar}:{row['member']}", _example(row, data)
+
+    def notes(self, summary: dict) -> list[str]:
+        return [describe_join(summary["catalog"])]
+
+
+def _example(row: dict, data: bytes | Skip) -> Example | Skip:
+    if isinstance(data, Skip):
+        return data
+    taxon = catalog_taxon(row)
+    if taxon.empty and not taxon.common_name:
+        return Skip("no taxonomy")
+    return Example(row["id"], data, taxon)

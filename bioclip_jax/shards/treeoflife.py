@@ -1,5 +1,5 @@
-"""Raw inputs for the shard writers: image re-encoding, TreeOfLife-10M webdataset tars and image folders with a
-BioCLIP `metadata.csv`. Everything here works on one sample at a time; planning and writing live in writers.py.
+"""TreeOfLife-10M webdataset tars (BioCLIP's training shards: `<key>.jpg` next to `<key>.taxonTag.txt` & co.) as a
+make-shards source, and the tar file patterns every tar source takes.
 
 Taxonomy parsing follows how BioCLIP's TreeOfLife-10M writer produced its text files (see docs/data_format.md):
 `taxonomic_name.txt` drops missing ranks, so only `taxonTag.txt` ("kingdom Animalia phylum ...") places every rank
@@ -8,20 +8,17 @@ exactly; `common_name.txt` holds the scientific (else taxonomic) name when no co
 
 from __future__ import annotations
 
-import csv
 import glob
-import io
 import os
 import posixpath
 import re
 import tarfile
 from typing import NamedTuple
 
-from PIL import Image
-
-from bioclip_jax.data.taxonomy import RANK_COLUMNS, RANKS, Taxon
-from bioclip_jax.data.transforms import ImageTooLarge, decode_image, to_rgb
-from bioclip_jax.errors import InputError
+from bioclip_jax.data.taxonomy import RANKS, Taxon, epithet, is_fallback_common
+from bioclip_jax.shards.build import Example, Skip, describe
+from bioclip_jax.shards.pool import map_ordered
+from bioclip_jax.shards.source import ItemSource, Plan, read_at, split_by_id
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # webdataset keys/extensions: the key is the member path up to the first "." of its file name, the extension (lower
@@ -30,50 +27,6 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTS = ("taxontag.txt", "taxontag_com.txt", "taxonomic_name.txt", "taxon.txt", "scientific_name.txt",
              "sci.txt", "common_name.txt", "com.txt")
 _WANTED = frozenset(IMAGE_EXTS + TEXT_EXTS)
-
-
-class Skip(Exception):
-    """A sample that cannot become a record: `reason` is a short stable key counted in summaries."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(reason)
-        self.reason, self.detail = reason, detail
-
-
-# ----------------------------------------------------------------------------------------------------- images
-
-
-def describe(e: BaseException) -> str:
-    """An exception as one line, without the object addresses PIL puts in messages (summaries must not change
-    from run to run)."""
-    return re.sub(r" ?<[^<>]* at 0x[0-9a-fA-F]+>", "", f"{type(e).__name__}: {e}")
-
-
-def encode_image(src: bytes | Image.Image, *, resize: int | None = None, quality: int = 95) -> bytes:
-    """Image bytes (any format PIL reads) or a PIL image -> RGB JPEG bytes, optionally squashed to resize x resize
-    (bicubic, aspect not kept, as BioCLIP's shards). Raises Skip for undecodable or truncated data.
-
-    An RGB JPEG that is not resized is stored byte for byte: re-encoding would only lose quality."""
-    if isinstance(src, Image.Image):
-        img = src
-    else:
-        try:
-            img = decode_image(src, "image")  # decode everything now, not later in a training worker
-        except ImageTooLarge as e:
-            raise Skip("image too large", str(e).removeprefix("image: ")) from None
-        except InputError as e:
-            raise Skip("undecodable image", describe(e.__cause__)) from None
-        if img.format == "JPEG" and img.mode == "RGB" and not resize:
-            return bytes(src)
-    try:
-        img = to_rgb(img)
-        if resize and img.size != (resize, resize):
-            img = img.resize((resize, resize), Image.Resampling.BICUBIC)
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=quality)
-    except Exception as e:  # e.g. a mode PIL cannot convert to RGB
-        raise Skip("undecodable image", describe(e)) from None
-    return buf.getvalue()
 
 
 # ----------------------------------------------------------------------------------------------------- taxonomy
@@ -85,14 +38,6 @@ def strip_caption(text: str | None) -> str:
     if text.lower().startswith("a photo of "):
         text = text[len("a photo of "):]
     return text[:-1].strip() if text.endswith(".") else text
-
-
-def _epithet(genus: str, species: str) -> str:
-    """The species epithet alone, also when a binomial "Pica hudsonia" was given."""
-    parts = species.split()
-    if len(parts) > 1 and genus and parts[0].lower() == genus.lower():
-        return " ".join(parts[1:])
-    return species
 
 
 def parse_tagged(text: str) -> list[str] | None:
@@ -111,7 +56,7 @@ def parse_tagged(text: str) -> list[str] | None:
             ranks[current] = f"{ranks[current]} {token}".strip()
     if current < 0:
         return None
-    ranks[6] = _epithet(ranks[5], ranks[6])
+    ranks[6] = epithet(ranks[5], ranks[6])
     return ranks
 
 
@@ -136,12 +81,6 @@ def parse_positional(taxonomic: str, scientific: str) -> list[str]:
     return (tokens + [""] * 5)[:5] + [genus, species]
 
 
-def _is_fallback_common(common: str, names: list[str]) -> bool:
-    """BioCLIP wrote the scientific or taxonomic name into common_name.txt when there was no common name."""
-    key = " ".join(common.split()).lower()
-    return not key or any(key == " ".join(n.split()).lower() for n in names if n)
-
-
 def treeoflife_taxon(texts: dict[str, str]) -> Taxon:
     """Taxon from one sample's text files (keys: lower-cased extensions such as "taxontag.txt")."""
     def get(*exts: str) -> str:  # the first non-empty file of these, caption wording removed
@@ -152,20 +91,7 @@ def treeoflife_taxon(texts: dict[str, str]) -> Taxon:
     common = get("common_name.txt", "com.txt").split(" with common name ")[0]
     ranks = (parse_tagged(tagged) if tagged else None) or parse_positional(taxonomic, scientific)
     taxon = Taxon.from_ranks(ranks)
-    if _is_fallback_common(common, [scientific, taxonomic, taxon.scientific_name, taxon.taxonomic_name]):
-        common = ""
-    return Taxon.from_ranks(ranks, common)
-
-
-def row_taxon(row: dict[str, str]) -> Taxon:
-    """Taxon from a metadata.csv row (optional columns kingdom..species, common_name; species may be a binomial)."""
-    ranks = [(row.get(c) or "").strip() for c in RANK_COLUMNS]
-    if not ranks[5] and len(ranks[6].split()) > 1 and ranks[6][:1].isupper():
-        ranks[5] = ranks[6].split()[0]  # "Pica hudsonia" in the species column, no genus column
-    ranks[6] = _epithet(ranks[5], ranks[6])
-    taxon = Taxon.from_ranks(ranks)
-    common = (row.get("common_name") or "").strip()
-    if _is_fallback_common(common, [taxon.scientific_name, taxon.taxonomic_name]):
+    if is_fallback_common(common, [scientific, taxonomic, taxon.scientific_name, taxon.taxonomic_name]):
         common = ""
     return Taxon.from_ranks(ranks, common)
 
@@ -249,66 +175,44 @@ def index_tar(path: str) -> tuple[list[TarSample], list[dict]]:
     return samples, errors
 
 
-def read_at(files: dict, path: str, offset: int, size: int) -> bytes:
-    """`size` bytes at `offset` of `path`; `files` caches open files (one shard reads many members of a tar)."""
-    if path not in files:
-        files[path] = open(path, "rb")
-    f = files[path]
-    f.seek(offset)
-    data = f.read(size)
-    if len(data) != size:
-        raise Skip("truncated member", f"{len(data)} of {size} bytes")
-    return data
 
 
-def load_tar_sample(sample: TarSample, files: dict, resize: int | None, quality: int) -> tuple[bytes, Taxon]:
-    """-> (JPEG bytes, taxon), or raises Skip. `files` caches the open tar files of one shard."""
-    image_ext = next((e for e in IMAGE_EXTS if e in sample.members), None)
-    texts = {}
-    for ext in TEXT_EXTS:
-        if ext in sample.members:
-            texts[ext] = read_at(files, sample.tar, *sample.members[ext]).decode("utf-8", "replace")
-    taxon = treeoflife_taxon(texts)
-    if taxon.empty:
-        raise Skip("no taxonomy")
-    if image_ext is None:
-        raise Skip("missing image")
-    return encode_image(read_at(files, sample.tar, *sample.members[image_ext]), resize=resize,
-                        quality=quality), taxon
+def _index(path: str, progress) -> tuple[list[TarSample], list[dict]]:
+    return index_tar(path)
 
 
-# ----------------------------------------------------------------------------------------------------- folders
+class TreeOfLifeTars(ItemSource):
+    """Webdataset tars (files, folders, globs or brace patterns) -> train and val by a hash of (seed, key)."""
 
-REQUIRED_COLUMNS = ("filepath", "class")
-OPTIONAL_COLUMNS = (*RANK_COLUMNS, "common_name")
+    name = "treeoflife"
 
+    def __init__(self, inputs: str | list[str], *, val_fraction: float = 0.05, seed: int = 0):
+        self.inputs, self.val_fraction, self.seed = inputs, val_fraction, seed
+        self.tars: list[str] = []
 
-def read_metadata_csv(path: str) -> tuple[str, list[dict[str, str]]]:
-    """BioCLIP's metadata.csv (or a folder holding one) -> (image root folder, rows). Raises ValueError naming the
-    missing required columns."""
-    path = os.path.join(path, "metadata.csv") if os.path.isdir(path) else path
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no metadata CSV at {path!r}")
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets often write a BOM
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-        if missing:
-            raise InputError(f"{path}: missing required column(s) {', '.join(missing)} (found: "
-                             f"{', '.join(columns) or 'none'}; optional: {', '.join(OPTIONAL_COLUMNS)})")
-        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
-    return os.path.dirname(os.path.abspath(path)), rows
+    def settings(self) -> dict:
+        self.tars = find_tars(self.inputs)
+        return {"inputs": [[t, os.path.getsize(t)] for t in self.tars], "seed": self.seed}
 
+    def plan(self, out: str, *, workers: int, progress: bool) -> Plan:
+        indexed = map_ordered(_index, self.tars, workers)
+        samples = [s for found, _ in indexed for s in found]
+        plan = split_by_id(samples, [s.key for s in samples], self.seed, self.val_fraction)
+        plan.input_errors = [e for _, errors in indexed for e in errors]
+        return plan
 
-def load_folder_row(root: str, row: dict[str, str], resize: int | None, quality: int) -> tuple[bytes, Taxon]:
-    """-> (JPEG bytes, taxon), or raises Skip. Rows with a class but no taxonomy are kept: the
-    class label alone is what an evaluation set needs."""
-    taxon = row_taxon(row)
-    if taxon.empty and not row.get("class"):
-        raise Skip("no taxonomy")
-    try:
-        with open(os.path.join(root, row["filepath"]), "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise Skip("missing image", f"{type(e).__name__}: {e.strerror or e}") from None  # no path: it is the name
-    return encode_image(data, resize=resize, quality=quality), taxon
+    def load(self, item: TarSample, files: dict) -> Example:
+        image_ext = next((e for e in IMAGE_EXTS if e in item.members), None)
+        texts = {}
+        for ext in TEXT_EXTS:
+            if ext in item.members:
+                texts[ext] = read_at(files, item.tar, *item.members[ext]).decode("utf-8", "replace")
+        taxon = treeoflife_taxon(texts)
+        if taxon.empty:
+            raise Skip("no taxonomy")
+        if image_ext is None:
+            raise Skip("missing image")
+        return Example(item.key, read_at(files, item.tar, *item.members[image_ext]), taxon)
+
+    def name_of(self, item: TarSample) -> str:
+        return f"{item.tar}:{item.key}.{next((e for e in IMAGE_EXTS if e in item.members), 'jpg')}"

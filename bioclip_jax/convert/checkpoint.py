@@ -129,6 +129,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, model: st
     transformers) -> bioclip_jax folder, bioclip_jax -> open_clip folder. Returns (the format written, the folder)."""
     if to is not None and to not in FORMATS:
         raise InputError(f"to={to!r}: expected one of {', '.join(FORMATS)}")
+    paths.check_reachable(dst)  # before reading the source: a missing bucket is named in seconds, not after it
     ckpt = read(src)
     resolved = resolve(ckpt, model=model)
     weights = types.SimpleNamespace(  # what the exporters read of a Model

@@ -104,6 +104,8 @@ def make_dirs(path: epath.Path) -> None:
     (a package such as gcsfs, credentials, the network) instead of the file system's own."""
     try:
         path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # exist_ok covers folders only
+        raise InputError(f"{path}: a file is in the way; expected a folder (or a path that does not exist)") from None
     except ImportError as e:  # epath's remote backends are optional packages
         raise InputError(f"{path}: {e} ({GCS_HINT})") from None
     except OSError:

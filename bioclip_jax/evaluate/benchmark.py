@@ -157,8 +157,8 @@ def run_benchmark(model: Model, sources: dict, out_dir: str | os.PathLike, model
                                 "kaggle_bird/metadata.csv, rare_species/metadata.csv or rare-species/metadata/"
                                 "rarespecies-catalog.csv, or TFDS builds (bioclip_jax.data.tfds_eval.build)")
     results = {task: evaluate_task(model, source, name=task, **kwargs) for task, source in sources.items()}
+    paths.make_dirs(paths.resolve(out_dir))
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     table = results_table(results, model_name)
     (out_dir / "results.json").write_text(json.dumps(
         {"model": model_name, "tasks": results,

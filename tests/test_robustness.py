@@ -416,10 +416,12 @@ def _truncate(fraction):
      r"/damaged: model config vision_cfg: layers=0: expected a positive integer$"),
     (_edit_config(lambda c: c["model_cfg"].update(quick_gelu="false")),
      r"/damaged: model config: quick_gelu='false': expected true or false$"),
-    (_edit_config(lambda c: c.update(model_cfg=[1])), r"/damaged: model config: expected an object of fields, got list"),
+    (_edit_config(lambda c: c.update(model_cfg=[1])),
+     r"/damaged: model config: expected an object of fields, got list"),
     (_edit_config(lambda c: c["preprocess_cfg"].update(mean="x")),
      r"/damaged: preprocess_cfg: mean='x': expected three numbers, one per RGB channel$"),
-    (_edit_config(lambda c: c["preprocess_cfg"].update(std=[0.2, 0.0, 0.2])), r"std=\[0.2, 0.0, 0.2\]: expected three positive"),
+    (_edit_config(lambda c: c["preprocess_cfg"].update(std=[0.2, 0.0, 0.2])),
+     r"std=\[0.2, 0.0, 0.2\]: expected three positive"),
 ], ids=["mis-shaped tensor", "truncated safetensors", "empty safetensors", "string for a number", "zero layers",
         "string for a flag", "list for the config", "string for the mean", "zero std"])
 def test_a_damaged_model_folder_is_one_line_naming_file_and_key(open_clip_folder, tmp_path, capsys, damage, message):

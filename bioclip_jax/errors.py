@@ -10,3 +10,8 @@ class InputError(ValueError):
 
 class ResourceError(RuntimeError):
     """The machine ran out of something the run needs (disk space, device memory): one line saying what to do."""
+
+
+class UnreachableError(ResourceError):
+    """A remote store (a gs:// bucket) could not be reached over the network: one line naming the URL, exit 1 like
+    other resources, since the same command may work once the network is back."""

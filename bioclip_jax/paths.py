@@ -3,14 +3,21 @@
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
 
 from etils import epath
 
-from bioclip_jax.errors import InputError
+from bioclip_jax.errors import InputError, UnreachableError
 
 
 GCS_HINT = "pip install 'bioclip_jax[gcs]' for gs:// paths"
+GCS_ENDPOINT = "https://storage.googleapis.com"
+# One try, no retries: gcsfs alone retries a missing bucket or a dead network for a minute and more before it fails.
+PROBE_TIMEOUT_S = 5
+LOGIN_HINT = "gcloud auth application-default login, or GOOGLE_APPLICATION_CREDENTIALS=KEY.json"
+_reachable: set[tuple[str, str]] = set()  # (endpoint, bucket) probed in this process
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -21,7 +28,68 @@ def resolve(path: str | os.PathLike) -> epath.Path:
     """An `epath.Path`: URLs as given, local paths made absolute (Orbax resolves relative paths differently in
     places; `os.path.abspath` must never see a URL, which it would turn into a local `gs:` folder)."""
     path = os.fspath(path)
-    return epath.Path(path if is_url(path) else os.path.abspath(path))
+    if is_url(path):
+        check_reachable(path)
+        return epath.Path(path)
+    return epath.Path(os.path.abspath(path))
+
+
+def check_reachable(url: str | os.PathLike) -> None:
+    """Fails in seconds, with one line naming `url` and the cause, when a gs:// bucket cannot be used: gcsfs missing
+    or no credentials (InputError), no such bucket or access denied (InputError), the network down
+    (UnreachableError). One request per bucket and process; other URL schemes are left to their file system."""
+    url = os.fspath(url)
+    if not url.startswith("gs://"):
+        return
+    bucket = url[len("gs://"):].split("/", 1)[0]
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST", "").rstrip("/")  # gcsfs's own switch to a local server
+    endpoint = (emulator if "://" in emulator else f"http://{emulator}") if emulator else GCS_ENDPOINT
+    if (endpoint, bucket) in _reachable:
+        return
+    if importlib.util.find_spec("gcsfs") is None:  # epath reads gs:// through it (found, not imported: seconds)
+        raise InputError(f"{url}: gcsfs is not installed ({GCS_HINT})")
+    import requests  # both come with gcsfs
+    from google.auth import exceptions
+
+    try:
+        session = requests.Session() if emulator else _authorized_session()
+        response = session.get(f"{endpoint}/storage/v1/b/{bucket}/o", params={"maxResults": 1, "fields": "kind"},
+                               timeout=PROBE_TIMEOUT_S)
+    except exceptions.DefaultCredentialsError:
+        raise InputError(f"{url}: no Google Cloud credentials found ({LOGIN_HINT})") from None
+    except exceptions.RefreshError as e:
+        raise InputError(f"{url}: the Google Cloud credentials were refused ({_why(e)}); {LOGIN_HINT}") from None
+    except (requests.RequestException, exceptions.TransportError) as e:
+        raise UnreachableError(f"{url}: cannot reach {endpoint} ({_why(e)}); check the network") from None
+    if response.status_code == 404:
+        raise InputError(f"{url}: no such bucket gs://{bucket}")
+    if response.status_code in (401, 403):
+        raise InputError(f"{url}: access to gs://{bucket} denied for these credentials (HTTP {response.status_code}); "
+                         f"check the bucket's permissions or log in as another account ({LOGIN_HINT})")
+    if response.status_code >= 500:
+        raise UnreachableError(f"{url}: {endpoint} answered HTTP {response.status_code}; try again later")
+    _reachable.add((endpoint, bucket))
+
+
+def _authorized_session():
+    import google.auth
+    from google.auth.transport.requests import AuthorizedSession
+
+    # Its warning about each place it looked would come before our own line, which says the same.
+    logger = logging.getLogger("google.auth._default")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        credentials, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/devstorage.read_only"])
+    finally:
+        logger.setLevel(level)
+    return AuthorizedSession(credentials)
+
+
+def _why(e: Exception) -> str:
+    """The exception's first line, or its type when it has no message."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def write_atomic(path: epath.Path, data: bytes) -> None:
@@ -36,6 +104,8 @@ def make_dirs(path: epath.Path) -> None:
     (a package such as gcsfs, credentials, the network) instead of the file system's own."""
     try:
         path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # exist_ok covers folders only
+        raise InputError(f"{path}: a file is in the way; expected a folder (or a path that does not exist)") from None
     except ImportError as e:  # epath's remote backends are optional packages
         raise InputError(f"{path}: {e} ({GCS_HINT})") from None
     except OSError:
@@ -43,6 +113,5 @@ def make_dirs(path: epath.Path) -> None:
     except Exception as e:  # noqa: BLE001 - remote backends raise their own types for credentials and network
         if not is_url(path):
             raise
-        raise InputError(f"{path}: cannot create the run directory ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}); check the credentials (e.g. gcloud auth "
-                         "application-default login) and the network") from None
+        raise InputError(f"{path}: cannot create the run directory ({type(e).__name__}: {_why(e)}); check the "
+                         f"credentials ({LOGIN_HINT}) and the network") from None

@@ -4,6 +4,7 @@ the launcher's command runner and clock are injected."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import shlex
@@ -58,7 +59,8 @@ def test_dry_run_prints_the_plan(capsys, accelerator, gcloud_type, runtime, chip
     workers = [c for c in commands if c[3] == "tpu-vm"]
     assert workers and all("--worker=all" in c for c in workers)
     prepare = workers[0][workers[0].index("--command") + 1]
-    assert "uv venv --python 3.11" in prepare and "uv python install 3.11" in prepare and "jax[tpu]" in prepare
+    assert "uv venv --python 3.11" in prepare and "uv python install 3.11" in prepare
+    assert f"'jax[tpu]=={importlib.metadata.version('jax')}'" in prepare  # the jax this checkout runs, pinned
     assert "bash train.sh start" in workers[2][-1]
     # The training command inside train.sh: the arguments after -- verbatim, shell-quoted.
     assert ('"$RUN/venv/bin/bioclip-jax" train --distributed --workdir gs://bucket/runs/b16 --config '
@@ -104,14 +106,37 @@ def test_bad_command_lines_are_one_line_errors(capsys, argv, message):
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("config", ["bioclip_vitb16", "bioclip2_vitl14.py", "configs/bioclip_vitb16.py"])
+def test_a_recipe_name_travels_in_the_wheel_without_a_note(capsys, config):
+    """The README's own command line: recipes are inside the package."""
+    code, out, err = _dry_run(capsys, "--accelerator", "v4-8", "--workdir", "gs://b/r", train=["--config", config])
+    assert code == 0 and err == "" and f"--config {config}" in out
+
+
 def test_config_must_travel_or_be_said_to_exist_on_the_workers(capsys):
-    code, _, err = _dry_run(capsys, "--accelerator", "v4-8", "--workdir", "gs://b/r",
-                            train=["--config", "configs/bioclip_vitb61.py"])
-    assert code == 2 and "--config configs/bioclip_vitb61.py: no such file" in err
+    for config in ("configs/bioclip_vitb61.py", "bioclip_vitb61"):
+        code, _, err = _dry_run(capsys, "--accelerator", "v4-8", "--workdir", "gs://b/r", train=["--config", config])
+        assert code == 2 and f"--config {config}: no such recipe (recipes: bioclip2_vitl14, bioclip_vitb16, demo)" \
+            in err
     code, out, err = _dry_run(capsys, "--accelerator", "v4-8", "--workdir", "gs://b/r",
                               train=["--config=/mnt/shared/my_config.py"])
-    assert code == 0 and "note: --config /mnt/shared/my_config.py is not under configs/" in err
+    assert code == 0 and "note: --config /mnt/shared/my_config.py is not a recipe" in err
     assert "--config=/mnt/shared/my_config.py" in out
+
+
+def test_the_workers_jax_is_pinned_and_the_plan_says_where_from(capsys, monkeypatch):
+    version = importlib.metadata.version("jax")
+    _, out, _ = _dry_run(capsys, "--accelerator", "v4-8", "--workdir", "gs://b/r")
+    assert f"# jax on the workers: jax[tpu]=={version} (the jax installed here)" in out
+    _, out, _ = _dry_run(capsys, "--accelerator", "v4-8", "--workdir", "gs://b/r", "--jax", "jax[tpu]==0.9.9")
+    assert "# jax on the workers: jax[tpu]==0.9.9 (--jax)" in out and "'jax[tpu]==0.9.9'" in out
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    _, out, _ = _dry_run(capsys, "--accelerator", "v4-8", "--workdir", "gs://b/r")
+    assert f"jax[tpu]=={launch_tpu.TESTED_JAX} (TESTED_JAX in tools/launch_tpu.py; no jax installed here)" in out
 
 
 def test_local_workdir_is_fine_on_one_host_or_when_allowed(capsys):

@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import logging
+import re
 import struct
 import zlib
 
@@ -350,3 +351,109 @@ def test_eval_skips_and_reports_undecodable_images(damaged_shards, tiny, tmp_pat
     assert "skipped 1 image(s)" in caplog.text and "2.jpg" in caplog.text
     results = json.loads((tmp_path / "out" / "results.json").read_text())["tasks"]
     assert results["my_set"]["images"] == 5
+
+
+def test_an_empty_image_array_is_refused_by_position(tiny):
+    """A 0x0 array would divide by its zero side when resized: a ValueError naming the image, not ZeroDivisionError."""
+    good = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(InputError, match=r"^image 1: a 0x0 image has no pixels$"):
+        bioclip_jax.encode(tiny, images=[good, np.zeros((0, 0, 3), np.uint8)])
+    with pytest.raises(InputError, match="image 0: a 5x0 image has no pixels"):
+        bioclip_jax.encode(tiny, images=[Image.new("RGB", (5, 0))])
+
+
+@pytest.fixture(scope="module")
+def open_clip_folder(tiny, tmp_path_factory):
+    from bioclip_jax.convert.checkpoint import export_open_clip
+
+    return export_open_clip(tiny, tmp_path_factory.mktemp("weights") / "open_clip", write_bin=False)
+
+
+def _damaged_copy(folder, tmp_path, damage):
+    import shutil
+
+    copy = tmp_path / "damaged"
+    shutil.copytree(folder, copy)
+    damage(copy)
+    return copy
+
+
+def _edit_config(edit):
+    def damage(folder):
+        path = folder / "open_clip_config.json"
+        cfg = json.loads(path.read_text())
+        edit(cfg)
+        path.write_text(json.dumps(cfg))
+    return damage
+
+
+def _edit_tensors(edit):
+    from safetensors.numpy import load_file, save_file
+
+    def damage(folder):
+        path = str(folder / "open_clip_model.safetensors")
+        tensors = load_file(path)
+        edit(tensors)
+        save_file(tensors, path)
+    return damage
+
+
+def _truncate(fraction):
+    def damage(folder):
+        path = folder / "open_clip_model.safetensors"
+        path.write_bytes(path.read_bytes()[:int(path.stat().st_size * fraction)])
+    return damage
+
+
+@pytest.mark.parametrize("damage,message", [
+    (_edit_tensors(lambda t: t.update({"visual.proj": np.zeros((3, 3), np.float32)})),
+     r"/damaged: the weights do not match the config: 1 wrong shapes: visual.proj: got \(3, 3\), expected \(64, 64\)$"),
+    (_truncate(0.5), r"open_clip_model.safetensors: not a readable safetensors file"),
+    (_truncate(0), r"open_clip_model.safetensors: not a readable safetensors file"),
+    (_edit_config(lambda c: c["model_cfg"].update(embed_dim="64")),
+     r"/damaged: model config: embed_dim='64': expected a positive integer$"),
+    (_edit_config(lambda c: c["model_cfg"]["vision_cfg"].update(layers=0)),
+     r"/damaged: model config vision_cfg: layers=0: expected a positive integer$"),
+    (_edit_config(lambda c: c["model_cfg"].update(quick_gelu="false")),
+     r"/damaged: model config: quick_gelu='false': expected true or false$"),
+    (_edit_config(lambda c: c.update(model_cfg=[1])),
+     r"/damaged: model config: expected an object of fields, got list"),
+    (_edit_config(lambda c: c["preprocess_cfg"].update(mean="x")),
+     r"/damaged: preprocess_cfg: mean='x': expected three numbers, one per RGB channel$"),
+    (_edit_config(lambda c: c["preprocess_cfg"].update(std=[0.2, 0.0, 0.2])),
+     r"std=\[0.2, 0.0, 0.2\]: expected three positive"),
+], ids=["mis-shaped tensor", "truncated safetensors", "empty safetensors", "string for a number", "zero layers",
+        "string for a flag", "list for the config", "string for the mean", "zero std"])
+def test_a_damaged_model_folder_is_one_line_naming_file_and_key(open_clip_folder, tmp_path, capsys, damage, message):
+    from bioclip_jax import cli
+
+    folder = _damaged_copy(open_clip_folder, tmp_path, damage)
+    assert cli.main(["convert", str(folder), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert re.search(message, err.strip()), err
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["embed", "--model", "bioclip2", "{image}"], r"bioclip2: no such file or folder, and not a model name \(bioclip, "
+                                                    r"bioclip-2 or hf-hub:ORG/NAME\); did you mean 'bioclip-2'\?$"),
+    (["convert", "{folder}", "{image}"], r"ok.png: a file is in the way; expected a folder"),
+    (["make-txt-emb", "{taxa}", "--model", "{folder}", "--out", "{image}"], r"ok.png: a file is in the way"),
+], ids=["mistyped model name", "convert onto a file", "make-txt-emb onto a file"])
+def test_wrong_paths_are_one_line(open_clip_folder, tmp_path, capsys, monkeypatch, argv, message):
+    from bioclip_jax import cli
+
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    (tmp_path / "taxa.csv").write_text("kingdom,phylum,class,order,family,genus,species,common_name\n"
+                                       "Animalia,Chordata,Aves,Passeriformes,Corvidae,Pica,hudsonia,magpie\n")
+    names = dict(image=str(tmp_path / "ok.png"), folder=str(open_clip_folder), taxa=str(tmp_path / "taxa.csv"))
+    assert cli.main([a.format(**names) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(message, err.strip()), err
+
+
+def test_grayscale_and_one_pixel_images_are_embedded(tiny):
+    features = bioclip_jax.encode(tiny, images=[np.zeros((1, 1), np.uint8), np.full((20, 30), 128, np.uint8)])
+    assert features.shape == (2, tiny.config.embed_dim) and np.isfinite(features).all()

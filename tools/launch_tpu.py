@@ -3,18 +3,20 @@
 (with --watch) keep it alive through spot preemptions.
 
     python tools/launch_tpu.py --name bioclip --zone us-central2-b --accelerator v4-32 --spot \\
-        --workdir gs://my-bucket/runs/bioclip --watch -- --config configs/bioclip_vitb16.py \\
+        --workdir gs://my-bucket/runs/bioclip --watch -- --config bioclip_vitb16 \\
         --config.data.train=/mnt/tol10m/train
     python tools/launch_tpu.py ... --dry-run -- ...   # print every command (and the worker script), run nothing
 
 Launcher options go before `--`; everything after it is passed verbatim to `bioclip-jax train` on every worker
 (a launcher option found after `--` is an error). What happens, in order:
-  1. build a wheel of this checkout (what you have checked out is what runs; configs/ travels beside it);
+  1. build a wheel of this checkout (what you have checked out is what runs; the recipes, bioclip_jax/configs/, are
+     inside it: --config bioclip_vitb16 or configs/bioclip_vitb16.py);
   2. a gs:// workdir: `gcloud storage ls gs://BUCKET` must succeed before anything is created;
   3. create the queued resource (spot / best-effort / reserved / on-demand) with the runtime version of the
      accelerator's generation, or reuse it when it exists; wait until it is ACTIVE;
   4. on every worker: a Python >= 3.11 venv made with uv (`pip install --user uv`, or uv's installer when pip is
-     missing; `uv python install` fetches a standalone CPython, the images ship 3.10), `jax[tpu]` in it;
+     missing; `uv python install` fetches a standalone CPython, the images ship 3.10), `jax[tpu]` in it, pinned to
+     the jax installed here (else TESTED_JAX; --jax overrides);
   5. copy the wheel, configs/ and train.sh to ~/bioclip_run on every worker, install the wheel;
   6. `train.sh start` on every worker: `bioclip-jax train --distributed --workdir WORKDIR ARGS` under setsid+nohup,
      so the ssh session can end. Logs: WORKDIR/logs/worker-<i>.log. For a gs:// workdir each worker writes
@@ -35,6 +37,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import importlib.metadata
+import os
 import re
 import shlex
 import shutil
@@ -58,6 +62,10 @@ RUNTIME_VERSIONS = {"v4": "tpu-ubuntu2204-base", "v5e": "v2-alpha-tpuv5-lite", "
 ACTIVE = "ACTIVE"
 RECREATE_STATES = {"SUSPENDED", "FAILED"}  # spot preemption leaves the queued resource SUSPENDED
 STATUS_PREFIX = "bioclip-status:"
+RECIPES = REPO / "bioclip_jax" / "configs"  # inside the wheel; configs/ at the top is a link to it
+# The workers get the jax this checkout runs: the one installed here, else this (the version the suite last passed
+# with). An unpinned jax[tpu] would install whatever is newest on the day the slice is created.
+TESTED_JAX = "0.10.2"
 MAX_FAILED_PASSES = 3  # --watch: consecutive passes with a failed gcloud step before giving up
 
 
@@ -124,7 +132,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-local-workdir", action="store_true",
                    help="accept a non-gs:// workdir on a multi-worker slice (a disk mounted on every worker)")
     p.add_argument("--python", default="3.11", help="Python of the workers' venv (>= 3.11)")
-    p.add_argument("--jax", default="jax[tpu]", help="pip requirement installed before the package")
+    p.add_argument("--jax", help="pip requirement installed before the package (default: jax[tpu]==the jax installed "
+                                 f"here, else {TESTED_JAX})")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment of the training process (repeatable), e.g. LIBTPU_INIT_ARGS=...")
     p.add_argument("--log-sync-seconds", type=int, default=300, help="gs:// workdir: copy the logs this often")
@@ -144,7 +153,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     (it would otherwise reach training while the real gcloud commands run)."""
     parser = make_parser()
     if "--" not in argv:
-        raise UsageError("pass the training arguments after --, e.g. -- --config configs/bioclip_vitb16.py")
+        raise UsageError("pass the training arguments after --, e.g. -- --config bioclip_vitb16")
     split = argv.index("--")
     own, train_args = argv[:split], argv[split + 1:]
     launcher_options = set(parser._option_string_actions)
@@ -154,7 +163,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                              "(everything after -- goes to bioclip-jax train)")
     args = parser.parse_args(own)
     if not any(a == "--config" or a.startswith("--config=") for a in train_args):
-        raise UsageError("pass the training arguments after --, e.g. -- --config configs/bioclip_vitb16.py")
+        raise UsageError("pass the training arguments after --, e.g. -- --config bioclip_vitb16")
     if not re.fullmatch(r"3\.(\d+)", args.python) or int(args.python.split(".")[1]) < 11:
         raise UsageError(f"--python {args.python!r}: expected 3.11 or newer (jax >= 0.10 has no older wheels)")
     for item in args.env:
@@ -171,24 +180,37 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                          f"{args.slice.hosts} workers that must all see the same run directory; use gs://BUCKET/PATH,"
                          " or --allow-local-workdir for a disk mounted at that path on every worker")
     check_config_path(train_args)
+    args.jax, args.jax_source = jax_requirement(args.jax)
     return args, train_args
 
 
 def check_config_path(train_args: list[str]) -> None:
-    """configs/ travels to the workers (training runs in ~/bioclip_run): a config there must exist here; any other
-    path must exist on every worker (said, not checked)."""
+    """A recipe (`bioclip_vitb16`, `configs/bioclip_vitb16.py`: configs/ is bioclip_jax/configs, inside the wheel)
+    must exist here; any other path must exist on every worker (said, not checked)."""
     for i, arg in enumerate(train_args):
         path = arg.split("=", 1)[1] if arg.startswith("--config=") else \
             train_args[i + 1] if arg == "--config" and i + 1 < len(train_args) else None
         if path is None:
             continue
-        if Path(path).parts[:1] == ("configs",):
-            if not (REPO / path).is_file():
-                raise UsageError(f"--config {path}: no such file in {REPO / 'configs'} (the folder copied to the "
-                                 "workers)")
+        folder, name = os.path.split(path)
+        if folder in ("", "configs"):
+            if not (RECIPES / f"{name.removesuffix('.py')}.py").is_file():
+                recipes = ", ".join(sorted(p.stem for p in RECIPES.glob("*.py") if p.stem != "__init__"))
+                raise UsageError(f"--config {path}: no such recipe (recipes: {recipes}); a config of your own goes in "
+                                 "configs/ (it travels in the wheel) or at a path every worker sees")
         else:
-            print(f"launch_tpu.py: note: --config {path} is not under configs/ (the folder copied to the workers): "
+            print(f"launch_tpu.py: note: --config {path} is not a recipe (bioclip_jax/configs/, inside the wheel): "
                   "it must exist at that path on every worker", file=sys.stderr)
+
+
+def jax_requirement(given: str | None) -> tuple[str, str]:
+    """(the jax requirement for the workers, where it came from)."""
+    if given:
+        return given, "--jax"
+    try:
+        return f"jax[tpu]=={importlib.metadata.version('jax')}", "the jax installed here"
+    except importlib.metadata.PackageNotFoundError:
+        return f"jax[tpu]=={TESTED_JAX}", "TESTED_JAX in tools/launch_tpu.py; no jax installed here"
 
 
 def is_gcs(path: str) -> bool:
@@ -397,7 +419,8 @@ def log_location(args) -> str:
 def format_plan(args, train_args: list[str]) -> str:
     s = args.slice
     lines = [f"# {s.accelerator}: {s.chips} chips on {s.hosts} workers ({s.generation}), runtime version "
-             f"{args.runtime_version}, Python {args.python} venv; workdir {args.workdir}"]
+             f"{args.runtime_version}, Python {args.python} venv; workdir {args.workdir}",
+             f"# jax on the workers: {args.jax} ({args.jax_source})"]
     for i, step in enumerate(plan(args, train_args), 1):
         lines += [f"# {i}. {step.what}", shlex.join(step.command)]
     lines += [f"# train.sh (copied to {REMOTE_RUN} on every worker):", worker_script(args, train_args)]

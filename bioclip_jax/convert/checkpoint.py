@@ -8,6 +8,7 @@ The exporters take anything with `config`, `params` and `preprocess` (a `bioclip
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import types
 from typing import Any
@@ -44,6 +45,11 @@ def read(path: str | os.PathLike) -> files.Checkpoint:
     if repo_id is not None:
         return dataclasses.replace(files.read_checkpoint(hub.download_model(repo_id)),
                                    source=f"{hub.HUB_PREFIX}{repo_id}")
+    if not paths.is_url(path) and not os.path.exists(path):  # a mistyped model name reads as a missing path
+        close = difflib.get_close_matches(os.fspath(path), list(hub.ALIASES), n=1)
+        raise FileNotFoundError(f"{os.path.abspath(path)}: no such file or folder, and not a model name "
+                                f"({', '.join(hub.ALIASES)} or {hub.HUB_PREFIX}ORG/NAME)"
+                                + (f"; did you mean {close[0]!r}?" if close else ""))
     try:
         if run_file.is_training_run(path):
             return run_file.read_training_run(path)
@@ -57,12 +63,19 @@ def resolve(ckpt: files.Checkpoint, model: str | None = None) -> Resolved:
 
     `model` names the architecture when the weights carry no config: GELU and QuickGELU models have identical
     tensors, so it cannot be guessed. A source's own config must agree with `model` if both are given."""
-    config = _resolve_config(ckpt, model)
+    try:  # the config's errors name a key; the source names the file it came from
+        config = _resolve_config(ckpt, model)
+        Preprocess.from_open_clip(ckpt.preprocess_cfg, config.vision.image_size)  # checked before any image
+    except InputError as e:
+        raise InputError(e if str(e).startswith(ckpt.source) else f"{ckpt.source}: {e}") from None
     if ckpt.params is not None:
         _check_params(ckpt.params, config, ckpt.source)
         params = ckpt.params
     else:
-        params = sd.from_open_clip(ckpt.state_dict, config)
+        try:
+            params = sd.from_open_clip(ckpt.state_dict, config)
+        except sd.StateDictMismatch as e:
+            raise sd.StateDictMismatch(f"{ckpt.source}: {e}") from None
     return Resolved(config, params, ckpt.preprocess_cfg, ckpt.source)
 
 
@@ -86,11 +99,12 @@ def _resolve_config(ckpt: files.Checkpoint, model: str | None) -> CLIPConfig:
 def _check_params(params: dict, config: CLIPConfig, source: str) -> None:
     expected = sd.param_shapes(config)
     got = {p: tuple(np.shape(v)) for p, v in traverse_util.flatten_dict(params).items()}
-    problems = [f"missing {'/'.join(p)} {s}" for p, s in expected.items() if p not in got]
-    problems += [f"unexpected {'/'.join(p)}" for p in got if p not in expected]
-    problems += [f"{'/'.join(p)}: got {got[p]}, expected {s}" for p, s in expected.items() if p in got and got[p] != s]
-    if problems:
-        raise sd.StateDictMismatch(f"{source}: params do not match the config:\n  " + "\n  ".join(problems[:30]))
+    problems = {"missing keys": [f"{'/'.join(p)} {s}" for p, s in expected.items() if p not in got],
+                "unexpected keys": ['/'.join(p) for p in got if p not in expected],
+                "wrong shapes": [f"{'/'.join(p)}: got {got[p]}, expected {s}" for p, s in expected.items()
+                                 if p in got and got[p] != s]}
+    if any(problems.values()):
+        raise sd.StateDictMismatch.listing(f"{source}: params do not match the config", problems)
 
 
 def host_params(params) -> dict:
@@ -130,6 +144,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, model: st
     transformers) -> bioclip_jax folder, bioclip_jax -> open_clip folder. Returns (the format written, the folder)."""
     if to is not None and to not in FORMATS:
         raise InputError(f"to={to!r}: expected one of {', '.join(FORMATS)}")
+    paths.check_reachable(dst)  # before reading the source: a missing bucket is named in seconds, not after it
     ckpt = read(src)
     resolved = resolve(ckpt, model=model)
     weights = types.SimpleNamespace(  # what the exporters read of a Model

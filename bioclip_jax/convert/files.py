@@ -177,7 +177,7 @@ def write_open_clip_folder(folder: str | os.PathLike, state_dict: dict[str, np.n
                            preprocess_cfg: dict[str, Any], write_bin: bool = True) -> epath.Path:
     """Writes an open_clip / HF-hub model folder. The .bin needs torch; without it only safetensors is written."""
     folder = paths.resolve(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    paths.make_dirs(folder)
     write_json(folder / OPEN_CLIP_CONFIG, {"model_cfg": config.to_open_clip(), "preprocess_cfg": preprocess_cfg})
     paths.write_atomic(folder / OPEN_CLIP_SAFETENSORS, save_safetensors(state_dict))
     if write_bin:
@@ -192,7 +192,7 @@ def write_open_clip_folder(folder: str | os.PathLike, state_dict: dict[str, np.n
 def write_native_folder(folder: str | os.PathLike, params: dict, config: CLIPConfig,
                         preprocess_cfg: dict[str, Any]) -> epath.Path:
     folder = paths.resolve(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    paths.make_dirs(folder)
     flat = {k: np.asarray(v, order="C") for k, v in traverse_util.flatten_dict(params, sep="/").items()}
     paths.write_atomic(folder / NATIVE_PARAMS, save_safetensors(flat))
     write_json(folder / NATIVE_CONFIG, {"format": "bioclip_jax", "format_version": FORMAT_VERSION,

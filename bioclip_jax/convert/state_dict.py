@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from bioclip_jax.errors import InputError
 from bioclip_jax.models.clip import init_params
 from bioclip_jax.models.config import CLIPConfig
 from bioclip_jax.models.scan import stack_layers, unstack_layers
@@ -26,8 +27,16 @@ _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 _OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
-class StateDictMismatch(ValueError):
-    """The weights do not fit the architecture: lists missing, unexpected and mis-shaped keys."""
+class StateDictMismatch(InputError):
+    """The weights do not fit the architecture: names the missing, unexpected and mis-shaped keys, in one line."""
+
+    @classmethod
+    def listing(cls, what: str, groups: Mapping[str, list[str]], hint: str = "") -> StateDictMismatch:
+        """"WHAT: N missing keys: a, b; N wrong shapes: ...", each group cut to its first few keys."""
+        parts = [f"{len(items)} {title}: {', '.join(items[:5])}" + (f" and {len(items) - 5} more" if len(items) > 5
+                                                                     else "")
+                 for title, items in groups.items() if items]
+        return cls(f"{what}: " + "; ".join(parts) + (f"; {hint}" if hint else ""))
 
 
 def torch_key(path: tuple[str, ...], custom_text: bool = False) -> str:
@@ -133,17 +142,11 @@ def check_state_dict(state_dict: Mapping[str, np.ndarray], expected: Mapping[str
                 wrong.append(f"{key}: got {got}, expected {want}")
     if not (missing or unexpected or wrong):
         return
-    what = f"model {model_name!r}" if model_name else "the model config"
-    lines = [f"the weights do not match {what}:"]
-    for title, items in (("missing keys", [f"{k} (expected shape {expected[k]})" for k in missing]),
-                         ("unexpected keys", unexpected), ("wrong shapes", wrong)):
-        if items:
-            shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
-            lines.append(f"  {len(items)} {title}:\n    " + "\n    ".join(shown))
+    what = f"the weights do not match model {model_name!r}" if model_name else "the weights do not match the config"
     fits = fitting_architectures(state_dict)
-    if fits:
-        lines.append(f"  these weights fit: {', '.join(fits)}")
-    raise StateDictMismatch("\n".join(lines))
+    raise StateDictMismatch.listing(what, {"missing keys": [f"{k} (expected shape {expected[k]})" for k in missing],
+                                           "unexpected keys": unexpected, "wrong shapes": wrong},
+                                    hint=f"these weights fit: {', '.join(fits)}" if fits else "")
 
 
 def fitting_architectures(state_dict: Mapping[str, np.ndarray]) -> list[str]:

@@ -272,7 +272,7 @@ def write_transformers_folder(folder: str | os.PathLike, state_dict: Mapping[str
     if config.text.vocab_size != 49408:
         raise InputError(f"text vocab_size {config.text.vocab_size}: the tokenizer files need CLIP's 49408 tokens")
     folder = paths.resolve(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    paths.make_dirs(folder)
     tensors = {k: np.asarray(v, order="C") for k, v in to_transformers_state_dict(state_dict).items()}
     # transformers refuses safetensors files without the format tag torch writes.
     paths.write_atomic(folder / WEIGHTS[0], save_safetensors(tensors, metadata={"format": "pt"}))

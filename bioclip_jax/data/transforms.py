@@ -51,10 +51,14 @@ class Preprocess:
 
     @classmethod
     def from_open_clip(cls, cfg: dict[str, Any] | None, size: int) -> "Preprocess":
+        if cfg is not None and not isinstance(cfg, dict):
+            raise InputError(f"preprocess_cfg: expected an object of fields, got {type(cfg).__name__}")
         cfg = dict(cfg or {})
         cfg_size = cfg.get("size", size)
-        cfg_size = cfg_size[0] if isinstance(cfg_size, (list, tuple)) else cfg_size
-        return cls(size=int(cfg_size), mean=tuple(cfg.get("mean", OPENAI_MEAN)), std=tuple(cfg.get("std", OPENAI_STD)),
+        cfg_size = cfg_size[0] if isinstance(cfg_size, (list, tuple)) and cfg_size else cfg_size
+        if not isinstance(cfg_size, int) or isinstance(cfg_size, bool) or cfg_size <= 0:
+            raise InputError(f"preprocess_cfg: size={cfg.get('size')!r}: expected a positive integer")
+        return cls(size=cfg_size, mean=_channels(cfg, "mean", OPENAI_MEAN), std=_channels(cfg, "std", OPENAI_STD),
                    interpolation=cfg.get("interpolation", "bicubic"), resize_mode=cfg.get("resize_mode", "shortest"))
 
     def to_open_clip(self) -> dict[str, Any]:
@@ -69,6 +73,8 @@ class Preprocess:
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         """PIL image -> float32 [size, size, 3], normalised."""
+        if 0 in image.size:  # resizing would divide by its zero side
+            raise InputError(f"a {image.size[0]}x{image.size[1]} image has no pixels")
         image = to_8bit(image)  # a no-op for 8-bit images; a 16-bit or float one would otherwise become white
         resample = _INTERPOLATIONS[self.interpolation]
         if self.resize_mode == "pybioclip":
@@ -84,6 +90,18 @@ class Preprocess:
             image = image.convert("RGB")
         pixels = np.asarray(image, dtype=np.float32) / np.float32(255)
         return (pixels - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+
+
+def _channels(cfg: dict, key: str, default: tuple[float, ...]) -> tuple[float, ...]:
+    """preprocess_cfg's mean or std: three numbers (a std of zero would divide by it)."""
+    value = cfg.get(key, default)
+    ok = (isinstance(value, (list, tuple)) and len(value) == 3
+          and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+          and (key != "std" or all(v > 0 for v in value)))
+    if not ok:
+        raise InputError(f"preprocess_cfg: {key}={value!r}: expected three {'positive ' if key == 'std' else ''}"
+                         "numbers, one per RGB channel")
+    return tuple(float(v) for v in value)
 
 
 def resize_shortest(image: Image.Image, size: int, resample) -> Image.Image:

@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from bioclip_jax import paths
 from bioclip_jax.data.eval_sets import TASK_FOLDERS, EvalRow, FolderEvalSource, find_task_csv, first_appearance
 from bioclip_jax.data.taxonomy import EVAL_TEXT_TYPES
 from bioclip_jax.errors import InputError
@@ -148,14 +149,16 @@ def evaluate_task(model: Model, source, text_type: str = "taxon_com", templates:
 
 def run_benchmark(model: Model, sources: dict, out_dir: str | os.PathLike, model_name: str = "this model",
                   **kwargs) -> dict:
-    """Evaluates every task in `sources` and writes results.{json,csv,md} to `out_dir`."""
+    """Evaluates every task in `sources` and writes results.{json,csv,md} to the local folder `out_dir`."""
+    if paths.is_url(out_dir):  # pathlib would make a local `gs:` folder of it after the whole evaluation
+        raise InputError(f"{out_dir}: the results folder must be a local path")
     if not sources:
         raise FileNotFoundError("no evaluation task found: expected folders such as PLK_Mini/metadata.csv, "
                                 "kaggle_bird/metadata.csv, rare_species/metadata.csv or rare-species/metadata/"
                                 "rarespecies-catalog.csv, or TFDS builds (bioclip_jax.data.tfds_eval.build)")
     results = {task: evaluate_task(model, source, name=task, **kwargs) for task, source in sources.items()}
+    paths.make_dirs(paths.resolve(out_dir))
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     table = results_table(results, model_name)
     (out_dir / "results.json").write_text(json.dumps(
         {"model": model_name, "tasks": results,

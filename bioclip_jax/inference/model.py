@@ -201,18 +201,23 @@ def iter_image_features(model: Model, images: Sequence[ImageInput], batch_size: 
 
     failures: None raises on the first bad image; a dict collects {position: why} and the batch goes on without it.
     callback(processed, total), as pybioclip's, replaces the progress bar."""
-    def prepare(src):
-        return preprocess(load_image(src))
+    def prepare(j):
+        try:
+            return preprocess(load_image(images[j]))
+        except InputError as e:  # a file's errors name it; an array or PIL image is named by its position
+            if isinstance(images[j], (str, os.PathLike)):
+                raise
+            raise InputError(f"image {j}: {e}") from None
 
     total = len(images)
     chunks = [range(i, min(i + batch_size, total)) for i in range(0, total, batch_size)]
     # PIL decodes and resizes outside the GIL; only two batches of pixels are held at a time.
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool, \
             tqdm(total=total, desc=desc, unit="images", disable=not progress or callback is not None) as bar:
-        pending = [pool.submit(prepare, images[j]) for j in chunks[0]] if chunks else []
+        pending = [pool.submit(prepare, j) for j in chunks[0]] if chunks else []
         for i, chunk in enumerate(chunks):
             current = pending
-            pending = [pool.submit(prepare, images[j]) for j in chunks[i + 1]] if i + 1 < len(chunks) else []
+            pending = [pool.submit(prepare, j) for j in chunks[i + 1]] if i + 1 < len(chunks) else []
             positions, pixels = [], []
             for j, future in zip(chunk, current):
                 try:

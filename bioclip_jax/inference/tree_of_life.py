@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from bioclip_jax import paths
 from bioclip_jax.data.taxonomy import RANKS, Taxon
 from bioclip_jax.errors import InputError
 from bioclip_jax.convert.hub import resolve_txt_emb
@@ -39,7 +40,7 @@ COLUMNS = ("kingdom", "phylum", "class", "order", "family", "genus")
 def save_txt_emb(folder: str | os.PathLike, embeddings: np.ndarray, taxa: Sequence[Taxon]) -> Path:
     """embeddings [N, D] (one row per taxon) -> the two pybioclip files in `folder`."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    paths.make_dirs(folder)
     np.save(folder / EMBEDDINGS_FILE, np.ascontiguousarray(np.asarray(embeddings, np.float32).T))
     names = [[list(t.ranks), t.common_name] for t in taxa]
     (folder / NAMES_FILE).write_text(json.dumps(names))
@@ -82,6 +83,7 @@ def load_txt_emb(folder: str | os.PathLike) -> tuple[np.ndarray, list[Taxon]]:
 def make_txt_emb(model: Model, taxa: Sequence[Taxon], folder: str | os.PathLike, text_type: str = "taxon_com",
                  templates: Sequence[str] = OPENAI_IMAGENET_TEMPLATES, chunk: int = 256) -> Path:
     """Embeds every taxon (its `text_type` name in every template, averaged) and writes pybioclip's files."""
+    paths.make_dirs(Path(folder))  # before the embedding, which takes minutes for the whole tree of life
     names = class_texts(list(taxa), text_type)
     rows = []
     for start in tqdm(range(0, len(names), chunk), desc="species text embeddings", unit="chunk"):

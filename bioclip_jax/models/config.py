@@ -89,6 +89,8 @@ class CLIPConfig:
     def from_open_clip(cls, model_cfg: dict[str, Any], name: str = "") -> "CLIPConfig":
         """Builds a config from an open_clip `model_cfg` dict, rejecting fields we do not reproduce."""
         where = f"model config {name!r}" if name else "model config"
+        if not isinstance(model_cfg, dict):
+            raise InputError(f"{where}: expected an object of fields, got {type(model_cfg).__name__}")
         unknown = set(model_cfg) - _TOP_FIELDS
         if unknown:
             raise InputError(f"{where}: unsupported field(s) {sorted(unknown)}; supported: {sorted(_TOP_FIELDS)}")
@@ -105,9 +107,10 @@ class CLIPConfig:
                              f"{vision['head_width']}")
         if text["width"] % text["heads"]:
             raise InputError(f"{where}: text width {text['width']} is not a multiple of heads {text['heads']}")
-        return cls(embed_dim=int(model_cfg["embed_dim"]), quick_gelu=bool(model_cfg.get("quick_gelu", False)),
+        return cls(embed_dim=_number(model_cfg.get("embed_dim"), int, where, "embed_dim"),
+                   quick_gelu=_flag(model_cfg.get("quick_gelu", False), where, "quick_gelu"),
                    vision=VisionConfig(**vision), text=TextConfig(**text),
-                   custom_text=bool(model_cfg.get("custom_text", False)), name=name)
+                   custom_text=_flag(model_cfg.get("custom_text", False), where, "custom_text"), name=name)
 
     def to_open_clip(self) -> dict[str, Any]:
         """The `model_cfg` dict open_clip reads (only the fields that differ from nothing: all of ours, explicitly)."""
@@ -131,11 +134,27 @@ class CLIPConfig:
         return cfg
 
 
+def _number(value, kind: type, where: str, key: str) -> int | float:
+    """A positive int (or, for float fields, any positive number): JSON's numbers, not strings or booleans."""
+    ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool) and value > 0
+    if not ok:
+        raise InputError(f"{where}: {key}={value!r}: expected a positive {'number' if kind is float else 'integer'}")
+    return kind(value)
+
+
+def _flag(value, where: str, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise InputError(f"{where}: {key}={value!r}: expected true or false")
+    return value
+
+
 def _parse_tower(cfg: dict[str, Any], defaults: dict, neutral: dict, ignored: set, where: str) -> dict:
+    if not isinstance(cfg, dict):
+        raise InputError(f"{where}: expected an object of fields, got {type(cfg).__name__}")
     out = dict(defaults)
     for key, value in cfg.items():
         if key in defaults:
-            out[key] = type(defaults[key])(value)
+            out[key] = _number(value, type(defaults[key]), where, key)
         elif key in neutral:
             if value != neutral[key] and not (neutral[key] is None and value in ({}, None)):
                 raise InputError(f"{where}: {key}={value!r} is not supported (only {neutral[key]!r})")

@@ -35,7 +35,9 @@ _EXPORTS = {
     "list_models": "bioclip_jax.models.config",
     "tokenize": "bioclip_jax.tokenizer",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = ["CustomLabelsBinningClassifier", "CustomLabelsClassifier", "Model", "Preprocess", "Rank",
+           "TreeOfLifeClassifier", "convert_checkpoint", "create_model", "encode", "export_open_clip",
+           "get_model_config", "list_models", "load", "save_model", "tokenize"]
 
 if TYPE_CHECKING:  # what editors and type checkers see; at run time __getattr__ imports on first use
     from bioclip_jax.convert.checkpoint import convert_checkpoint, export_open_clip, save_model

@@ -137,6 +137,7 @@ def run(args) -> int:
     # (B/16 on v5e:2x2 compiled in 104 s with it, 82 s without: tools/bench_plan.py, docs/tpu.md).
     if args.command != "plan":
         runtime.tune_for_cpu()
+    runtime.quiet_libtpu()
     try:
         return args.func(args)
     except USER_ERRORS as e:  # bad input: one clear line; anything else is a bug and keeps its traceback

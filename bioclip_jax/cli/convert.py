@@ -8,8 +8,8 @@ def add_parser(subparsers) -> None:
         "convert", help="open_clip <-> bioclip_jax weights (direction from SRC's format), or to transformers",
         description="SRC in open_clip format (folder with open_clip_config.json, .safetensors, .bin/.pt), a "
                     "transformers CLIP folder or a hub name (hf-hub:ORG/NAME, bioclip, bioclip-2) becomes a "
-                    "bioclip_jax model folder; a bioclip_jax folder becomes an open_clip folder (open_clip_config.json, "
-                    ".safetensors, .bin). --to picks the format instead.")
+                    "bioclip_jax model folder; a bioclip_jax folder becomes an open_clip folder "
+                    "(open_clip_config.json, .safetensors, .bin). --to picks the format instead.")
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--to", choices=["bioclip_jax", "open_clip", "transformers"],

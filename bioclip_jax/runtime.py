@@ -66,3 +66,16 @@ def tune_for_cpu() -> bool:
     """keep_freed_host_memory() when this process can only run JAX on the CPU (on GPU and TPU hosts, one arena shared
     by the input pipeline's threads could cost more than it saves, and step temporaries live on the device)."""
     return cpu_only() and keep_freed_host_memory()
+
+
+def quiet_libtpu() -> None:
+    """Off a TPU VM, libtpu (loaded to compile for TPU slices: `bioclip-jax plan`) asks for this host's own worker
+    hostnames and host bounds; with no metadata server to answer, it prints an `E0000 ... INVALID_ARGUMENT: unexpected
+    worker hostname` error and a "Source Location Trace" on standard error (JAX's TPU_SKIP_MDS_QUERY=1 does not stop
+    it). Naming a one-host slice answers it. The topology compiled for is unchanged (get_topology_desc gives the same
+    devices and hosts for v4, v5e, v5p, v6e slices, and plan the same report). On a TPU VM, or with JAX_FORCE_TPU_INIT,
+    JAX and the metadata server own these variables: nothing is set there."""
+    if importlib.util.find_spec("libtpu") is None or "JAX_FORCE_TPU_INIT" in os.environ or has_tpu_chips():
+        return
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_HOST_BOUNDS", "1,1,1")

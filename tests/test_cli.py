@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file, save_file
 
 from bioclip_jax.cli import main
@@ -34,6 +35,40 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, tiny_open_clip, capsys):
     assert "bioclip-jax convert: error:" in err and "model='ViT-B-16-quickgelu'" in err and "Traceback" not in err
     assert main(["convert", str(tmp_path / "w.safetensors"), str(tmp_path / "out"), "--model", "ViT-B-61"]) == 2
     assert "unknown model 'ViT-B-61'" in capsys.readouterr().err
+
+
+# Run in a fresh interpreter: what parsing imports, with nothing imported before it.
+_PARSE_ONLY = """
+import contextlib, io, sys
+import bioclip_jax
+from bioclip_jax.cli import main
+for argv in (["--help"], ["--version"], ["predict", "--help"], ["make-shards", "synthetic", "--help"], ["--bogus"],
+             ["embed"]):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            main(argv)
+        except SystemExit:
+            pass
+heavy = ("jax", "jaxlib", "flax", "torch", "numpy", "transformers", "ml_collections", "grain", "orbax", "PIL")
+print(sorted({m.split(".")[0] for m in sys.modules} & set(heavy)))
+print(sorted(dir(bioclip_jax)))
+"""
+
+
+def test_import_and_parsing_start_no_jax():
+    """`import bioclip_jax`, --help, --version and a bad argument import no JAX, torch or numpy (a fast answer); the
+    public names are still listed and load on first use."""
+    done = subprocess.run([sys.executable, "-c", _PARSE_ONLY], capture_output=True, text=True, check=True)
+    imported, listed = done.stdout.strip().splitlines()
+    assert imported == "[]"
+    import bioclip_jax
+
+    assert set(bioclip_jax.__all__) <= set(eval(listed)) and "load" in bioclip_jax.__all__
+    from bioclip_jax.inference.model import load
+
+    assert bioclip_jax.load is load and all(getattr(bioclip_jax, name) for name in bioclip_jax.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'loadd'"):
+        bioclip_jax.loadd
 
 
 def test_list_models(capsys):

@@ -48,9 +48,27 @@ def test_overrides_coerce_literals(override, key, expected):
 @pytest.mark.parametrize("override, message", [
     ("train.lr_max=1", "unknown config key 'train.lr_max'"),
     ("trian.steps=3", "did you mean train"),
-    ("train.steps=many", "config key 'train.steps'"),  # a string for an int key
     ("train.steps", "expected key=value"),
+    ("train.learning_rate=1e-4", r"did you mean train\.lr\?"),  # spelt out: the abbreviation is suggested
+    ("learning_rate=1e-4", r"did you mean train\.lr\?"),  # the last part anywhere in the config
+    ("lr=1e-4", r"did you mean train\.lr\?"),
+    ("trian.steps=3", r"did you mean train, train\.steps\?"),
+    ("train.batch_size=64", r"did you mean train\.global_batch_size, eval\.batch_size\?"),
+    ("train=3", r"config key 'train' is a group \(accum_steps, .*\): override one of its keys"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(InputError, match=message):
         apply_override(base_config(), override)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=abc", "config key 'train.lr' expects a number (now 0.0001), not 'abc'"),
+    ("train.global_batch_size=1.5", "config key 'train.global_batch_size' expects an integer (now 32768), not '1.5'"),
+    ("train.steps=many", "config key 'train.steps' expects an integer (now 30000), not 'many'"),
+    ("train.fsdp=3", "config key 'train.fsdp' expects True or False (now False), not '3'"),
+    ("data.crop_scale=5", "config key 'data.crop_scale' expects a tuple such as (0.9, 1.0) (now (0.9, 1.0)), not '5'"),
+])
+def test_a_value_of_the_wrong_type_is_one_line_naming_key_value_and_type(override, message):
+    with pytest.raises(InputError) as raised:
+        apply_override(base_config(), override)
+    assert str(raised.value) == message  # and nothing of ml_collections' internals ("FieldReference", "casted")

@@ -124,6 +124,7 @@ def test_layers_point_down_without_cycles():
 @pytest.mark.parametrize("planted, expected", [
     ("def f():\n    from bioclip_jax.evaluate import benchmark\n", "'evaluate' is a higher layer than 'convert'"),
     ("from bioclip_jax.train.trainer import train\n", "'train' is a higher layer than 'convert'"),
+    ("def f():\n    from bioclip_jax.cli import common\n", "'cli' is a higher layer than 'convert'"),  # a package
 ])
 def test_a_planted_upward_import_fails(tmp_path, planted, expected):
     copy = tmp_path / "bioclip_jax"

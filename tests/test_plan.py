@@ -135,6 +135,17 @@ def test_bad_input_exits_2():
     assert bad_key.returncode == 2 and "unknown config key 'train.batch'" in bad_key.stderr
 
 
+@needs_libtpu
+def test_libtpu_off_a_tpu_vm_prints_no_errors():
+    """libtpu loaded on a host without TPU chips looks for the VM's worker hostnames; it must not print its
+    INVALID_ARGUMENT error and source trace on every plan (runtime.quiet_libtpu)."""
+    done = run_plan("--config", str(TINY), "--topology", "v5e:2x4", "--config.train.global_batch_size=12")
+    assert done.returncode == 2  # the 8 TPU devices were built (libtpu loaded), then the batch was refused
+    assert "not divisible by the 8 devices" in done.stderr
+    for noise in ("E0000", "INVALID_ARGUMENT", "Source Location Trace", "could not determine TPU"):
+        assert noise not in done.stderr, done.stderr
+
+
 @pytest.mark.parametrize("scan", [False, True])
 def test_cpu_dry_run(scan):
     done = run_plan("--config", str(TINY), "--topology", "cpu:8", "--config.train.global_batch_size=16",

@@ -5,6 +5,7 @@
     python tools/bench.py pipeline [--batch 32] [--iters 20]      # needs `pip install webdataset`
     python tools/bench.py train [--model demo] [--batch 64] [--iters 10] [--dtype bfloat16 --attn cudnn --remat dots]
     python tools/bench.py gpu [--out gpu_bench.md]                # every GPU measurement, one table
+    python tools/bench.py cli [--iters 5]                         # wall time of the CLI's answers that start no JAX
 
 encode: image and text embedding throughput on the same model config, batch, precision and device (open_clip runs
 on CUDA when there is one); weights are random (speed does not depend on them). pipeline: the training input pipeline
@@ -15,7 +16,9 @@ the same model config and batch: bioclip_jax's jitted step against open_clip's m
 torch.optim.AdamW (bfloat16 = bf16 compute against open_clip's AMP bf16). The two sides' calls alternate, and the
 table shows medians and the bioclip_jax / open_clip ratio. gpu: ViT-B-16 bf16 encode and training steps at growing
 batches, with and without remat (open_clip: gradient checkpointing), each side in its own process; prints and
-writes a markdown table with MFU.
+writes a markdown table with MFU. cli: `bioclip-jax --help`, `--version`, `predict --help` and a bad argument, each
+in a fresh process, against a bare `python -c pass`: parsing imports no JAX, so they answer in interpreter start-up
+time plus a few milliseconds.
 """
 
 from __future__ import annotations
@@ -294,9 +297,29 @@ def bench_gpu(iters: int, out: str, model: str = "ViT-B-16") -> str:
     return "\n".join(lines)
 
 
+CLI_COMMANDS = (["--help"], ["--version"], ["predict", "--help"], ["predict", "--bogus", "x.jpg"])
+
+
+def bench_cli(iters: int) -> list[tuple[str, float]]:
+    """Median wall seconds of each CLI command in a fresh `python -m bioclip_jax` process; the first row is Python's
+    own start-up (`python -c pass`) for scale."""
+    import subprocess
+    import sys
+
+    commands = [("python -c pass", [sys.executable, "-c", "pass"])]
+    commands += [(f"bioclip-jax {' '.join(a)}", [sys.executable, "-m", "bioclip_jax", *a]) for a in CLI_COMMANDS]
+    times = {name: [] for name, _ in commands}
+    for _ in range(iters):  # interleaved, so that a shared machine's drifting load hits every command alike
+        for name, argv in commands:
+            start = time.perf_counter()
+            subprocess.run(argv, capture_output=True, check=False)
+            times[name].append(time.perf_counter() - start)
+    return [(name, float(np.median(t))) for name, t in times.items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["encode", "pipeline", "train", "gpu", "gpu-side"])
+    parser.add_argument("mode", choices=["encode", "pipeline", "train", "gpu", "gpu-side", "cli"])
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # gpu-side: one side's runs, as JSON
     parser.add_argument("--model", default="ViT-B-16")
     parser.add_argument("--batch", type=int, default=32)
@@ -310,6 +333,15 @@ def main() -> None:
     parser.add_argument("--default-allocator", action="store_true",
                         help="skip the host-allocator setting bioclip-jax's CLI makes on CPU (bioclip_jax.runtime)")
     args = parser.parse_args()
+    if args.mode == "cli":
+        rows = bench_cli(args.iters)
+        print(f"# cli: median wall time of {args.iters} runs, {platform.processor() or 'cpu'}, {os.cpu_count()} "
+              f"cores, {time.strftime('%Y-%m-%d')}")
+        print(f"| {'command':<36} | {'wall s':>7} | {'over python':>11} |")
+        print(f"|{'-' * 38}|{'-' * 9}|{'-' * 13}|")
+        for name, seconds in rows:
+            print(f"| {name:<36} | {seconds:>7.3f} | {seconds - rows[0][1]:>+11.3f} |")
+        return
 
     if not args.default_allocator:
         from bioclip_jax.runtime import tune_for_cpu

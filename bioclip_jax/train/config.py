@@ -54,10 +54,8 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
     for i, part in enumerate(parts):
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:
             where = ".".join(parts[:i]) or "config"
-            options = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-            close = difflib.get_close_matches(part, options, n=3, cutoff=0.5)
-            close += [o for o in options if (o in part or part in o) and o not in close]
-            hint = f"; did you mean {', '.join('.'.join(parts[:i] + [c]) for c in close)}?" if close else ""
+            close = _suggestions(config, parts, i)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise InputError(f"unknown config key {key!r} ({part!r} is not in {where}){hint}")
         if i < len(parts) - 1:
             node = node[part]
@@ -66,14 +64,60 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
     except (ValueError, SyntaxError):
         value = raw
     old = node[parts[-1]]
+    if isinstance(old, ml_collections.ConfigDict):
+        raise InputError(f"config key {key!r} is a group ({', '.join(old.keys())}): override one of its keys, "
+                         f"e.g. --config.{key}.{next(iter(old.keys()))}=VALUE")
     if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if isinstance(old, tuple) and isinstance(value, list):
         value = tuple(value)
     try:
         node[parts[-1]] = value
-    except TypeError as e:
-        raise InputError(f"config key {key!r}: {e}") from None
+    except TypeError:  # ml_collections keeps a field's type; its message names its own internals
+        expected = _TYPE_NAMES.get(type(old), f"a {type(old).__name__}")
+        raise InputError(f"config key {key!r} expects {expected} (now {old!r}), not {raw!r}") from None
+
+
+_TYPE_NAMES = {bool: "True or False", int: "an integer", float: "a number", str: "a string",
+               tuple: "a tuple such as (0.9, 1.0)"}
+
+
+def _initials(name: str) -> str:
+    """learning_rate -> lr: the abbreviation configs use (train.lr); empty for a one-word name."""
+    words = [w for w in name.split("_") if w]
+    return "".join(w[0] for w in words) if len(words) > 1 else ""
+
+
+def _close(name: str, options, cutoff: float, substrings: bool) -> list[str]:
+    close = difflib.get_close_matches(name, options, n=3, cutoff=cutoff)
+    return close + [o for o in options if o not in close and (
+        name in (_initials(o), o) or o == _initials(name) or substrings and (o in name or name in o))]
+
+
+def _suggestions(config: ml_collections.ConfigDict, parts: list[str], i: int) -> list[str]:
+    """Keys close to the one asked for: siblings of the unknown part (train.learning_rate -> train.lr), then keys
+    anywhere whose last part is close to the asked key's last part (lr -> train.lr, trian.steps -> train.steps)."""
+    node = config
+    for part in parts[:i]:
+        node = node[part]
+    options = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+    found = [".".join(parts[:i] + [c]) for c in _close(parts[i], options, 0.5, substrings=True)]
+    leaves = _leaf_keys(config)
+    lasts = sorted({k.rsplit(".", 1)[-1] for k in leaves})
+    for last in _close(parts[-1], lasts, 0.8, substrings=False):
+        found += [k for k in leaves if k.rsplit(".", 1)[-1] == last and k not in found]
+    return found[:5]
+
+
+def _leaf_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    keys = []
+    for name, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            keys += _leaf_keys(value, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
 
 def base_config() -> ml_collections.ConfigDict:
     """Defaults shared by every config file: each starts from these and changes what it needs."""

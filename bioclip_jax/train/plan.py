@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from bioclip_jax import hardware
+from bioclip_jax import hardware, runtime
 from bioclip_jax.convert.files import load_model_config
 from bioclip_jax.errors import InputError
 from bioclip_jax.models.clip import init_params
@@ -114,6 +114,7 @@ def topology_devices(topology: Topology) -> list:
 
     # libtpu lets one process per host load it unless told otherwise (read when the TPU plugin loads).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    runtime.quiet_libtpu()
     try:
         desc = topologies.get_topology_desc(platform="tpu", topology_name=topology.name,
                                             chip_config_name=topology.chip.chip_config)

@@ -121,8 +121,13 @@ class Checkpoints:
     def __enter__(self) -> "Checkpoints":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - an async save failing again must not hide the error that is leaving
+            if exc_type is None:
+                raise
+            log.debug("closing %s after an error", self.directory, exc_info=True)
 
     def close(self) -> None:
         self.manager.close()

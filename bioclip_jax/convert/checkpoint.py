@@ -20,7 +20,7 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from bioclip_jax import paths
-from bioclip_jax.convert import files, hub, run_file
+from bioclip_jax.convert import files, hub, run_dir
 from bioclip_jax.convert import state_dict as sd
 from bioclip_jax.convert import transformers as hf
 from bioclip_jax.data.transforms import Preprocess
@@ -51,8 +51,8 @@ def read(path: str | os.PathLike) -> files.Checkpoint:
                                 f"({', '.join(hub.ALIASES)} or {hub.HUB_PREFIX}ORG/NAME)"
                                 + (f"; did you mean {close[0]!r}?" if close else ""))
     try:
-        if run_file.is_training_run(path):
-            return run_file.read_training_run(path)
+        if run_dir.is_run(path):
+            return run_dir.read(path)
         return files.read_checkpoint(path)
     except ImportError as e:  # a remote file system whose package is missing (epath's backends are optional)
         raise InputError(f"{path}: {e} ({paths.GCS_HINT})") from None

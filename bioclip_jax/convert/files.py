@@ -7,8 +7,7 @@ open_clip folder (what `open_clip.create_model_and_transforms("local-dir:DIR")` 
 bioclip_jax model folder (flax layout, no torch anywhere):
     bioclip_jax_config.json        {"format": "bioclip_jax", "format_version": 1, "model_cfg": ..., "preprocess_cfg": ...}
     bioclip_jax_params.safetensors keys are flax paths joined by "/"
-bioclip_jax training run (a trainer workdir): bioclip_jax_run.json + checkpoints/<step>/ (Orbax); the newest
-finalized step's params are read.
+bioclip_jax training run (a trainer workdir): read by convert/run_dir.py, which owns that folder's layout.
 Untrusted pickles are never executed: `.bin/.pt` go through `torch.load(weights_only=True)`.
 """
 
@@ -36,7 +35,6 @@ OPEN_CLIP_SAFETENSORS = "open_clip_model.safetensors"
 OPEN_CLIP_BIN = "open_clip_pytorch_model.bin"
 NATIVE_CONFIG = "bioclip_jax_config.json"
 NATIVE_PARAMS = "bioclip_jax_params.safetensors"
-RUN_FILE = "bioclip_jax_run.json"
 FORMAT_VERSION = 1
 TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 

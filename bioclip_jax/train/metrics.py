@@ -8,6 +8,7 @@ import os
 import jax
 
 from bioclip_jax import hardware, paths
+from bioclip_jax.convert import run_dir
 from bioclip_jax.models.config import CLIPConfig
 
 
@@ -48,7 +49,7 @@ def peak_flops_per_device() -> float:
 
 
 class MetricWriter:
-    """Writes scalars to `metrics.jsonl` and TensorBoard event files (tensorboardX, no TensorFlow); process 0 only.
+    """Writes scalars to the run's JSONL file and TensorBoard event files (tensorboardX, no TensorFlow); process 0 only.
 
     Object stores (gs://) cannot append: there the JSONL file is rewritten whole at each write (a few hundred lines
     for a whole run), so it is complete after every log interval as a local file is."""
@@ -59,7 +60,7 @@ class MetricWriter:
             return
         workdir = paths.resolve(workdir)
         paths.make_dirs(workdir)
-        self._path = workdir / "metrics.jsonl"
+        self._path = workdir / run_dir.METRICS
         self._remote = paths.is_url(workdir)
         if self._remote:
             self._lines = self._path.read_text().splitlines(keepends=True) if self._path.exists() else []
@@ -68,7 +69,7 @@ class MetricWriter:
         try:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(workdir / "tensorboard"))  # tensorboardX writes gs:// itself
+            self._tb = SummaryWriter(str(workdir / run_dir.TENSORBOARD))  # tensorboardX writes gs:// itself
         except ImportError:
             self._tb = None
 

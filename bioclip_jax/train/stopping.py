@@ -44,11 +44,11 @@ class StopSignals:
         self.received = "SIGINT"
         os.kill(os.getpid(), signal.SIGTERM)
 
-    def should_stop(self, manager, step: int) -> bool:
+    def should_stop(self, checkpoints, step: int) -> bool:
         """After `step`: stop here? True on every host at the same step."""
         if jax.process_count() == 1:
-            return self.received is not None or manager.reached_preemption(step)
-        if manager.reached_preemption(step):
+            return self.received is not None or checkpoints.reached_preemption(step)
+        if checkpoints.reached_preemption(step):
             self.received = self.received or "SIGTERM"
             return True
         return False

@@ -19,18 +19,19 @@ from etils import epath
 from tqdm.auto import tqdm
 
 from bioclip_jax import paths
-from bioclip_jax.convert import run_file
+from bioclip_jax.convert import run_dir
 from bioclip_jax.convert.checkpoint import host_params
+from bioclip_jax.convert.files import load_model_config
 from bioclip_jax.data import pipeline
 from bioclip_jax.data.taxonomy import text_type_for_step
 from bioclip_jax.data.transforms import NORMALIZATION, Preprocess
 from bioclip_jax.errors import InputError, ResourceError
 from bioclip_jax.inference.model import Model, load
 from bioclip_jax.models.clip import CLIP, init_params
-from bioclip_jax.models.config import CLIPConfig, get_model_config
+from bioclip_jax.models.config import CLIPConfig
 from bioclip_jax.models.loss import clip_loss
 from bioclip_jax.models.scan import stack_layers, unstack_layers
-from bioclip_jax.train import checkpoint, metrics as metrics_lib, sharding
+from bioclip_jax.train import metrics as metrics_lib, sharding
 from bioclip_jax.train import workdir as workdir_lib
 from bioclip_jax.train.device_batch import normalize_images, to_global
 from bioclip_jax.train.optimizer import clamp_logit_scale, make_optimizer, skipped_updates
@@ -194,24 +195,15 @@ def _train(config, workdir, max_steps, progress, evaluate_fn) -> TrainResult:
     t = config.train
 
     # ---- model and mesh
-    if config.require_init and not config.init:
-        raise InputError("this recipe fine-tunes pretrained weights (BioCLIP starts from OpenAI's CLIP): pass "
-                         "--config.init=PATH (weights of config.model), or --config.init=scratch to train from random "
-                         "weights")
-    model_config = get_model_config(config.model)
-    # Evaluation and the exported model use eval.normalization (BioCLIP: OpenAI's), training data.normalization.
-    mean, std = NORMALIZATION[config.eval.normalization or config.data.normalization]
-    preprocess = Preprocess(size=model_config.vision.image_size, mean=mean, std=std)
+    model_config, preprocess = _model(config)
     total_steps = _total_steps(config)
     mesh = sharding.make_mesh()
-    devices = mesh.devices.size
 
     # ---- state: created already sharded (eval_shape first, nothing allocated twice)
     parts = build_train_step(config, model_config, mesh, _initial_params(config, model_config, t.seed), total_steps)
-    init_state, abstract_state, state_sharding = parts.init_state, parts.abstract_state, parts.state_sharding
     # The run this command continues, checked before anything is written (another model or optimizer structure
     # would make its checkpoints unusable).
-    signature = workdir_lib.state_signature(abstract_state)
+    signature = workdir_lib.state_signature(parts.abstract_state)
     workdir = workdir_lib.choose(workdir, model_config.to_open_clip(), signature, t.allow_restart)
 
     # ---- data
@@ -221,76 +213,116 @@ def _train(config, workdir, max_steps, progress, evaluate_fn) -> TrainResult:
         context_length=model_config.text.context_length, worker_count=config.data.workers,
         prefetch_batches=config.data.prefetch_batches))
 
-    # ---- restore or initialise
-    manager = checkpoint.make_manager(workdir / "checkpoints", config.checkpoint.keep,
-                                      config.checkpoint.every_steps, config.checkpoint.async_save)
-    step, state = checkpoint.restore_latest(manager, checkpoint.abstract_like(abstract_state, state_sharding),
-                                            data_iter)
-    if state is None:
-        step, state = 0, jax.jit(init_state, out_shardings=state_sharding)()
-    else:
-        log.info("resumed from step %d in %s", step, workdir)
-    if jax.process_index() == 0:  # only now: the config, the data and the checkpoints have all been checked
-        mean, std = NORMALIZATION[config.data.normalization]
-        run_file.write_run_file(workdir, model_config.to_open_clip(), preprocess.to_open_clip(),
-                                json.loads(config.to_json()), signature,
-                                {"name": config.data.normalization, "mean": list(mean), "std": list(std)})
-        workdir_lib.truncate_metrics(workdir, step)
+    with run_dir.Checkpoints(workdir, config.checkpoint.keep, config.checkpoint.every_steps,
+                             config.checkpoint.async_save) as checkpoints:
+        # ---- restore or initialise
+        step, state = _restore_or_init(checkpoints, parts, data_iter)
+        if jax.process_index() == 0:  # only now: the config, the data and the checkpoints have all been checked
+            _write_run_file(config, workdir, model_config, preprocess, signature)
+            workdir_lib.truncate_metrics(workdir, step)
 
-    batch_sharding, train_step = parts.batch_sharding, parts.step
-
-    # ---- the loop
-    flops_per_step = metrics_lib.train_flops_per_pair(model_config) * t.global_batch_size
-    peak = metrics_lib.peak_flops_per_device()
-    writer = metrics_lib.MetricWriter(workdir)
-    history: list[dict] = []
-    last_step = total_steps if max_steps is None else min(total_steps, max_steps)
-    eval_model = None
-    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not progress or jax.process_index() != 0)
-    window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-    skipped = SkippedRecords(config.data.max_skipped_fraction, t.global_batch_size)
-    with StopSignals() as stop:
-        while step < last_step:
-            fetch_start = time.perf_counter()
-            host_batch = next(data_iter)
-            skipped.add(host_batch)  # records replaced because they could not be read (data/skipped_records)
-            batch = to_global(host_batch, batch_sharding)
-            data_wait += time.perf_counter() - fetch_start
-            try:
-                state, step_metrics = train_step(state, batch)
-            except Exception as e:  # noqa: BLE001 - XLA reports OOM as a runtime error; anything else re-raises
-                _raise_with_memory_advice(e, config)
-            step += 1
-            window_steps += 1
-            if step % config.log_every_steps == 0 or step == last_step:
-                # Fetching metrics is the only host sync, once per log interval.
-                fetched = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                elapsed = time.perf_counter() - window_start
-                fetched.update(images_per_second=window_steps * t.global_batch_size / elapsed,
-                               tflops_per_device=window_steps * flops_per_step / elapsed / devices / 1e12,
-                               data_wait_fraction=data_wait / elapsed)
-                fetched["mfu"] = fetched["tflops_per_device"] * 1e12 / peak if peak else 0.0
-                fetched["data/skipped_records"] = skipped.check()  # since this run (re)started; raises if too many
-                if config.data.text_type == "mixed":
-                    fetched["text_type"] = text_type_for_step(step - 1)  # the caption type of this step's batch
-                writer.write(step, {k: v for k, v in fetched.items() if k != "text_type"})
-                history.append({"step": step, **fetched})
-                bar.set_postfix(loss=f"{fetched['loss']:.3f}", img_s=f"{fetched['images_per_second']:.0f}")
-                window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-            bar.update(1)
-            _save(manager, step, state, data_iter)
-            if evaluate_fn is not None and config.eval.every_steps and step % config.eval.every_steps == 0:
-                eval_model = _eval_model(eval_model, model_config, state, preprocess)
-                writer.write(step, evaluate_fn(eval_model, step))
-            if stop.should_stop(manager, step):
-                log.warning("%s: saving step %d and stopping (rerun the same command to resume)", stop.received,
-                            step)
-                break
-    bar.close()
-    _save(manager, step, state, data_iter, force=manager.latest_step() != step, wait=True)
-    manager.close()
+        # ---- the loop
+        writer = metrics_lib.MetricWriter(workdir)
+        history: list[dict] = []
+        last_step = total_steps if max_steps is None else min(total_steps, max_steps)
+        eval_model = None
+        bar = tqdm(total=total_steps, initial=step, desc="train", disable=not progress or jax.process_index() != 0)
+        window = _Throughput(model_config, t.global_batch_size, mesh.devices.size)
+        skipped = SkippedRecords(config.data.max_skipped_fraction, t.global_batch_size)
+        with StopSignals() as stop:
+            while step < last_step:
+                fetch_start = time.perf_counter()
+                host_batch = next(data_iter)
+                skipped.add(host_batch)  # records replaced because they could not be read (data/skipped_records)
+                batch = to_global(host_batch, parts.batch_sharding)
+                window.data_wait += time.perf_counter() - fetch_start
+                try:
+                    state, step_metrics = parts.step(state, batch)
+                except Exception as e:  # noqa: BLE001 - XLA reports OOM as a runtime error; anything else re-raises
+                    _raise_with_memory_advice(e, config)
+                step += 1
+                window.steps += 1
+                if step % config.log_every_steps == 0 or step == last_step:
+                    logged = _log_line(step, step_metrics, window, skipped, config.data.text_type)
+                    writer.write(step, {k: v for k, v in logged.items() if k != "text_type"})
+                    history.append({"step": step, **logged})
+                    bar.set_postfix(loss=f"{logged['loss']:.3f}", img_s=f"{logged['images_per_second']:.0f}")
+                bar.update(1)
+                _save(checkpoints, step, state, data_iter)
+                if evaluate_fn is not None and config.eval.every_steps and step % config.eval.every_steps == 0:
+                    eval_model = _eval_model(eval_model, model_config, state, preprocess)
+                    writer.write(step, evaluate_fn(eval_model, step))
+                if stop.should_stop(checkpoints, step):
+                    log.warning("%s: saving step %d and stopping (rerun the same command to resume)", stop.received,
+                                step)
+                    break
+        bar.close()
+        _save(checkpoints, step, state, data_iter, force=checkpoints.latest_step() != step, wait=True)
     writer.close()
     return TrainResult(step, state["params"], model_config, preprocess, history, workdir, stop.received)
+
+
+def _model(config) -> tuple[CLIPConfig, Preprocess]:
+    """The architecture, and the preprocessing that evaluation and the exported model use (eval.normalization;
+    BioCLIP: OpenAI's), which may differ from training's data.normalization."""
+    if config.require_init and not config.init:
+        raise InputError("this recipe fine-tunes pretrained weights (BioCLIP starts from OpenAI's CLIP): pass "
+                         "--config.init=PATH (weights of config.model), or --config.init=scratch to train from random "
+                         "weights")
+    model_config = load_model_config(config.model)
+    mean, std = NORMALIZATION[config.eval.normalization or config.data.normalization]
+    return model_config, Preprocess(size=model_config.vision.image_size, mean=mean, std=std)
+
+
+def _restore_or_init(checkpoints: run_dir.Checkpoints, parts: TrainStep, data_iter) -> tuple[int, Any]:
+    """(step, state): the newest readable checkpoint resharded onto this mesh (the iterator restored with it), or a
+    fresh state at step 0."""
+    abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                      parts.abstract_state, parts.state_sharding)
+    step, state = checkpoints.restore(abstract, data_iter)
+    if state is None:
+        return 0, jax.jit(parts.init_state, out_shardings=parts.state_sharding)()
+    log.info("resumed from step %d in %s", step, checkpoints.directory.parent)
+    return step, state
+
+
+def _write_run_file(config, workdir: epath.Path, model_config: CLIPConfig, preprocess: Preprocess,
+                    signature: dict) -> None:
+    mean, std = NORMALIZATION[config.data.normalization]
+    run_dir.write_run_file(workdir, model_config.to_open_clip(), preprocess.to_open_clip(),
+                           json.loads(config.to_json()), signature,
+                           {"name": config.data.normalization, "mean": list(mean), "std": list(std)})
+
+
+class _Throughput:
+    """Steps, and time spent waiting for data, since the last log line; `read` turns them into rates and restarts."""
+
+    def __init__(self, model_config: CLIPConfig, global_batch_size: int, devices: int):
+        self.batch, self.devices = global_batch_size, devices
+        self.flops_per_step = metrics_lib.train_flops_per_pair(model_config) * global_batch_size
+        self.peak = metrics_lib.peak_flops_per_device()
+        self._restart()
+
+    def _restart(self) -> None:
+        self.start, self.steps, self.data_wait = time.perf_counter(), 0, 0.0
+
+    def read(self) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.start
+        tflops = self.steps * self.flops_per_step / elapsed / self.devices / 1e12
+        rates = {"images_per_second": self.steps * self.batch / elapsed, "tflops_per_device": tflops,
+                 "data_wait_fraction": self.data_wait / elapsed, "mfu": tflops * 1e12 / self.peak if self.peak else 0.0}
+        self._restart()
+        return rates
+
+
+def _log_line(step: int, step_metrics, window: _Throughput, skipped: SkippedRecords, text_type: str) -> dict:
+    """The step's metrics and the window's rates; fetching the metrics is the only host sync, once per log line."""
+    logged = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+    logged.update(window.read())
+    logged["data/skipped_records"] = skipped.check()  # since this run (re)started; raises if too many
+    if text_type == "mixed":
+        logged["text_type"] = text_type_for_step(step - 1)  # the caption type of this step's batch
+    return logged
 
 
 def _total_steps(config) -> int:
@@ -307,17 +339,18 @@ def _total_steps(config) -> int:
     return steps
 
 
-def _save(manager, step: int, state, data_iter, force: bool = False, wait: bool = False) -> None:
+def _save(checkpoints: run_dir.Checkpoints, step: int, state, data_iter, force: bool = False,
+          wait: bool = False) -> None:
     """A checkpoint save; a full disk (now, or in the async write of an earlier save) is one clear error that leaves
     the earlier checkpoints as they were (Orbax finalizes a step only when all of it is written)."""
     try:
-        checkpoint.save(manager, step, state, data_iter, force=force)
+        checkpoints.save(step, state, data_iter, force=force)
         if wait:
-            manager.wait_until_finished()
+            checkpoints.wait()
     except Exception as e:  # noqa: BLE001 - async failures arrive wrapped; only a full disk is translated
         if not _is_disk_full(e):
             raise
-        raise ResourceError(f"no space left on device while saving step {step} to {manager.directory}; the "
+        raise ResourceError(f"no space left on device while saving step {step} to {checkpoints.directory}; the "
                             "earlier checkpoints are intact: free space and rerun the same command to resume") from e
 
 

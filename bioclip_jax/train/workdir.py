@@ -19,11 +19,8 @@ import jax
 from etils import epath
 
 from bioclip_jax import paths
-from bioclip_jax.convert import run_file
+from bioclip_jax.convert import run_dir
 from bioclip_jax.errors import InputError
-
-LOCK_FILE = ".lock"
-RESTART_PREFIX = "restart-"
 
 
 class WorkdirLock:
@@ -32,7 +29,7 @@ class WorkdirLock:
     URL workdirs (gs://) have no such lock: one launcher per run directory is the rule there (tools/launch_tpu.py)."""
 
     def __init__(self, workdir: epath.Path):
-        self.path = workdir / LOCK_FILE
+        self.path = workdir / run_dir.LOCK
         self._fd = None
 
     def __enter__(self) -> "WorkdirLock":
@@ -109,21 +106,21 @@ def choose(workdir: epath.Path, model_cfg: dict, signature: dict, allow_restart:
                          "--config.train.allow_restart=True to start this run in a new sub-folder of it")
     n = 1
     while True:
-        sub = workdir / f"{RESTART_PREFIX}{n}"
+        sub = run_dir.restart_dir(workdir, n)
         if not _mismatch(sub, model_cfg, signature):
             return sub
         n += 1
 
 
 def _mismatch(folder: epath.Path, model_cfg: dict, signature: dict) -> list[str]:
-    if not run_file.is_training_run(folder) or not run_file.finished_steps(folder):
+    if not run_dir.is_run(folder) or not run_dir.finished_steps(folder):
         return []  # nothing that could be lost
-    return differences(run_file.read_run_file(folder), model_cfg, signature)
+    return differences(run_dir.read_run_file(folder), model_cfg, signature)
 
 
 def truncate_metrics(workdir: epath.Path, step: int) -> None:
     """Drops metrics.jsonl lines past `step` (the step a resumed run restarts from), so each step appears once."""
-    path = workdir / "metrics.jsonl"
+    path = workdir / run_dir.METRICS
     if jax.process_index() != 0 or not path.exists():
         return
     lines = path.read_text().splitlines(keepends=True)

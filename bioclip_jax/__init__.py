@@ -1,6 +1,6 @@
 """bioclip_jax: BioCLIP (CLIP for the tree of life) in JAX/Flax.
 
-    model = bioclip_jax.load("path/to/open_clip_folder")           # or a .safetensors/.bin with model="ViT-B-16-quickgelu"
+    model = bioclip_jax.load("path/to/open_clip_folder")  # or a .safetensors/.bin with model="ViT-B-16-quickgelu"
     image_features, text_features = bioclip_jax.encode(model, images=["a.jpg"], texts=["a photo of Pica hudsonia."])
     probs = softmax(model.logit_scale * image_features @ text_features.T)
 
@@ -41,11 +41,11 @@ __all__ = ["CustomLabelsBinningClassifier", "CustomLabelsClassifier", "Model", "
 
 if TYPE_CHECKING:  # what editors and type checkers see; at run time __getattr__ imports on first use
     from bioclip_jax.convert.checkpoint import convert_checkpoint, export_open_clip, save_model
+    from bioclip_jax.convert.files import load_model_config as get_model_config
     from bioclip_jax.data.transforms import Preprocess
     from bioclip_jax.inference.classify import CustomLabelsBinningClassifier, CustomLabelsClassifier
     from bioclip_jax.inference.model import Model, create_model, encode, load
     from bioclip_jax.inference.tree_of_life import Rank, TreeOfLifeClassifier
-    from bioclip_jax.convert.files import load_model_config as get_model_config
     from bioclip_jax.models.config import list_models
     from bioclip_jax.tokenizer import tokenize
 

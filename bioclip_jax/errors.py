@@ -15,3 +15,10 @@ class ResourceError(RuntimeError):
 class UnreachableError(ResourceError):
     """A remote store (a gs:// bucket) could not be reached over the network: one line naming the URL, exit 1 like
     other resources, since the same command may work once the network is back."""
+
+
+def first_line(error: BaseException) -> str:
+    """`Type: first line of the message` (or just the type when the message is empty): how an exception from another
+    library is named inside our one-line errors."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__

@@ -9,8 +9,7 @@ import os
 
 from etils import epath
 
-from bioclip_jax.errors import InputError, UnreachableError
-
+from bioclip_jax.errors import InputError, UnreachableError, first_line
 
 GCS_HINT = "pip install 'bioclip_jax[gcs]' for gs:// paths"
 GCS_ENDPOINT = "https://storage.googleapis.com"
@@ -58,9 +57,9 @@ def check_reachable(url: str | os.PathLike) -> None:
     except exceptions.DefaultCredentialsError:
         raise InputError(f"{url}: no Google Cloud credentials found ({LOGIN_HINT})") from None
     except exceptions.RefreshError as e:
-        raise InputError(f"{url}: the Google Cloud credentials were refused ({_why(e)}); {LOGIN_HINT}") from None
+        raise InputError(f"{url}: the Google Cloud credentials were refused ({first_line(e)}); {LOGIN_HINT}") from None
     except (requests.RequestException, exceptions.TransportError) as e:
-        raise UnreachableError(f"{url}: cannot reach {endpoint} ({_why(e)}); check the network") from None
+        raise UnreachableError(f"{url}: cannot reach {endpoint} ({first_line(e)}); check the network") from None
     if response.status_code == 404:
         raise InputError(f"{url}: no such bucket gs://{bucket}")
     if response.status_code in (401, 403):
@@ -86,12 +85,6 @@ def _authorized_session():
     return AuthorizedSession(credentials)
 
 
-def _why(e: Exception) -> str:
-    """The exception's first line, or its type when it has no message."""
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
-
-
 def write_atomic(path: epath.Path, data: bytes) -> None:
     """Write to a temporary name, then rename: an interrupted export never leaves a truncated file behind."""
     tmp = path.with_name(path.name + ".tmp")
@@ -113,5 +106,5 @@ def make_dirs(path: epath.Path) -> None:
     except Exception as e:  # noqa: BLE001 - remote backends raise their own types for credentials and network
         if not is_url(path):
             raise
-        raise InputError(f"{path}: cannot create the run directory ({type(e).__name__}: {_why(e)}); check the "
+        raise InputError(f"{path}: cannot create the run directory ({first_line(e)}); check the "
                          f"credentials ({LOGIN_HINT}) and the network") from None

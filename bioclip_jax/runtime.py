@@ -52,7 +52,8 @@ def keep_freed_host_memory() -> bool:
     with mmap and unmaps them on free, so every step page-faults them in again and spends much of its CPU time in the
     kernel. One arena that never trims or unmaps removes most of those faults (docs/performance.md has the demo
     step's numbers). The cost is a resident size that stays at its peak. It only works before JAX starts its threads
-    (each thread keeps the arena it first used), so call it at the start of a process. Returns False where it cannot apply (not glibc)."""
+    (each thread keeps the arena it first used), so call it at the start of a process. Returns False where it cannot
+    apply (not glibc)."""
     libc_name = ctypes.util.find_library("c")
     try:
         mallopt = ctypes.CDLL(libc_name).mallopt

@@ -15,7 +15,8 @@ from collections.abc import Iterable, Sequence
 import ftfy
 import numpy as np
 import regex  # open_clip's regex engine; used only to derive its exact character classes
-from tokenizers import AddedToken, Regex, Tokenizer as _RustTokenizer, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, models, pre_tokenizers
+from tokenizers import Tokenizer as _RustTokenizer
 
 from bioclip_jax.errors import InputError
 

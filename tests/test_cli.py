@@ -13,6 +13,7 @@ from safetensors.numpy import load_file, save_file
 from bioclip_jax.cli import main
 
 
+@pytest.mark.integration  # runs tools/convert_checkpoint.py in a subprocess
 def test_convert_both_directions(tmp_path, tiny_open_clip, capsys):
     _, state_dict = tiny_open_clip
     save_file(state_dict, str(tmp_path / "w.safetensors"))

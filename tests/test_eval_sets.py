@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bioclip_jax.data import eval_sets
 from bioclip_jax.data.eval_sets import EvalRow, FolderEvalSource, detect_layout, read_task
 from bioclip_jax.data.taxonomy import Taxon, eval_class_name
 
@@ -68,7 +67,8 @@ def test_meta_album_layout_keeps_its_labels(tmp_path):
 
 
 def write_hf_rare_species(folder: Path) -> None:
-    """The Hugging Face rare-species layout: metadata/rarespecies-catalog.csv + dataset/<taxa>/<ids>_eol_full-size-copy.jpg"""
+    """The Hugging Face rare-species layout: metadata/rarespecies-catalog.csv +
+    dataset/<taxa>/<ids>_eol_full-size-copy.jpg"""
     header = ["rarespecies_id", "eol_content_id", "eol_page_id", "kingdom", "phylum", "class", "order", "family",
               "genus", "species", "sciName", "common"]
     rows = [["a1", "29658536", "45510188", *OMAO, "Myadestes obscurus", "'Oma'o"],
@@ -128,6 +128,7 @@ def test_task_folders_as_published(tmp_path):
         find_tasks(tmp_path / "nowhere")
 
 
+@pytest.mark.integration  # a fresh interpreter
 def test_folder_evaluation_does_not_import_tfds(tmp_path):
     write_rare_species(tmp_path / "rare_species", per_class=1)
     script = ("import sys; from bioclip_jax.evaluate.benchmark import find_tasks; "
@@ -156,7 +157,8 @@ MAGPIE = Taxon.from_ranks(["Animalia", "Chordata", "Aves", "Passeriformes", "Cor
         "sci": "Pica hudsonia", "com": "black-billed magpie",
         "taxon": "Animalia Chordata Aves Passeriformes Corvidae Pica hudsonia",
         "sci_com": "Pica hudsonia with common name black-billed magpie",
-        "taxon_com": "Animalia Chordata Aves Passeriformes Corvidae Pica hudsonia with common name black-billed magpie"}),
+        "taxon_com": "Animalia Chordata Aves Passeriformes Corvidae Pica hudsonia with common name "
+                     "black-billed magpie"}),
     # No common name: com is empty (no fallback), sci_com / taxon_com are the names alone.
     (Taxon.from_ranks(MAGPIE.ranks), "", {
         "sci": "Pica hudsonia", "com": "", "taxon": "Animalia Chordata Aves Passeriformes Corvidae Pica hudsonia",

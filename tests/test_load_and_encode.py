@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import CAPTIONS, TINY_OPEN_CLIP_CFG
 from PIL import Image
 from safetensors.numpy import save_file
 
 import bioclip_jax
 from bioclip_jax.convert.state_dict import StateDictMismatch
 from bioclip_jax.inference.model import bucket_sizes
-from conftest import CAPTIONS, TINY_OPEN_CLIP_CFG
 
 
 def _open_clip_folder(path, state_dict, preprocess_cfg=None):

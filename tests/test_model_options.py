@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import CAPTIONS
 
 import bioclip_jax
 from bioclip_jax.models import CLIP
 from bioclip_jax.models.layers import REMAT_POLICIES, exact_gelu, quick_gelu
-from conftest import CAPTIONS
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +70,8 @@ def test_default_attention_implementation_agrees_with_xla(tiny):
 def test_activations_match_torch():
     x = np.linspace(-6, 6, 1001, dtype=np.float32)
     np.testing.assert_allclose(exact_gelu(x), torch.nn.functional.gelu(torch.from_numpy(x)).numpy(), atol=1e-6)
-    np.testing.assert_allclose(quick_gelu(x), (torch.from_numpy(x) * torch.sigmoid(1.702 * torch.from_numpy(x))).numpy(),
-                               atol=1e-6)
+    t = torch.from_numpy(x)
+    np.testing.assert_allclose(quick_gelu(x), (t * torch.sigmoid(1.702 * t)).numpy(), atol=1e-6)
 
 
 def test_logit_scale_is_stored_as_log(tiny):

@@ -16,6 +16,7 @@ NOTEBOOKS = ROOT / "notebooks"
 LOCAL_PATH = re.compile(r"(/tmp/|/work/|/home/|/root/|/Users/|/content/|[A-Z]:\\)")
 
 
+@pytest.mark.integration  # executes the notebooks
 @pytest.mark.parametrize("name", ["quickstart", "train"])
 def test_notebook_runs(name, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import CAPTIONS, open_clip_reference
 
 import bioclip_jax
 from bioclip_jax.convert import state_dict as sd
 from bioclip_jax.convert.files import OPEN_CLIP_BIN, OPEN_CLIP_SAFETENSORS, Checkpoint
 from bioclip_jax.inference.model import from_checkpoint
 from bioclip_jax.models import CLIP
-from conftest import CAPTIONS, open_clip_reference
 
 TOL = 1e-4  # max abs difference on normalised fp32 features
 
@@ -63,13 +63,14 @@ def _check_parity(name: str, batch: int = 3, scan_layers: bool = False):
     assert (logits.argmax(1) == ref_logits.argmax(1)).all()
 
 
+@pytest.mark.integration  # full-size ViT-B/16 and ViT-L/14 against open_clip
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["per_layer", "scan"])
 @pytest.mark.parametrize("name", ["ViT-B-16-quickgelu", "ViT-B-16"])
 def test_vit_b16_embeddings_match_open_clip(name, scan_layers):
     _check_parity(name, scan_layers=scan_layers)
 
 
-@pytest.mark.slow
+@pytest.mark.integration  # full-size ViT-B/16 and ViT-L/14 against open_clip
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["per_layer", "scan"])
 def test_vit_l14_embeddings_match_open_clip(scan_layers):
     _check_parity("ViT-L-14", batch=2, scan_layers=scan_layers)

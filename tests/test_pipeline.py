@@ -211,7 +211,7 @@ def test_eval_covers_every_example_once(shards, process_count, batch_size):
 
 
 def test_eval_images_are_the_eval_transform(shards):
-    from bioclip_jax.data.records import read_records, find_shards
+    from bioclip_jax.data.records import find_shards, read_records
 
     first = next(read_records(find_shards(shards)))
     batch = next(pipeline.eval_batches(shards, batch_size=4, preprocess=Preprocess(size=32), process_index=0,

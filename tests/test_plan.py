@@ -123,6 +123,7 @@ def test_count_collectives():
     }
 
 
+@pytest.mark.integration  # runs the plan command in subprocesses
 def test_bad_input_exits_2():
     unknown = run_plan("--config", str(TINY), "--topology", "v9-8")
     assert unknown.returncode == 2
@@ -135,6 +136,7 @@ def test_bad_input_exits_2():
     assert bad_key.returncode == 2 and "unknown config key 'train.batch'" in bad_key.stderr
 
 
+@pytest.mark.integration  # compiles for a TPU slice in a subprocess
 @needs_libtpu
 def test_libtpu_off_a_tpu_vm_prints_no_errors():
     """libtpu loaded on a host without TPU chips looks for the VM's worker hostnames; it must not print its
@@ -146,6 +148,7 @@ def test_libtpu_off_a_tpu_vm_prints_no_errors():
         assert noise not in done.stderr, done.stderr
 
 
+@pytest.mark.integration  # runs the plan command in subprocesses
 @pytest.mark.parametrize("scan", [False, True])
 def test_cpu_dry_run(scan):
     done = run_plan("--config", str(TINY), "--topology", "cpu:8", "--config.train.global_batch_size=16",
@@ -181,7 +184,8 @@ def test_read_line_reads_back_the_plan_line():
 def test_flops_line_says_when_xla_counts_a_scanned_layer_once(scanned):
     result = plan.Plan(plan.parse_topology("v5e:2x2"), "TPU v5 lite", 128, 512, 16, True, 80.0,
                        {"arguments": 0, "outputs": 0, "aliased": 0, "temporaries": 0, "code": 0, "total": 0},
-                       xla_flops=5.6e12, analytic_flops=63.1e12, hlo=HLO if scanned else HLO.replace(" while(", " call("))
+                       xla_flops=5.6e12, analytic_flops=63.1e12,
+                       hlo=HLO if scanned else HLO.replace(" while(", " call("))
     flops = next(line for line in plan.report(result).splitlines() if line.startswith("flops/step"))
     if scanned:  # the loop body (one layer) is counted once: a ratio would read as 0.09 of the analytic count
         assert "each scanned layer counted once" in flops and "x0.09" not in flops
@@ -189,6 +193,7 @@ def test_flops_line_says_when_xla_counts_a_scanned_layer_once(scanned):
         assert "(x0.09:" in flops
 
 
+@pytest.mark.integration  # compiles for a TPU slice in a subprocess
 @needs_libtpu
 def test_tpu_fits():
     done = run_plan("--config", str(TINY), "--topology", "v5litepod-4", "--config.train.global_batch_size=64",
@@ -204,6 +209,7 @@ def test_tpu_fits():
     assert "collective   reduce-scatter: 1 executed" in done.stdout
 
 
+@pytest.mark.integration  # compiles for a TPU slice in a subprocess
 @needs_libtpu
 def test_tpu_quick_compile_says_so():
     done = run_plan("--config", str(TINY), "--topology", "v5e:2x2", "--config.train.global_batch_size=64",
@@ -222,6 +228,7 @@ def test_quick_plan_leaves_the_compiler_effort_as_it_was():
     assert jax.config.jax_exec_time_optimization_effort == before
 
 
+@pytest.mark.integration  # compiles for a TPU slice in a subprocess
 @needs_libtpu
 def test_tpu_does_not_fit():
     # 32,768 pairs per chip: the [32768, 131072] float32 logits alone take 16 GiB of a v5e chip's 16.

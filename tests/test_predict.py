@@ -10,6 +10,7 @@ import re
 
 import numpy as np
 import pytest
+from conftest import TINY_OPEN_CLIP_CFG
 from PIL import Image
 
 import bioclip_jax
@@ -18,7 +19,6 @@ from bioclip_jax.convert.files import Checkpoint
 from bioclip_jax.errors import InputError
 from bioclip_jax.inference.classify import CustomLabelsBinningClassifier, CustomLabelsClassifier
 from bioclip_jax.inference.model import from_checkpoint
-from conftest import TINY_OPEN_CLIP_CFG
 
 LABELS = ["Pica hudsonia", "Corvus corax", "Danaus plexippus", "Amanita muscaria"]
 
@@ -152,8 +152,8 @@ def test_tree_of_life_prediction_sums_species_by_rank(exported, tmp_path):
 
 
 def test_text_embeddings_of_another_model_are_refused(exported, tmp_path):
-    from bioclip_jax.inference.tree_of_life import TreeOfLifeClassifier, save_txt_emb
     from bioclip_jax.data.taxonomy import Taxon
+    from bioclip_jax.inference.tree_of_life import TreeOfLifeClassifier, save_txt_emb
 
     folder, _ = exported
     save_txt_emb(tmp_path / "emb", np.ones((1, 512), np.float32), [Taxon.from_ranks(["A", "", "", "", "", "B", "c"])])

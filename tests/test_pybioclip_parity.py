@@ -348,7 +348,7 @@ def test_prediction_logs_match_pybioclip(setup, pybioclip, tmp_path):
             attach_cli_recorder(ours, **log_args)
             ours.predict(images[:3], batch_size=10, **predict_args)
             save_recorded_predictions(ours, str(ours_log))
-        (expected, theirs_fields), (got, ours_fields) = _log_content(theirs_log), _log_content(ours_log)
+        (expected, _), (got, ours_fields) = _log_content(theirs_log), _log_content(ours_log)
         assert got == expected, name
         if name.endswith(".json"):
             assert ours_fields["model"] == str(folder) and ours_fields["pretrained"] is None

@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_train import shards  # noqa: F401 - the shards fixture (64 records)
 
 import bioclip_jax
 from bioclip_jax.data.transforms import IMAGENET_MEAN, OPENAI_MEAN
 from bioclip_jax.errors import InputError
 from bioclip_jax.train.config import load_config
 from bioclip_jax.train.trainer import train
-from test_train import shards  # noqa: F401 - the shards fixture (64 records)
 
 SMALL = ["model=tiny", "dtype=float32", "remat=", "train.global_batch_size=16", "train.warmup_steps=1",
          "checkpoint.async_save=False", "checkpoint.every_steps=2", "log_every_steps=1", "data.workers=0"]

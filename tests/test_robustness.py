@@ -20,10 +20,10 @@ from PIL import Image
 import bioclip_jax
 from bioclip_jax.data import pipeline, transforms
 from bioclip_jax.data.records import Record, ShardWriter
-from bioclip_jax.shards.build import Skip, encode_image
 from bioclip_jax.data.taxonomy import Taxon
 from bioclip_jax.data.transforms import Preprocess, load_image
 from bioclip_jax.errors import InputError
+from bioclip_jax.shards.build import Skip, encode_image
 from bioclip_jax.train.skipped_records import SkippedRecords
 
 MAGPIE = Taxon.from_ranks(["Animalia", "Chordata", "Aves", "Passeriformes", "Corvidae", "Pica", "hudsonia"],
@@ -292,7 +292,7 @@ def test_skipped_records_are_bounded():
         strict.check()
 
 
-@pytest.mark.slow  # two short training runs (~80 s on 2 CPU cores)
+@pytest.mark.integration  # two short training runs
 def test_training_counts_skipped_records_and_stops_above_the_threshold(damaged_shards, tmp_path):
     from bioclip_jax.train.config import load_config
     from bioclip_jax.train.trainer import train

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 from PIL import Image
+from test_train import CONFIG, _config, shards  # noqa: F401 - the shards fixture
 
 import bioclip_jax
 from bioclip_jax import paths
@@ -24,7 +25,6 @@ from bioclip_jax.convert import run_dir
 from bioclip_jax.errors import InputError, ResourceError
 from bioclip_jax.train.trainer import train
 from bioclip_jax.train.workdir import WorkdirLock
-from test_train import CONFIG, _config, shards  # noqa: F401 - the shards fixture
 
 ROOT = Path(__file__).parent.parent
 
@@ -100,6 +100,7 @@ def test_an_unreadable_newest_step_is_kept_aside_and_saved_again(shards, tmp_pat
     assert steps == [1, 2, 3, 4]  # each step once, though steps 3 and 4 ran twice
 
 
+@pytest.mark.integration  # the CLI in a subprocess
 def test_embed_from_a_run_whose_newest_arrays_are_damaged_warns_once_and_exits_cleanly(finished, tmp_path):
     """A read that fails on one array while the others are still in flight (Orbax closed its event loop under them:
     one "Event loop is closed" traceback per array at the end of the command)."""

@@ -13,7 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import CAPTIONS
 from flax import traverse_util
+from test_train import CONFIG, _config, _params, shards  # noqa: F401 - shards is a fixture
 
 import bioclip_jax
 from bioclip_jax.convert import state_dict as sd
@@ -22,8 +24,6 @@ from bioclip_jax.models.layers import REMAT_POLICIES
 from bioclip_jax.models.scan import is_stacked, stack_layers, unstack_layers
 from bioclip_jax.train.optimizer import decay_mask
 from bioclip_jax.train.trainer import train
-from conftest import CAPTIONS
-from test_train import CONFIG, _config, _params, shards  # noqa: F401 - shards is a fixture
 
 TINY = bioclip_jax.get_model_config("tiny")
 
@@ -194,10 +194,11 @@ def test_scanned_resume_is_bitwise_exact(shards, tmp_path):  # noqa: F811 - shar
 def test_scanned_training_starts_from_per_layer_weights(tiny_open_clip, tmp_path):
     """config.init (open_clip weights, per layer) feeds a scanned trainer: the initial params are the same tensors,
     stacked."""
+    from test_train import CONFIG
+
     from bioclip_jax.convert.files import write_open_clip_folder
     from bioclip_jax.train.config import load_config
     from bioclip_jax.train.trainer import _initial_params
-    from test_train import CONFIG
 
     _, state_dict = tiny_open_clip
     folder = write_open_clip_folder(tmp_path / "init", state_dict, TINY, {}, write_bin=False)
@@ -239,6 +240,7 @@ assert worst < 1e-4, worst
 """
 
 
+@pytest.mark.integration  # a subprocess with 8 devices
 def test_scanned_fsdp_steps_equal_per_layer_data_parallel_on_8_devices():
     """FSDP under scan gathers each layer inside the loop and reduce-scatters its gradient there (train/sharding.py's
     layer_gather); three steps on 8 devices land where per-layer data parallel does."""

@@ -100,6 +100,7 @@ def built(manual_dir, tmp_path_factory) -> Path:
     return data_dir
 
 
+@pytest.mark.integration  # builds in a subprocess
 def test_tfds_build_without_tensorflow(manual_dir, built):
     with open(built / "examples.pkl", "rb") as f:
         class_names, examples = pickle.load(f)
@@ -109,6 +110,7 @@ def test_tfds_build_without_tensorflow(manual_dir, built):
     assert files, "expected ArrayRecord shards"
 
 
+@pytest.mark.integration  # builds in a subprocess
 def test_eval_set_source_random_access(manual_dir, built):
     source = tfds_eval.EvalSetSource("plankton", built)
     expected = expected_examples(manual_dir / "PLK_Mini")
@@ -123,6 +125,7 @@ def test_eval_set_source_random_access(manual_dir, built):
         tfds_eval.EvalSetSource("fungi", built)
 
 
+@pytest.mark.integration  # builds in a subprocess
 def test_folder_source_matches_tfds(manual_dir, built):
     folder = eval_sets.FolderEvalSource(manual_dir / "PLK_Mini")
     source = tfds_eval.EvalSetSource("plankton", built)
@@ -190,8 +193,7 @@ def test_published_folder_names_and_subspecies(tmp_path):
 def test_folder_taxa_read_as_make_shards_reads_them(tmp_path):
     """A binomial in the species column (no genus column) gives the same ranks in evaluation as in the shards; the
     common name stays as written (BioCLIP's evaluation naming has no fallback to drop)."""
-    from bioclip_jax.data.taxonomy import row_taxon
-    from bioclip_jax.data.taxonomy import Taxon
+    from bioclip_jax.data.taxonomy import Taxon, row_taxon
 
     header = ["filepath", "class", "kingdom", "species", "common_name"]
     write_folder(tmp_path, [("img/magpie_0.jpg", "Pica hudsonia", ["Animalia", "Pica hudsonia"], "Pica hudsonia")],

@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 from bioclip_jax.cli import main
-from bioclip_jax.shards import TreeOfLife10M, make_shards
 from bioclip_jax.data.records import find_shards, read_records
+from bioclip_jax.shards import TreeOfLife10M, make_shards
 
 REPO = Path(__file__).resolve().parents[1]
 # The published catalog's columns: the split, the id, the source ids, then the taxonomy.
@@ -166,6 +166,7 @@ make_shards(TreeOfLife10M(sys.argv[1], sys.argv[2]), sys.argv[3], records_per_sh
 """
 
 
+@pytest.mark.integration  # kills a subprocess
 def test_kill_9_then_rerun_gives_the_same_bytes(published, tmp_path):
     catalog, images = _args(published)
     kw = dict(records_per_shard=2, resize=16, workers=1, progress=False)

@@ -105,9 +105,9 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(shards, tmp_path, 
 
 def test_decay_mask_is_open_clips_rule():
     import open_clip
+    from conftest import TINY_OPEN_CLIP_CFG
 
     from bioclip_jax.convert.state_dict import torch_key
-    from conftest import TINY_OPEN_CLIP_CFG
 
     torch_model = open_clip.CLIP(**TINY_OPEN_CLIP_CFG)
     # open_clip's main.py: exclude = p.ndim < 2 or "bn"/"ln"/"bias"/"logit_scale" in name
@@ -128,11 +128,11 @@ def test_warmup_then_cosine_schedule():
 
 
 def test_gradient_accumulation_matches_the_full_batch(shards):
+    import optax
+
     from bioclip_jax.data.pipeline import train_dataset
     from bioclip_jax.models import CLIP
     from bioclip_jax.train.trainer import make_train_step
-
-    import optax
 
     model = bioclip_jax.create_model("tiny")
     batch = next(iter(train_dataset(shards, global_batch_size=8, image_size=64, process_index=0, process_count=1)))
@@ -176,6 +176,7 @@ def test_config_errors_name_the_problem(shards, tmp_path):
         train(_config(shards, "train.accum_steps=3"), tmp_path / "run2", progress=False)
 
 
+@pytest.mark.integration  # trainers in subprocesses
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_saves_then_exits_with_its_code(shards, tmp_path, signum, code):
     workdir = tmp_path / "run"
@@ -209,6 +210,7 @@ def _run(*args, devices: int, check: bool = True) -> subprocess.CompletedProcess
     return done
 
 
+@pytest.mark.integration  # trainers in subprocesses
 def test_multi_device_multi_process_and_resharding(shards, tmp_path):
     """8 devices (1 process) == 2 processes x 4 devices (gloo) == FSDP on 8 devices resumed on 2 devices."""
     run = str(TESTS / "train_run.py")
@@ -252,7 +254,7 @@ def _two_hosts(shards, workdir, port, *overrides):
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) for i in range(2)]
 
 
-@pytest.mark.slow
+@pytest.mark.integration  # trainers in subprocesses
 def test_two_hosts_fsdp_with_evaluation_stop_together_on_sigterm_and_resume_bitwise(shards, tmp_path):
     """FSDP over 2 processes x 4 devices with periodic evaluation (params spread over hosts): SIGTERM to one host
     makes both save the same step and exit 143; rerunning finishes with the params of an uninterrupted run."""

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from conftest import CAPTIONS, TINY_OPEN_CLIP_CFG, open_clip_reference
 from PIL import Image
 
 import bioclip_jax
@@ -17,7 +18,6 @@ from bioclip_jax.convert import files
 from bioclip_jax.convert.checkpoint import convert_checkpoint, export_transformers
 from bioclip_jax.convert.files import Checkpoint
 from bioclip_jax.inference.model import from_checkpoint
-from conftest import CAPTIONS, TINY_OPEN_CLIP_CFG, open_clip_reference
 
 TOL = 1e-4  # max abs difference on normalised fp32 features
 
@@ -60,7 +60,8 @@ def test_tiny_export_embeds_like_open_clip(tmp_path, tiny_open_clip):
 
 
 @pytest.mark.parametrize("name, act", [("ViT-B-16-quickgelu", "quick_gelu"),
-                                       pytest.param("ViT-L-14", "gelu", marks=pytest.mark.slow)])
+                                       ("ViT-L-14", "gelu")])
+@pytest.mark.integration  # full-size models through transformers
 def test_export_embeds_like_open_clip(tmp_path, name, act):
     torch_model, state_dict = open_clip_reference(name)
     image_err, text_err = _hf_parity(torch_model, state_dict, tmp_path / "hf", model=name)

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from bioclip_jax.cli import main
-from bioclip_jax.shards import MetadataFolder, SyntheticTree, TreeOfLifeTars, make_shards, treeoflife
 from bioclip_jax.data.records import find_shards, read_records
 from bioclip_jax.data.taxonomy import Taxon
+from bioclip_jax.shards import MetadataFolder, SyntheticTree, TreeOfLifeTars, make_shards, treeoflife
 from bioclip_jax.shards.build import Example, build_record
 from bioclip_jax.shards.source import is_val
 

@@ -50,7 +50,8 @@ SIDES = ("bioclip_jax", "open_clip")
 
 
 def _torch_setup(dtype: str):
-    """(device, autocast context factory) for open_clip: CUDA when present; AMP bf16 as open_clip's --precision amp_bf16."""
+    """(device, autocast context factory) for open_clip: CUDA when present; AMP bf16 as open_clip's
+    --precision amp_bf16."""
     import contextlib
 
     import torch
@@ -240,6 +241,8 @@ def bench_gpu_side(side: str, iters: int, model: str = "ViT-B-16") -> dict:
     import jax
     import torch
 
+    from bioclip_jax.errors import first_line
+
     results = {}
     for what, mode, kwargs in GPU_RUNS:
         try:
@@ -247,7 +250,7 @@ def bench_gpu_side(side: str, iters: int, model: str = "ViT-B-16") -> dict:
             rows = fn(model, iters=iters, dtype="bfloat16", sides=(side,), **kwargs)
             results[what] = [value for _, name, value in rows if name == side]
         except Exception as e:  # out of memory, most likely: say so and go on with the next configuration
-            results[what] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            results[what] = first_line(e)[:160]
         print(side, what, results[what], flush=True)
         gc.collect()
         jax.clear_caches()

@@ -314,10 +314,10 @@ def worker_script(args, train_args: list[str]) -> str:
         log = f'{q(args.workdir + "/logs")}"/worker-$WORKER.log"'
         remote_log = ""
     exports = "".join(f"  export {item.split('=', 1)[0]}={q(item.split('=', 1)[1])}\n" for item in args.env)
-    sync = f"""
-sync_log() {{
+    sync = """
+sync_log() {
   gcloud storage cp --quiet "$LOG" "$REMOTE_LOG" >/dev/null 2>&1 || echo "train.sh: cannot copy $LOG to $REMOTE_LOG" >&2
-}}""" if gcs else ""
+}""" if gcs else ""
     fetch_earlier = ('  gcloud storage cp --quiet "$REMOTE_LOG" "$LOG" >/dev/null 2>&1 || true  '
                      '# append to the earlier attempts\' log\n') if gcs else ""
     start_sync = (f"  (while sleep {args.log_sync_seconds}; do sync_log; done) 9>&- &\n  SYNC=$!\n") if gcs else ""

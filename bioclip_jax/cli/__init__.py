@@ -6,8 +6,20 @@ from __future__ import annotations
 
 import argparse
 
-from bioclip_jax.cli import (common, convert, demo, embed, eval, list_models, list_tol_taxa, make_shards,
-                             make_txt_emb, plan, predict, train)
+from bioclip_jax.cli import (
+    common,
+    convert,
+    demo,
+    embed,
+    eval,
+    list_models,
+    list_tol_taxa,
+    make_shards,
+    make_txt_emb,
+    plan,
+    predict,
+    train,
+)
 
 COMMANDS = (convert, predict, list_tol_taxa, eval, make_txt_emb, embed, list_models, train, plan, demo, make_shards)
 

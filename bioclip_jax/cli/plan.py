@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from bioclip_jax.cli import common
+from bioclip_jax.errors import first_line
 
 
 def add_parser(subparsers) -> None:
@@ -42,7 +43,7 @@ def run(args) -> int:
     except common.USER_ERRORS:  # bad input: main prints it as one line
         raise
     except Exception as e:  # noqa: BLE001 - not a verdict on memory: keep 1 meaning "does not fit" for scripts
-        print(f"bioclip-jax plan: compilation failed: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"bioclip-jax plan: compilation failed: {first_line(e)}", file=sys.stderr)
         return 3
     print(plan.report(result))
     return 0 if result.fits else 1

@@ -5,7 +5,8 @@ open_clip folder (what `open_clip.create_model_and_transforms("local-dir:DIR")` 
     open_clip_model.safetensors    preferred
     open_clip_pytorch_model.bin    for tools that only take torch files
 bioclip_jax model folder (flax layout, no torch anywhere):
-    bioclip_jax_config.json        {"format": "bioclip_jax", "format_version": 1, "model_cfg": ..., "preprocess_cfg": ...}
+    bioclip_jax_config.json        {"format": "bioclip_jax", "format_version": 1, "model_cfg": ...,
+                                    "preprocess_cfg": ...}
     bioclip_jax_params.safetensors keys are flax paths joined by "/"
 bioclip_jax training run (a trainer workdir): read by convert/run_dir.py, which owns that folder's layout.
 Untrusted pickles are never executed: `.bin/.pt` go through `torch.load(weights_only=True)`.
@@ -23,11 +24,12 @@ import numpy as np
 from etils import epath
 from flax import traverse_util
 from safetensors import SafetensorError
-from safetensors.numpy import load as load_safetensors, save as save_safetensors
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save as save_safetensors
 
 from bioclip_jax import paths
 from bioclip_jax.convert import transformers as hf
-from bioclip_jax.errors import InputError
+from bioclip_jax.errors import InputError, first_line
 from bioclip_jax.models.config import CLIPConfig, config_from_json_dict, get_model_config
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -98,8 +100,8 @@ def _read_torch_file(path: epath.Path) -> dict[str, np.ndarray]:
     try:
         obj = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for bad files; all mean the same to the user
-        raise InputError(f"{path}: not a loadable weights-only torch checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise InputError(f"{path}: not a loadable weights-only torch checkpoint ("
+                         f"{first_line(e)})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]  # open_clip training checkpoints (epoch_N.pt)
     if not isinstance(obj, dict) or not obj:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bioclip_jax.convert import transformers as hf
 from bioclip_jax.convert.files import OPEN_CLIP_BIN, OPEN_CLIP_CONFIG, OPEN_CLIP_SAFETENSORS
-from bioclip_jax.errors import InputError
+from bioclip_jax.errors import InputError, first_line
 
 OPEN_CLIP_WEIGHTS = (OPEN_CLIP_SAFETENSORS, OPEN_CLIP_BIN)  # open_clip's order of preference
 TRANSFORMERS_CONFIG = hf.CONFIG
@@ -146,8 +146,13 @@ class _Fetcher:
     def get(self, filename: str, revision: str | None = None) -> Path | None:
         """The local path of a file, or None when the repository lacks it (online) or the cache does (offline)."""
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError, RemoteEntryNotFoundError,
-                                            RepositoryNotFoundError, RevisionNotFoundError)
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            LocalEntryNotFoundError,
+            RemoteEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
 
         kwargs = dict(repo_id=self.repo_id, filename=filename, repo_type=self.repo_type, revision=revision,
                       cache_dir=str(self.cache))
@@ -162,10 +167,10 @@ class _Fetcher:
             except RevisionNotFoundError:
                 raise FileNotFoundError(f"{self.name}: revision {revision or 'main'} not found on the hub") from None
             except LocalEntryNotFoundError as e:  # the hub did not answer and the cache lacks the file
-                self.unreachable = f"the hub could not be reached ({_first_line(e)})"
+                self.unreachable = f"the hub could not be reached ({first_line(e)})"
                 return None
             except (ConnectionError, OSError) as e:  # network errors (httpx and HfHubHTTPError are OSErrors too)
-                self.unreachable = f"the hub could not be reached ({_first_line(e)})"
+                self.unreachable = f"the hub could not be reached ({first_line(e)})"
         try:
             with _offline_constants():
                 return Path(hf_hub_download(**kwargs, local_files_only=True))
@@ -186,7 +191,3 @@ class _Fetcher:
                                      "cache that has it")
         return FileNotFoundError(f"{self.name}: the repository has no {what}")
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__

@@ -28,7 +28,7 @@ from etils import epath
 
 from bioclip_jax import paths
 from bioclip_jax.convert.files import FORMAT_VERSION, Checkpoint, read_json, write_json
-from bioclip_jax.errors import InputError
+from bioclip_jax.errors import InputError, first_line
 from bioclip_jax.models.scan import unstack_layers
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def read(workdir: str | os.PathLike) -> Checkpoint:
                 params = checkpoints.restore_params(step)
             except Exception as e:  # noqa: BLE001 - any failure to read means "try the previous one", as the trainer
                 log.warning("%s: checkpoint step %d is unreadable (%s); using the previous one", workdir, step,
-                            _first_line(e))
+                            first_line(e))
                 continue
             return Checkpoint(f"{workdir} (step {step})", run["model_cfg"], run.get("preprocess_cfg"),
                               params=unstack_layers(params))
@@ -174,7 +174,7 @@ class Checkpoints:
             except Exception as e:  # noqa: BLE001 - any failure to read means "try the previous one"
                 kept = self._move_aside(step)
                 log.warning("checkpoint step %d in %s is unreadable (%s); kept as %s, resuming from the one before",
-                            step, self.directory, _first_line(e), kept.name)
+                            step, self.directory, first_line(e), kept.name)
         return None, None
 
     def restore_params(self, step: int) -> dict:
@@ -236,7 +236,3 @@ def _draining_event_loops():
     finally:
         asyncio.set_event_loop_policy(previous)
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"

@@ -19,12 +19,11 @@ The mapping needs no config: splitting and stacking q, k, v and transposing are 
 from __future__ import annotations
 
 import gzip
-import json
 import importlib.resources
+import json
 import math
 import os
 import re
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np

@@ -25,11 +25,11 @@ import jax
 import numpy as np
 from PIL import Image
 
+from bioclip_jax import hardware
 from bioclip_jax.data import transforms
 from bioclip_jax.data.records import RecordVersionError, Unreadable, decode_record, find_shards, open_shards
-from bioclip_jax.data.transforms import decode_image
 from bioclip_jax.data.taxonomy import MIXED_TEXT_TYPES, TEXT_TYPES, Taxon, text_type_for_sample, text_type_for_step
-from bioclip_jax import hardware
+from bioclip_jax.data.transforms import decode_image
 from bioclip_jax.errors import InputError
 from bioclip_jax.tokenizer import tokenize
 
@@ -280,6 +280,8 @@ class _WorkerCountCheckedIterator(grain.DatasetIterator):
                              f"run has {self.worker_count}: exact resume needs the same number; pass "
                              f"--config.data.workers={state['worker_count']}")
         self._parent.set_state(state["pipeline"])
+
+
 class EvalTransform(grain.transforms.Map):
     """(index, record) -> the preprocessed example, or {"index", "failed": why} for a record that cannot be read or
     decoded (skipped and reported, as predict does; a newer record format still raises)."""

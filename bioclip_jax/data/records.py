@@ -172,7 +172,7 @@ def check_shard(path: str) -> int:
             detail = "unreadable index"
         except RuntimeError as e:
             detail = str(e).split(";")[0] or "unreadable index"
-        hint = "" if size % _BLOCK == 0 else f", not a whole number of 64 KiB blocks"
+        hint = "" if size % _BLOCK == 0 else ", not a whole number of 64 KiB blocks"
         raise InputError(f"shard {path}: not a readable ArrayRecord file ({size} bytes{hint}; truncated, or not "
                          f"written by ArrayRecord: {detail})")
     try:

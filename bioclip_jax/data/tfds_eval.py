@@ -4,7 +4,8 @@ The task folders are read by `bioclip_jax.data.eval_sets` (every published layou
 Meta-Album's `,filepath,class`, `kaggle_bird/`, the Hugging Face rare-species catalog). Users download the folders
 themselves (no network here) and put them under one `manual_dir`:
 
-    manual_dir/PLK_Mini/metadata.csv, manual_dir/PLK_Mini/<images>, manual_dir/kaggle_bird/..., manual_dir/rare_species/...
+    manual_dir/PLK_Mini/metadata.csv, manual_dir/PLK_Mini/<images>, manual_dir/kaggle_bird/...,
+    manual_dir/rare_species/...
 
     builder = build("plankton", manual_dir, data_dir)   # writes data_dir/bioclip_eval/plankton/1.1.0/*.array_record
     source = EvalSetSource("plankton", data_dir)        # random access, a Grain MapDataset source
@@ -32,13 +33,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from bioclip_jax.data.eval_sets import (CSV_NAMES, TASK_FOLDERS, EvalRow, FolderEvalSource, find_task_csv,
-                                        read_metadata)
+from bioclip_jax.data.eval_sets import CSV_NAMES, TASK_FOLDERS, EvalRow, FolderEvalSource, find_task_csv, read_metadata
 from bioclip_jax.data.taxonomy import RANK_COLUMNS
 
 __all__ = ["TASK_FOLDERS", "FolderEvalSource", "BioclipEvalSet", "EvalSetSource", "build"]
-
-
 
 
 class BioclipEvalConfig(tfds.core.BuilderConfig):

@@ -1,8 +1,9 @@
 """Image preprocessing on the host with PIL, step for step as open_clip's torchvision transforms.
 
-Evaluation (open_clip `image_transform(is_train=False)`): resize the shortest side with PIL bicubic, center crop, convert
-to RGB (after resizing, as open_clip does), scale to [0, 1], normalise. pybioclip's Tree-of-Life path instead squashes the
-whole image to size x size (bilinear). PIL is used rather than jax.image.resize because their filters differ.
+Evaluation (open_clip `image_transform(is_train=False)`): resize the shortest side with PIL bicubic, center crop,
+convert to RGB (after resizing, as open_clip does), scale to [0, 1], normalise. pybioclip's Tree-of-Life path instead
+squashes the whole image to size x size (bilinear). PIL is used rather than jax.image.resize because their filters
+differ.
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ def resize_shortest(image: Image.Image, size: int, resample) -> Image.Image:
 
 
 def _bilinear_weights(in_size: int, out_size: int) -> np.ndarray:
-    """[out, in] weights of an antialiased linear (triangle) filter: PIL's scheme, which torch's antialias=True follows."""
+    """[out, in] weights of an antialiased linear (triangle) filter: PIL's scheme, which torch's antialias=True
+    follows."""
     scale = in_size / out_size
     support = max(scale, 1.0)  # widen the triangle when downsampling, so every input pixel contributes
     weights = np.zeros((out_size, in_size), np.float64)
@@ -258,7 +260,8 @@ def load_image(source: ImageInput) -> Image.Image:
     if isinstance(source, Image.Image):  # already opened by the caller: the pixel limit is for files and bytes
         return to_8bit(source)
     if isinstance(source, np.ndarray):
-        if source.dtype != np.uint8 or source.ndim not in (2, 3) or (source.ndim == 3 and source.shape[2] not in (1, 3, 4)):
+        channels_ok = source.ndim == 2 or (source.ndim == 3 and source.shape[2] in (1, 3, 4))
+        if source.dtype != np.uint8 or not channels_ok:
             raise InputError(f"image array must be uint8 [H, W], [H, W, 3] or [H, W, 4]; got {source.dtype} "
                              f"{source.shape}")
         return Image.fromarray(source[..., 0] if source.ndim == 3 and source.shape[2] == 1 else source)

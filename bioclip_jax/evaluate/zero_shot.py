@@ -63,11 +63,11 @@ def _gather_processes(features, ranks, labels, commons, indices):
 
     if jax.process_count() == 1:
         return features, ranks, labels, commons, indices
-    from jax.experimental import multihost_utils
-
     # Strings do not travel through collectives: gather the features and indices as arrays, and ranks and labels
     # as JSON bytes.
     import json
+
+    from jax.experimental import multihost_utils
 
     payload = np.frombuffer(json.dumps([ranks, labels, commons]).encode(), np.uint8)
     sizes = multihost_utils.process_allgather(np.array([len(payload), len(features)]))
@@ -79,11 +79,11 @@ def _gather_processes(features, ranks, labels, commons, indices):
     all_indices = multihost_utils.process_allgather(pad(indices.astype(np.int64)))
     out_f, out_r, out_l, out_c, out_i = [], [], [], [], []
     for p, (size, count) in enumerate(sizes):
-        r, l, c = json.loads(blobs[p][:size].tobytes())
+        r, lbl, c = json.loads(blobs[p][:size].tobytes())
         out_f.append(all_features[p][:count])
         out_i.append(all_indices[p][:count])
         out_r += [tuple(x) for x in r]
-        out_l += l
+        out_l += lbl
         out_c += c
     return np.concatenate(out_f), out_r, out_l, out_c, np.concatenate(out_i)
 

@@ -27,8 +27,15 @@ from PIL import Image
 from bioclip_jax.convert.hub import HUB_PREFIX, TXT_EMB_REPOS, download_dataset_file, hub_repo_id
 from bioclip_jax.data.transforms import ImageInput, Preprocess, load_image, to_rgb
 from bioclip_jax.errors import InputError
-from bioclip_jax.inference.model import (Model, as_image_list, iter_image_features, load, normalize_features,
-                                         on_device, pick_preprocess)
+from bioclip_jax.inference.model import (
+    Model,
+    as_image_list,
+    iter_image_features,
+    load,
+    normalize_features,
+    on_device,
+    pick_preprocess,
+)
 from bioclip_jax.inference.templates import OPENAI_IMAGENET_TEMPLATES
 from bioclip_jax.inference.zero_shot import zero_shot_classifier
 from bioclip_jax.tokenizer import tokenize

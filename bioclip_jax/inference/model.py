@@ -123,8 +123,8 @@ def encode(model: Model, images=None, texts=None, normalize: bool = True, batch_
            preprocess: Preprocess | str | None = None, progress: bool = False):
     """Embeds images and/or texts. Returns float32 numpy [N, D] (a tuple (images, texts) when both are given).
 
-    images: paths, PIL images or uint8 arrays (or one [N, H, W, 3] array). texts: strings. `preprocess`: None (or "open_clip")
-    for the model's own (open_clip eval transform), "pybioclip" for pybioclip's squash, or a `Preprocess`.
+    images: paths, PIL images or uint8 arrays (or one [N, H, W, 3] array). texts: strings. `preprocess`: None (or
+    "open_clip") for the model's own (open_clip eval transform), "pybioclip" for pybioclip's squash, or a `Preprocess`.
     """
     if images is None and texts is None:
         raise InputError("encode needs images=, texts= or both")

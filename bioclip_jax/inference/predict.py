@@ -5,16 +5,37 @@ compares (features and probabilities are numpy arrays where pybioclip returns to
 """
 
 from bioclip_jax.data.transforms import Preprocess
-from bioclip_jax.inference.classify import (BIOCLIP_MODEL_STR, BIOCLIP_V1_MODEL_STR, BIOCLIP_V2_MODEL_STR,
-                                            DEFAULT_BATCH_SIZE, HF_DATAFILE_REPO_TYPE, PRED_CLASSICATION_KEY,
-                                            PRED_FILENAME_KEY, PRED_SCORE_KEY, TOL_MODELS, BaseClassifier,
-                                            CustomLabelsBinningClassifier, CustomLabelsClassifier,
-                                            create_bioclip_tokenizer, ensure_tol_supported_model, get_tol_repo_id,
-                                            predict_classifications_from_list)
+from bioclip_jax.inference.classify import (
+                                            BIOCLIP_MODEL_STR,
+                                            BIOCLIP_V1_MODEL_STR,
+                                            BIOCLIP_V2_MODEL_STR,
+                                            DEFAULT_BATCH_SIZE,
+                                            HF_DATAFILE_REPO_TYPE,
+                                            PRED_CLASSICATION_KEY,
+                                            PRED_FILENAME_KEY,
+                                            PRED_SCORE_KEY,
+                                            TOL_MODELS,
+                                            BaseClassifier,
+                                            CustomLabelsBinningClassifier,
+                                            CustomLabelsClassifier,
+                                            create_bioclip_tokenizer,
+                                            ensure_tol_supported_model,
+                                            get_tol_repo_id,
+                                            predict_classifications_from_list,
+)
 from bioclip_jax.inference.templates import OPENAI_IMAGENET_TEMPLATES
-from bioclip_jax.inference.tree_of_life import (COMMON_NAME_LABEL, SPECIES_EPITHET_LABEL, SPECIES_LABEL, Rank,
-                                                TreeOfLifeClassifier, create_classification_dict, get_rank_labels,
-                                                get_tol_classification_labels, join_names, predict_classification)
+from bioclip_jax.inference.tree_of_life import (
+                                            COMMON_NAME_LABEL,
+                                            SPECIES_EPITHET_LABEL,
+                                            SPECIES_LABEL,
+                                            Rank,
+                                            TreeOfLifeClassifier,
+                                            create_classification_dict,
+                                            get_rank_labels,
+                                            get_tol_classification_labels,
+                                            join_names,
+                                            predict_classification,
+)
 
 # pybioclip's spelling; each entry maps a class name to one prompt, as pybioclip's lambdas do.
 OPENA_AI_IMAGENET_TEMPLATE = [lambda c, template=template: template.format(c) for template in OPENAI_IMAGENET_TEMPLATES]

@@ -21,9 +21,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from bioclip_jax import paths
+from bioclip_jax.convert.hub import resolve_txt_emb
 from bioclip_jax.data.taxonomy import RANKS, Taxon
 from bioclip_jax.errors import InputError
-from bioclip_jax.convert.hub import resolve_txt_emb
 from bioclip_jax.inference.classify import BIOCLIP_MODEL_STR, DEFAULT_BATCH_SIZE, BaseClassifier, recorded_images
 from bioclip_jax.inference.io import read_subset
 from bioclip_jax.inference.model import Model, as_image_list

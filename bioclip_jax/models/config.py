@@ -14,6 +14,7 @@ from typing import Any
 
 from bioclip_jax.errors import InputError
 
+
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
     """The image tower; defaults are open_clip's CLIPVisionCfg (ViT-B/16)."""

@@ -1,7 +1,7 @@
 """Transformer building blocks shared by both towers, named after open_clip's modules.
 
-open_clip's `ResidualAttentionBlock` is pre-LN: x + attn(ln_1(x)); x + mlp(ln_2(x)). Parameter names (`ln_1`, `attn.in_proj`,
-`attn.out_proj`, `ln_2`, `mlp.c_fc`, `mlp.c_proj`) mirror its state_dict so the converter is a table.
+open_clip's `ResidualAttentionBlock` is pre-LN: x + attn(ln_1(x)); x + mlp(ln_2(x)). Parameter names (`ln_1`,
+`attn.in_proj`, `attn.out_proj`, `ln_2`, `mlp.c_fc`, `mlp.c_proj`) mirror its state_dict so the converter is a table.
 Submodules are built with keyword arguments only: two fields of the same type swapped by a reordering would otherwise
 build a different network without an error.
 """
@@ -9,7 +9,6 @@ build a different network without an error.
 from __future__ import annotations
 
 import dataclasses
-
 from typing import Any, Callable
 
 import jax

@@ -15,7 +15,8 @@ def clip_loss(image_features: jax.Array, text_features: jax.Array, logit_scale: 
     holds its rows of the [N, N] logits (its images against all texts). Image->text normalises along those rows,
     locally; text->image normalises each column over all images, which needs only two [N] all-reduces (the column
     max and sum of exponentials), not a second [N, D] gather. The targets, the diagonal, come from the local
-    features, reduced to one scalar. The gather's gradient is a reduce-scatter. Without `replicated` XLA picks the collectives itself."""
+    features, reduced to one scalar. The gather's gradient is a reduce-scatter. Without `replicated` XLA picks the
+    collectives itself."""
     image_features = image_features.astype(jnp.float32)
     text_features = text_features.astype(jnp.float32)
     all_text = text_features if replicated is None else jax.lax.with_sharding_constraint(text_features, replicated)

@@ -1,8 +1,7 @@
-"""Causal text tower (open_clip's CLIP text side): tokens + positions -> causal blocks -> ln_final -> EOT -> projection."""
+"""Causal text tower (open_clip's CLIP text side): tokens + positions -> causal blocks -> ln_final -> EOT ->
+projection."""
 
 from __future__ import annotations
-
-from typing import Any
 
 import jax
 import jax.numpy as jnp

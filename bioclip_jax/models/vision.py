@@ -1,8 +1,7 @@
-"""ViT image tower (open_clip `VisionTransformer`): patchify -> [CLS] + positions -> ln_pre -> blocks -> ln_post -> proj."""
+"""ViT image tower (open_clip `VisionTransformer`): patchify -> [CLS] + positions -> ln_pre -> blocks -> ln_post ->
+proj."""
 
 from __future__ import annotations
-
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +28,8 @@ class VisionTransformer(nn.Module):
                              f"got {tuple(images.shape)}")
         scale = cfg.width ** -0.5
         x = nn.Conv(cfg.width, (cfg.patch_size, cfg.patch_size), strides=(cfg.patch_size, cfg.patch_size),
-                    padding="VALID", use_bias=False, dtype=self.options.dtype, name="conv1")(images.astype(self.options.dtype))
+                    padding="VALID", use_bias=False, dtype=self.options.dtype,
+                    name="conv1")(images.astype(self.options.dtype))
         x = x.reshape(x.shape[0], -1, cfg.width)  # row-major patches, as torch's flatten(2).permute(0, 2, 1)
         cls = self.param("class_embedding", normal(scale), (cfg.width,))
         pos = self.param("positional_embedding", normal(scale), (cfg.grid ** 2 + 1, cfg.width))

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from bioclip_jax.data.taxonomy import RANKS, Taxon, row_taxon
-from bioclip_jax.errors import InputError
+from bioclip_jax.errors import InputError, first_line
 from bioclip_jax.shards.build import Example, Skip, describe
 from bioclip_jax.shards.output import Shard
 from bioclip_jax.shards.pool import map_ordered
@@ -69,7 +69,7 @@ def open_catalog(path: str) -> Catalog:
         try:
             names = pq.ParquetFile(path).schema_arrow.names
         except pa.ArrowException as e:
-            raise InputError(f"{path}: not a readable Parquet catalog ({str(e).splitlines()[0]})") from None
+            raise InputError(f"{path}: not a readable Parquet catalog ({first_line(e)})") from None
     else:
         import csv
 
@@ -166,7 +166,7 @@ def iter_catalog(catalog: Catalog, verbose: bool = True) -> Iterator[pa.Table]:
             finally:
                 stream.close()
     except pa.ArrowException as e:  # e.g. a row with the wrong number of cells
-        raise InputError(f"{catalog.path}: unreadable catalog ({str(e).splitlines()[0]})") from None
+        raise InputError(f"{catalog.path}: unreadable catalog ({first_line(e)})") from None
 
 
 def catalog_taxon(row: dict) -> Taxon:

@@ -175,8 +175,6 @@ def index_tar(path: str) -> tuple[list[TarSample], list[dict]]:
     return samples, errors
 
 
-
-
 def _index(path: str, progress) -> tuple[list[TarSample], list[dict]]:
     return index_tar(path)
 

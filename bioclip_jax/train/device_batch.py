@@ -12,7 +12,8 @@ from bioclip_jax.data.transforms import NORMALIZATION
 
 
 def to_global(batch: dict, sharding: jax.sharding.Sharding, keys: Sequence[str] = ("image", "tokens")) -> dict:
-    """This process's numeric arrays -> global jax.Arrays sharded along the batch (`make_array_from_process_local_data`)."""
+    """This process's numeric arrays -> global jax.Arrays sharded along the batch
+    (`make_array_from_process_local_data`)."""
     return {k: jax.make_array_from_process_local_data(sharding, batch[k]) for k in keys if k in batch}
 
 

@@ -21,9 +21,10 @@ import ml_collections
 
 from bioclip_jax import hardware, runtime
 from bioclip_jax.convert.files import load_model_config
-from bioclip_jax.errors import InputError
+from bioclip_jax.errors import InputError, first_line
 from bioclip_jax.models.clip import init_params
-from bioclip_jax.train import metrics as metrics_lib, sharding
+from bioclip_jax.train import metrics as metrics_lib
+from bioclip_jax.train import sharding
 from bioclip_jax.train.trainer import build_train_step
 
 GIB = hardware.GIB
@@ -119,7 +120,7 @@ def topology_devices(topology: Topology) -> list:
         desc = topologies.get_topology_desc(platform="tpu", topology_name=topology.name,
                                             chip_config_name=topology.chip.chip_config)
     except Exception as e:  # noqa: BLE001 - libtpu rejects a shape with a generic runtime error
-        raise InputError(f"topology {topology.name}: libtpu cannot build it ({str(e).splitlines()[0]})") from None
+        raise InputError(f"topology {topology.name}: libtpu cannot build it ({first_line(e)})") from None
     return list(desc.devices)
 
 

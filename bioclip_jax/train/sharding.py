@@ -7,7 +7,8 @@ import functools
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from bioclip_jax.models.scan import STACKED_BLOCKS
 

@@ -31,7 +31,8 @@ from bioclip_jax.models.clip import CLIP, init_params
 from bioclip_jax.models.config import CLIPConfig
 from bioclip_jax.models.loss import clip_loss
 from bioclip_jax.models.scan import stack_layers, unstack_layers
-from bioclip_jax.train import metrics as metrics_lib, sharding
+from bioclip_jax.train import metrics as metrics_lib
+from bioclip_jax.train import sharding
 from bioclip_jax.train import workdir as workdir_lib
 from bioclip_jax.train.device_batch import normalize_images, to_global
 from bioclip_jax.train.optimizer import clamp_logit_scale, make_optimizer, skipped_updates

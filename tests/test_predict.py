@@ -144,7 +144,7 @@ def test_tree_of_life_prediction_sums_species_by_rank(exported, tmp_path):
     assert len(kingdoms) == 1 and list(kingdoms[0]) == ["file_name", "kingdom", "score"]
 
     (tmp_path / "subset.csv").write_text("family\nCorvidae\n")
-    assert main(["predict", images[0], "--model", str(folder), "--rank", "species", "--txt-emb",
+    assert main(["predict", images[0], "--model", str(folder), "--txt-emb",  # --subset: species rank
                  str(tmp_path / "emb"), "--subset", str(tmp_path / "subset.csv"), "--output",
                  str(tmp_path / "sub.csv")]) == 0
     subset_rows = _read_csv(tmp_path / "sub.csv")

@@ -4,7 +4,8 @@
     image_features, text_features = bioclip_jax.encode(model, images=["a.jpg"], texts=["a photo of Pica hudsonia."])
     probs = softmax(model.logit_scale * image_features @ text_features.T)
 
-pybioclip's classes, same names and signatures, returning pybioclip's rows (list[dict]):
+pybioclip's classes, constants (BIOCLIP_MODEL_STR ...) and Rank, same names and signatures, returning pybioclip's
+rows (list[dict]):
     rows = bioclip_jax.TreeOfLifeClassifier(model_str="bioclip").predict(["a.jpg"], bioclip_jax.Rank.FAMILY)
 
 The names load on first use (PEP 562), so `import bioclip_jax` and `bioclip-jax --help` start no JAX.
@@ -23,6 +24,9 @@ _EXPORTS = {
     "export_open_clip": "bioclip_jax.convert.checkpoint",
     "save_model": "bioclip_jax.convert.checkpoint",
     "Preprocess": "bioclip_jax.data.transforms",
+    "BIOCLIP_MODEL_STR": "bioclip_jax.inference.classify",
+    "BIOCLIP_V1_MODEL_STR": "bioclip_jax.inference.classify",
+    "BIOCLIP_V2_MODEL_STR": "bioclip_jax.inference.classify",
     "CustomLabelsBinningClassifier": "bioclip_jax.inference.classify",
     "CustomLabelsClassifier": "bioclip_jax.inference.classify",
     "Model": "bioclip_jax.inference.model",
@@ -35,7 +39,8 @@ _EXPORTS = {
     "list_models": "bioclip_jax.models.config",
     "tokenize": "bioclip_jax.tokenizer",
 }
-__all__ = ["CustomLabelsBinningClassifier", "CustomLabelsClassifier", "Model", "Preprocess", "Rank",
+__all__ = ["BIOCLIP_MODEL_STR", "BIOCLIP_V1_MODEL_STR", "BIOCLIP_V2_MODEL_STR", "CustomLabelsBinningClassifier",
+           "CustomLabelsClassifier", "Model", "Preprocess", "Rank",
            "TreeOfLifeClassifier", "convert_checkpoint", "create_model", "encode", "export_open_clip",
            "get_model_config", "list_models", "load", "save_model", "tokenize"]
 
@@ -43,7 +48,8 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time __getattr__
     from bioclip_jax.convert.checkpoint import convert_checkpoint, export_open_clip, save_model
     from bioclip_jax.convert.files import load_model_config as get_model_config
     from bioclip_jax.data.transforms import Preprocess
-    from bioclip_jax.inference.classify import CustomLabelsBinningClassifier, CustomLabelsClassifier
+    from bioclip_jax.inference.classify import (BIOCLIP_MODEL_STR, BIOCLIP_V1_MODEL_STR, BIOCLIP_V2_MODEL_STR,
+                                                CustomLabelsBinningClassifier, CustomLabelsClassifier)
     from bioclip_jax.inference.model import Model, create_model, encode, load
     from bioclip_jax.inference.tree_of_life import Rank, TreeOfLifeClassifier
     from bioclip_jax.models.config import list_models

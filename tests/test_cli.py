@@ -73,8 +73,18 @@ def test_import_and_parsing_start_no_jax():
 
 
 def test_list_models(capsys):
+    """pybioclip's list-models (hub names, then open_clip's architectures, tab-indented; --model: its tags), and our own
+    architectures with --architectures."""
+    import open_clip
+
     assert main(["list-models"]) == 0
-    listed = capsys.readouterr().out.split("\n")
+    listed = capsys.readouterr().out.splitlines()
+    assert listed == [f"\t{name}" for name in ["hf-hub:imageomics/bioclip", "hf-hub:imageomics/bioclip-2",
+                                               *open_clip.list_models()]]
+    assert main(["list-models", "--model", "ViT-B-16"]) == 0
+    assert capsys.readouterr().out.splitlines() == open_clip.list_pretrained_tags_by_model("ViT-B-16")
+    assert main(["list-models", "--architectures"]) == 0
+    listed = capsys.readouterr().out.splitlines()
     assert "ViT-B-16-quickgelu" in listed and "bioclip -> ViT-B-16-quickgelu" in listed
 
 

@@ -144,7 +144,7 @@ def test_tree_of_life_prediction_sums_species_by_rank(exported, tmp_path):
     assert len(kingdoms) == 1 and list(kingdoms[0]) == ["file_name", "kingdom", "score"]
 
     (tmp_path / "subset.csv").write_text("family\nCorvidae\n")
-    assert main(["predict", images[0], "--model", str(folder), "--rank", "species", "--txt-emb",
+    assert main(["predict", images[0], "--model", str(folder), "--txt-emb",  # --subset: species rank
                  str(tmp_path / "emb"), "--subset", str(tmp_path / "subset.csv"), "--output",
                  str(tmp_path / "sub.csv")]) == 0
     subset_rows = _read_csv(tmp_path / "sub.csv")
@@ -164,10 +164,11 @@ def test_text_embeddings_of_another_model_are_refused(exported, tmp_path):
 
 def test_tree_of_life_is_the_default_mode_and_needs_embeddings_for_local_models(exported, tmp_path, capsys):
     folder, images = exported
-    assert main(["predict", images[0], "--model", str(folder)]) == 2
-    assert "no published TreeOfLife species embeddings" in capsys.readouterr().err
-    assert main(["predict", images[0], "--model", str(folder), "--cls", "a,b", "--subset", "s.csv"]) == 2
-    assert "--subset restricts the tree of life" in capsys.readouterr().err
+    assert main(["predict", images[0], "--model", str(folder)]) == 2  # pybioclip's message
+    assert "TreeOfLife predictions are only supported for the following models" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # refused while parsing, as pybioclip does
+        main(["predict", images[0], "--model", str(folder), "--cls", "a,b", "--subset", "s.csv"])
+    assert "argument --subset: not allowed with argument --cls" in capsys.readouterr().err
 
 
 def test_output_is_checked_before_any_work(tmp_path, capsys):

@@ -127,9 +127,9 @@ def test_tree_of_life_matches_pybioclip(setup, pybioclip, tmp_path):
     (tmp_path / "species.csv").write_text("species\nPica hudsonia\nCorvus corax\nRosa canina\n")
     reference.apply_filter(reference.create_taxa_filter_from_csv(str(tmp_path / "species.csv")))
     assert main(["predict", *images, "--model", str(folder), "--txt-emb", str(emb), "--subset",
-                 str(tmp_path / "species.csv"), "--rank", "class", "--output", str(tmp_path / "sp_out.csv")]) == 0
-    _compare(_read_csv(tmp_path / "sp_out.csv"), reference.predict(images, pybioclip.Rank.CLASS),
-             "cli --subset species --rank class", report)
+                 str(tmp_path / "species.csv"), "--output", str(tmp_path / "sp_out.csv")]) == 0
+    _compare(_read_csv(tmp_path / "sp_out.csv"), reference.predict(images, pybioclip.Rank.SPECIES),
+             "cli --subset species", report)
 
     # The Python class, with pybioclip's signature and Rank, returns pybioclip's rows.
     ours = bioclip_jax.TreeOfLifeClassifier(model_str=str(folder), txt_emb=emb, progress=False)
@@ -158,7 +158,8 @@ def test_unknown_subset_values_are_pybioclip_errors(setup, pybioclip, tmp_path, 
         reference.create_taxa_filter_from_csv(str(tmp_path / "subset.csv"))
     assert main(["predict", images[0], "--model", str(folder), "--txt-emb", str(emb), "--subset",
                  str(tmp_path / "subset.csv")]) == 2
-    assert str(theirs.value) in capsys.readouterr().err  # "Unknown species received: Pica hudsonai. ..."
+    err = capsys.readouterr().err
+    assert str(theirs.value) in err and "subset.csv" in err  # "Unknown species received: Pica hudsonai. ..."
     ours = bioclip_jax.TreeOfLifeClassifier(model_str=str(folder), txt_emb=emb, progress=False)
     with pytest.raises(ValueError) as raised:
         ours.create_taxa_filter_from_csv(str(tmp_path / "subset.csv"))
@@ -291,6 +292,13 @@ def test_public_names_and_signatures_are_pybioclips():
     assert [t("x") for t in our_predict.OPENA_AI_IMAGENET_TEMPLATE] == \
         [t("x") for t in their_predict.OPENA_AI_IMAGENET_TEMPLATE]
     assert our_predict.get_rank_labels() == their_predict.get_rank_labels()
+    import bioclip
+
+    for name in ["Rank", "TreeOfLifeClassifier", "CustomLabelsClassifier", "CustomLabelsBinningClassifier",
+                 "BIOCLIP_MODEL_STR", "BIOCLIP_V1_MODEL_STR", "BIOCLIP_V2_MODEL_STR"]:  # the package's own names
+        assert name in bioclip_jax.__all__ and hasattr(bioclip_jax, name), name
+        if name.startswith("BIOCLIP"):
+            assert getattr(bioclip_jax, name) == getattr(bioclip, name)
     with pytest.raises(ValueError) as theirs:
         their_predict.get_tol_repo_id("ViT-B-16")
     with pytest.raises(ValueError) as ours:
@@ -357,3 +365,80 @@ def test_prediction_logs_match_pybioclip(setup, pybioclip, tmp_path):
     with pytest.raises(ValueError, match="already exists") as raised:
         verify_recorder_path(str(tmp_path / "ours_cls.json"))
     assert "Please choose a different file name." in str(raised.value)
+
+
+def _parse_error(main_fn, argv, capsys) -> tuple[int, str]:
+    """(exit code, the message after "error: ") of a command line refused while parsing."""
+    with pytest.raises(SystemExit) as raised:
+        main_fn(argv)
+    return raised.value.code, capsys.readouterr().err.strip().splitlines()[-1].split(" error: ", 1)[1]
+
+
+@pytest.mark.parametrize("argv", [
+    ["predict", "a.jpg", "--subset", "s.csv", "--cls", "x,y"], ["predict", "a.jpg", "--subset", "s.csv", "--bins", "b"],
+    ["predict", "a.jpg", "--subset", "s.csv", "--rank", "class"], ["predict", "a.jpg", "--rank", "genus", "--cls", "x"],
+    ["predict", "a.jpg", "--cls", "x", "--bins", "b.csv"], ["predict", "a.jpg", "--rank", "subspecies"],
+    ["predict", "a.jpg", "--format", "json"], ["predict", "a.jpg", "--k", "five"], ["predict"], ["embed"],
+    ["embed", "a.jpg", "--batch-size", "ten"], ["list-models", "--nope"], ["nope"]])
+def test_bad_arguments_are_refused_as_pybioclip_refuses_them(argv, capsys):
+    """pybioclip's own parser is the oracle: the same exit code and message for the same bad command line."""
+    from bioclip.__main__ import create_parser
+
+    theirs = _parse_error(create_parser().parse_args, argv, capsys)
+    ours = _parse_error(main, argv, capsys)
+    if argv == ["nope"]:  # the choices differ: we have more commands
+        theirs, ours = (theirs[0], theirs[1].split(" (choose")[0]), (ours[0], ours[1].split(" (choose")[0])
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("argv", [["predict", "a.jpg", "--pretrained", "w.safetensors"],
+                                  ["predict", "a.jpg", "--model", "ViT-B-16", "--rank", "genus"],
+                                  ["list-tol-taxa", "--model", "ViT-B-16"]])
+def test_tree_of_life_model_errors_are_pybioclips(argv, capsys):
+    """pybioclip refuses weights of its own and models without published species embeddings for the tree of life
+    (a ValueError while parsing); ours is the same message as a one-line error, exit 2, before any model loads."""
+    from bioclip.__main__ import parse_args
+
+    with pytest.raises(ValueError) as theirs:
+        parse_args(argv)
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"bioclip-jax {argv[0]}: error: {theirs.value}\n"
+
+
+def test_cli_prediction_logs_match_pybioclips_cli(setup, pybioclip, tmp_path, monkeypatch):
+    """`predict --log` on both command lines (pybioclip's parser and commands.run against our main): the same JSON and
+    text logs, but for times, versions, model paths and the species matrix's source; the command line is sys.argv."""
+    from bioclip import commands
+    from bioclip.__main__ import parse_args
+
+    folder, weights, emb, images = setup
+    (tmp_path / "bins.csv").write_text("label,bin\nPica hudsonia,bird\nCorvus corax,bird\nCanis lupus,mammal\n")
+    (tmp_path / "subset.csv").write_text("family\nCorvidae\nCanidae\n")
+    (tmp_path / "labels.txt").write_text("Pica hudsonia\n Canis lupus\n")
+    def theirs(argv):  # pybioclip's parser refuses --pretrained for the tree of life: the weights are set after it
+        args = parse_args(argv)
+        args.pretrained = weights
+        return commands.run(args)
+
+    modes = [  # (log name, arguments of both, ours only)
+        ("cls.json", ["--cls", str(tmp_path / "labels.txt")], []),
+        ("bins.txt", ["--bins", str(tmp_path / "bins.csv"), "--k", "1"], []),
+        ("tol.json", ["--subset", str(tmp_path / "subset.csv")], ["--txt-emb", str(emb)]),
+        ("tol.txt", ["--rank", "family", "--k", "3", "--batch-size", "2"], ["--txt-emb", str(emb)]),
+    ]
+    for name, both, ours_only in modes:
+        for _ in range(1 if name.endswith(".json") else 2):  # text logs append
+            for program, model, extra, run in [("bioclip", ARCH, [], theirs),
+                                               ("bioclip-jax", str(folder), ours_only, main)]:
+                argv = ["predict", *images[:3], *both, "--model", model, *extra, "--device", "cpu",
+                        "--output", str(tmp_path / "out.csv"), "--log", str(tmp_path / f"{program}_{name}")]
+                monkeypatch.setattr("sys.argv", [program, *argv])
+                assert run(argv) in (None, 0)
+        (expected, _), (got, fields) = [_log_content(tmp_path / f"{p}_{name}") for p in ("bioclip", "bioclip-jax")]
+        if name.endswith(".json"):
+            assert got.pop("command_line").startswith("bioclip-jax predict ") and fields["model"] == str(folder)
+            expected.pop("command_line")
+        else:
+            got, expected = [[line for line in lines if not line.startswith("Command Line: ")]
+                             for lines in (got, expected)]
+        assert got == expected, name

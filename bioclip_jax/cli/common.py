@@ -91,6 +91,14 @@ def model(args):
     return on_device(load(args.model, model=args.arch), args.device)
 
 
+def classifier_model(args) -> dict:
+    """The classifiers' model keywords: pybioclip's model_str/pretrained_str/device as given (what a --log records),
+    or a loaded Model when --arch names the architecture of a bare weights file."""
+    if args.arch:
+        return {"model_str": model(args)}
+    return {"model_str": args.model, "pretrained_str": args.pretrained, "device": args.device}
+
+
 def report_failures(failures: dict[str, str]) -> int:
     for name, why in failures.items():
         print(f"bioclip-jax: skipped {name}: {why}", file=sys.stderr)

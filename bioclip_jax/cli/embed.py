@@ -7,10 +7,10 @@ from bioclip_jax.cli import common
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("embed", help="image embeddings as JSON (pybioclip's embed format, unnormalised)")
-    p.add_argument("images", nargs="+")
+    p.add_argument("image_file", nargs="+", help="input image file(s)")
     common.add_model_options(p, "weights (as for predict)")
     p.add_argument("--output")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=10)
     p.set_defaults(func=run)
 
 
@@ -22,7 +22,7 @@ def run(args) -> int:
 
     output = check_output(args.output)
     model = common.model(args)
-    keys, features, failures = embed_images(model, args.images, batch_size=args.batch_size,
+    keys, features, failures = embed_images(model, args.image_file, batch_size=args.batch_size,
                                             preprocess=args.preprocess)
     common.emit(json.dumps(embeddings_json(model.source, keys, features), indent=4) + "\n", output)
     return common.report_failures(failures)

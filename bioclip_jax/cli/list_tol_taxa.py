@@ -18,9 +18,12 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     """Every species of the tree-of-life embeddings as CSV."""
     from bioclip_jax.convert.hub import resolve_txt_emb
+    from bioclip_jax.inference.classify import ensure_tol_supported_model
     from bioclip_jax.inference.io import format_rows
     from bioclip_jax.inference.tree_of_life import SPECIES_COLUMNS, label_data, read_txt_names
 
+    if not args.txt_emb:
+        ensure_tol_supported_model(args.model)  # pybioclip's ValueError for models without published embeddings
     names = read_txt_names(args.txt_emb or resolve_txt_emb(args.model))
     sys.stdout.write(format_rows(label_data(names), "csv", columns=SPECIES_COLUMNS))
     return 0

@@ -1,46 +1,74 @@
-"""bioclip-jax predict: pybioclip's predict (tree of life, custom labels or label bins)."""
+"""bioclip-jax predict: pybioclip's predict (tree of life, custom labels or label bins), with its --log."""
 
 from __future__ import annotations
 
 from bioclip_jax.cli import common
 from bioclip_jax.errors import InputError
 
+RANKS = ["kingdom", "phylum", "class", "order", "family", "genus", "species"]
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("predict", help="classify images: the tree of life (default), custom labels or label "
                                               "bins (pybioclip's predict)")
-    p.add_argument("images", nargs="+")
+    p.add_argument("image_file", nargs="+", help="input image file(s)")
     common.add_model_options(p, "weights: open_clip folder/file, bioclip_jax folder or run, transformers CLIP "
                                 "folder, hf-hub:ORG/NAME, bioclip or bioclip-2")
+    # pybioclip's group: one mode at most, refused while parsing with argparse's "not allowed with" message.
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--rank", choices=["kingdom", "phylum", "class", "order", "family", "genus", "species"],
-                       help="tree-of-life prediction at this rank (the default mode, at species rank)")
-    group.add_argument("--cls", help="labels: comma-separated, or a file with one label per line")
+    group.add_argument("--rank", choices=RANKS, help="tree-of-life prediction at this rank (default: species); "
+                                                     "not allowed with --cls, --bins or --subset")
+    group.add_argument("--cls", help="labels: comma-separated, or a file with one label per line; not allowed with "
+                                     "--rank, --bins or --subset")
     group.add_argument("--bins", help="CSV with a header row, then label,bin rows: a bin's score sums its labels' "
-                                      "probabilities")
+                                      "probabilities; not allowed with --rank, --cls or --subset")
+    group.add_argument("--subset", help="CSV whose first column's header names a rank and whose rows the taxa to "
+                                        "keep (binomials at species rank): tree of life at species rank among them; "
+                                        "not allowed with --rank, --cls or --bins")
     p.add_argument("--txt-emb", help="folder with txt_emb_species.npy/.json (pybioclip format) for the tree of life; "
                                      "default for bioclip / bioclip-2: the TreeOfLife embeddings on the hub")
-    p.add_argument("--subset", help="CSV whose first column's header names a rank and whose rows the taxa to keep "
-                                    "(binomials at species rank); alone it means species rank")
     p.add_argument("--min-prob", type=float, default=1e-9, help="species below this are not summed, for --rank")
     p.add_argument("--k", type=int, help="predictions per image (default: 5 for the tree of life, all labels for "
                                          "--cls/--bins)")
-    p.add_argument("--format", choices=["csv", "table"], default="csv")
+    p.add_argument("--format", choices=["table", "csv"], default="csv", help="format of the output (default: csv)")
     p.add_argument("--output", help="write here instead of standard output")
     p.add_argument("--batch-size", type=int, default=10)
+    p.add_argument("--log", metavar="LOG_FILE", help="record the run (model, settings, images): a new JSON file if "
+                                                     "the name ends in .json, else text appended (pybioclip's logs)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from bioclip_jax.inference import io
+    from bioclip_jax.inference import io, recorder
 
+    tree_of_life = not (args.cls or args.bins)
+    if tree_of_life and not args.txt_emb:
+        check_tree_of_life_model(args)
     output = io.check_output(args.output)
-    if args.cls or args.bins:
-        classifier, rows = _custom_labels(args)
+    if args.log:
+        recorder.verify_recorder_path(args.log)
+    classifier = _custom_labels(args) if not tree_of_life else _tree_of_life(args)
+    if args.log:
+        recorder.attach_cli_recorder(classifier, cls=args.cls, bins_path=args.bins, subset=args.subset)
+    if tree_of_life:
+        rows = classifier.predict(args.image_file, rank=args.rank or "species", min_prob=args.min_prob,
+                                  k=args.k or 5, batch_size=args.batch_size)
     else:
-        classifier, rows = _tree_of_life(args)
+        rows = classifier.predict(args.image_file, k=args.k, batch_size=args.batch_size)
+    if args.log:
+        recorder.save_recorded_predictions(classifier, args.log)
     common.emit(io.format_rows(rows, args.format), output)
     return common.report_failures(classifier.failures)
+
+
+def check_tree_of_life_model(args) -> None:
+    """pybioclip's parse-time errors: its species embeddings exist for its hub models only, and not for other
+    weights. With --txt-emb any model and weights predict over the tree of life."""
+    from bioclip_jax.inference.classify import ensure_tol_supported_model
+
+    if args.pretrained:
+        raise InputError("Custom checkpoints are currently not supported for TreeOfLife prediction")
+    ensure_tol_supported_model(args.model)
 
 
 def _custom_labels(args):
@@ -48,28 +76,27 @@ def _custom_labels(args):
     from bioclip_jax.inference import io
     from bioclip_jax.inference.classify import CustomLabelsBinningClassifier, CustomLabelsClassifier
 
-    if args.subset:
-        raise InputError("--subset restricts the tree of life; it cannot be combined with --cls or --bins")
     if args.bins:
         bins = io.read_bins(args.bins)
-        classifier = CustomLabelsBinningClassifier(bins, model_str=common.model(args), preprocess=args.preprocess)
-    else:
-        with common.warnings_as_lines(args.command):
-            labels = io.read_labels(args.cls)
-        classifier = CustomLabelsClassifier(labels, model_str=common.model(args), preprocess=args.preprocess)
-    return classifier, classifier.predict(args.images, k=args.k, batch_size=args.batch_size)
+        return CustomLabelsBinningClassifier(bins, **common.classifier_model(args), preprocess=args.preprocess)
+    with common.warnings_as_lines(args.command):
+        labels = io.read_labels(args.cls)
+    return CustomLabelsClassifier(labels, **common.classifier_model(args), preprocess=args.preprocess)
 
 
 def _tree_of_life(args):
-    """pybioclip: no mode (or --subset alone) is the tree of life at species rank, 5 per image."""
+    """pybioclip: no mode (or --subset) is the tree of life at species rank, 5 per image."""
     from bioclip_jax.inference import io
     from bioclip_jax.inference.tree_of_life import TreeOfLifeClassifier
 
     if args.subset:
         io.read_subset(args.subset)  # its errors before the model loads
-    classifier = TreeOfLifeClassifier(common.model(args), txt_emb=args.txt_emb, preprocess=args.preprocess)
+    classifier = TreeOfLifeClassifier(**common.classifier_model(args), txt_emb=args.txt_emb,
+                                      preprocess=args.preprocess)
     if args.subset:
-        classifier.apply_filter(classifier.create_taxa_filter_from_csv(args.subset))
-    rows = classifier.predict(args.images, rank=args.rank or "species", min_prob=args.min_prob, k=args.k or 5,
-                              batch_size=args.batch_size)
-    return classifier, rows
+        try:
+            keep = classifier.create_taxa_filter_from_csv(args.subset)
+        except ValueError as e:  # pybioclip's message ("Unknown species received: ..."), and the file it came from
+            raise InputError(f"{args.subset}: {e}") from e
+        classifier.apply_filter(keep)
+    return classifier

@@ -303,7 +303,7 @@ def predict_classifications_from_list(img: ImageInput, cls_ary: Sequence[str], d
     return CustomLabelsClassifier(cls_ary=cls_ary, device=device).predict([img])
 
 
-def embed_images(model: Model, images: Sequence[ImageInput], batch_size: int = 32,
+def embed_images(model: Model, images: Sequence[ImageInput], batch_size: int = DEFAULT_BATCH_SIZE,
                  preprocess: str | Preprocess | None = "pybioclip",
                  progress: bool = True) -> tuple[list[str], np.ndarray, dict[str, str]]:
     """pybioclip's `embed`: (keys, unnormalised features [N, D], failures) of the images that could be read."""

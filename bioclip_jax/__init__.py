@@ -48,8 +48,13 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time __getattr__
     from bioclip_jax.convert.checkpoint import convert_checkpoint, export_open_clip, save_model
     from bioclip_jax.convert.files import load_model_config as get_model_config
     from bioclip_jax.data.transforms import Preprocess
-    from bioclip_jax.inference.classify import (BIOCLIP_MODEL_STR, BIOCLIP_V1_MODEL_STR, BIOCLIP_V2_MODEL_STR,
-                                                CustomLabelsBinningClassifier, CustomLabelsClassifier)
+    from bioclip_jax.inference.classify import (
+        BIOCLIP_MODEL_STR,
+        BIOCLIP_V1_MODEL_STR,
+        BIOCLIP_V2_MODEL_STR,
+        CustomLabelsBinningClassifier,
+        CustomLabelsClassifier,
+    )
     from bioclip_jax.inference.model import Model, create_model, encode, load
     from bioclip_jax.inference.tree_of_life import Rank, TreeOfLifeClassifier
     from bioclip_jax.models.config import list_models

@@ -88,6 +88,7 @@ def test_list_models(capsys):
     assert "ViT-B-16-quickgelu" in listed and "bioclip -> ViT-B-16-quickgelu" in listed
 
 
+@pytest.mark.integration  # trains and evaluates the demo end to end
 def test_demo_runs_end_to_end_with_small_settings(tmp_path, capsys, monkeypatch):
     """The quick-start job's whole path (data, training, per-rank zero-shot, export), shortened."""
     workdir = tmp_path / "demo"

@@ -415,6 +415,7 @@ def test_cli_prediction_logs_match_pybioclips_cli(setup, pybioclip, tmp_path, mo
     (tmp_path / "bins.csv").write_text("label,bin\nPica hudsonia,bird\nCorvus corax,bird\nCanis lupus,mammal\n")
     (tmp_path / "subset.csv").write_text("family\nCorvidae\nCanidae\n")
     (tmp_path / "labels.txt").write_text("Pica hudsonia\n Canis lupus\n")
+
     def theirs(argv):  # pybioclip's parser refuses --pretrained for the tree of life: the weights are set after it
         args = parse_args(argv)
         args.pretrained = weights

@@ -230,9 +230,12 @@ def _scope(args) -> list[str]:
 
 
 def wheel_name() -> str:
+    """The wheel `pip wheel` builds from this checkout: the name from pyproject.toml, the version from the one place
+    it is written (bioclip_jax/__init__.py; pyproject.toml reads it from there), without importing the package."""
     with open(REPO / "pyproject.toml", "rb") as f:
-        project = tomllib.load(f)["project"]
-    return f"{project['name']}-{project['version']}-py3-none-any.whl"
+        name = tomllib.load(f)["project"]["name"]
+    version = re.search(r'^__version__ = "([^"]+)"', (REPO / "bioclip_jax" / "__init__.py").read_text(), re.M)
+    return f"{name}-{version.group(1)}-py3-none-any.whl"
 
 
 def build_wheel_command(out_dir: str) -> list[str]:

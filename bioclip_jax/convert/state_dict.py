@@ -159,9 +159,14 @@ def fitting_architectures(state_dict: Mapping[str, np.ndarray]) -> list[str]:
         if name in ALIASES:
             continue
         try:
-            expected = expected_state_dict_shapes(get_model_config(name))
+            config = get_model_config(name)
         except ValueError:
             continue
+        # Tracing an architecture's init takes seconds (ViT-H): only for those whose patch embedding fits.
+        vision = config.vision
+        if sd_shapes.get("visual.conv1.weight") != (vision.width, 3, vision.patch_size, vision.patch_size):
+            continue
+        expected = expected_state_dict_shapes(config)
         if expected.keys() == sd_shapes.keys() and all(
                 sd_shapes[k] == s or (s == () and sd_shapes[k] == (1,)) for k, s in expected.items()):
             fits.append(name)

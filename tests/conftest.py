@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import functools
 import gc
+import os
+from pathlib import Path
 
-import jax
+# A persistent compilation cache for the tests and the processes they start (they inherit the environment): many tests
+# compile the same training step or encoder, and a rerun of the suite finds them all compiled. Before JAX is imported,
+# which reads these variables. The folder is ignored by git; delete it to measure cold compiles.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import jax  # noqa: E402 - after the cache settings above
 import numpy as np
 import pytest
 

@@ -29,6 +29,7 @@ def _contrastive_loss(module, params, images, tokens):
     return -(jax.nn.log_softmax(logits)[labels, labels].mean() + jax.nn.log_softmax(logits.T)[labels, labels].mean())
 
 
+@pytest.mark.integration  # compiles ViT-B/16 steps
 @pytest.mark.parametrize("policy", sorted(REMAT_POLICIES))
 def test_remat_changes_memory_not_math(tiny, policy):
     model, images, tokens = tiny
@@ -46,6 +47,7 @@ def test_unknown_remat_policy(tiny):
         CLIP(model.config, remat="most").apply({"params": model.params}, images, tokens)
 
 
+@pytest.mark.integration  # compiles ViT-B/16 steps
 def test_bf16_compute_keeps_fp32_params_and_outputs(tiny):
     model, images, tokens = tiny
     fp32 = CLIP(model.config).apply({"params": model.params}, images, tokens)

@@ -105,6 +105,7 @@ def test_state_dict_layout_matches_open_clip():
     assert expected == {k: tuple(v.shape) for k, v in state_dict.items()}
 
 
+@pytest.mark.integration  # full-size ViT-B/16 through open_clip
 def test_exported_folder_loads_strictly_in_open_clip(tmp_path):
     """jax -> open_clip folder -> open_clip (local-dir:, and --model NAME --pretrained FILE for both files)."""
     import open_clip

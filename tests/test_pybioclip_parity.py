@@ -320,6 +320,7 @@ def _log_content(path) -> tuple[object, dict]:
     return [line for line in text.splitlines() if not line.startswith(dropped)], {}
 
 
+@pytest.mark.integration  # runs pybioclip's torch models
 def test_prediction_logs_match_pybioclip(setup, pybioclip, tmp_path):
     """pybioclip's `predict --log` (its commands.predict) against ours through the calls our CLI makes: the same
     JSON and text logs for --cls, --bins and the tree of life with --subset."""
@@ -405,6 +406,7 @@ def test_tree_of_life_model_errors_are_pybioclips(argv, capsys):
     assert capsys.readouterr().err == f"bioclip-jax {argv[0]}: error: {theirs.value}\n"
 
 
+@pytest.mark.integration  # runs pybioclip's torch models
 def test_cli_prediction_logs_match_pybioclips_cli(setup, pybioclip, tmp_path, monkeypatch):
     """`predict --log` on both command lines (pybioclip's parser and commands.run against our main): the same JSON and
     text logs, but for times, versions, model paths and the species matrix's source; the command line is sys.argv."""

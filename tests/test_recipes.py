@@ -25,6 +25,7 @@ def test_the_bioclip_recipe_refuses_to_start_from_random_weights_unless_asked(sh
     assert not (tmp_path / "run" / "bioclip_jax_run.json").exists()
 
 
+@pytest.mark.integration  # trains the recipe end to end
 def test_epochs_count_the_training_split_and_export_uses_openai_statistics(shards, tmp_path):  # noqa: F811
     config = load_config("bioclip_vitb16", [f"data.train={shards}", "data.val=", "init=scratch", "train.epochs=0.5",
                                             *SMALL])

@@ -26,6 +26,8 @@ from bioclip_jax.errors import InputError, ResourceError
 from bioclip_jax.train.trainer import train
 from bioclip_jax.train.workdir import WorkdirLock
 
+pytestmark = pytest.mark.integration  # every test trains or resumes a tiny run end to end
+
 ROOT = Path(__file__).parent.parent
 
 

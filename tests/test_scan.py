@@ -166,6 +166,7 @@ def _embeddings(model):
                               texts=CAPTIONS[:3])
 
 
+@pytest.mark.integration  # trains and resumes tiny runs
 def test_scanned_training_run_loads_per_layer(shards, tmp_path):  # noqa: F811 - shards is a fixture
     result = train(_config(shards, "scan_layers=True", "train.steps=4", f"data.val={shards}", "eval.every_steps=2"),
                    tmp_path / "run", progress=False)
@@ -179,6 +180,7 @@ def test_scanned_training_run_loads_per_layer(shards, tmp_path):  # noqa: F811 -
     assert sd.to_open_clip(loaded.params, loaded.config).keys() == sd.expected_state_dict_shapes(TINY).keys()
 
 
+@pytest.mark.integration  # trains and resumes tiny runs
 def test_scanned_resume_is_bitwise_exact(shards, tmp_path):  # noqa: F811 - shards is a fixture
     train(_config(shards, "scan_layers=True"), tmp_path / "straight", progress=False)
     first = train(_config(shards, "scan_layers=True"), tmp_path / "split", max_steps=3, progress=False)
@@ -191,6 +193,7 @@ def test_scanned_resume_is_bitwise_exact(shards, tmp_path):  # noqa: F811 - shar
         assert straight[key].tobytes() == split[key].tobytes(), key
 
 
+@pytest.mark.integration  # trains and resumes tiny runs
 def test_scanned_training_starts_from_per_layer_weights(tiny_open_clip, tmp_path):
     """config.init (open_clip weights, per layer) feeds a scanned trainer: the initial params are the same tensors,
     stacked."""

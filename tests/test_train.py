@@ -63,6 +63,7 @@ def _params(workdir) -> dict:
     return traverse_util.flatten_dict(bioclip_jax.load(workdir).params, sep="/")
 
 
+@pytest.mark.integration  # trains tiny runs end to end
 def test_a_few_steps_lower_the_loss(shards, tmp_path):
     config = _config(shards, "train.steps=24", "train.lr=2e-3", f"data.val={shards}", "eval.every_steps=12")
     result = train(config, tmp_path / "run", progress=False,
@@ -80,6 +81,7 @@ def test_a_few_steps_lower_the_loss(shards, tmp_path):
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.integration  # trains tiny runs end to end
 def test_resume_is_bitwise_exact(shards, tmp_path):
     train(_config(shards), tmp_path / "straight", progress=False)
     first = train(_config(shards), tmp_path / "split", max_steps=3, progress=False)
@@ -92,6 +94,7 @@ def test_resume_is_bitwise_exact(shards, tmp_path):
         assert straight[key].tobytes() == split[key].tobytes(), key
 
 
+@pytest.mark.integration  # trains tiny runs end to end
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(shards, tmp_path, caplog):
     train(_config(shards), tmp_path / "run", max_steps=4, progress=False)
     latest = tmp_path / "run" / "checkpoints" / "4" / "state"
@@ -127,6 +130,7 @@ def test_warmup_then_cosine_schedule():
     np.testing.assert_allclose(schedule(110), 0.0, atol=1e-12)
 
 
+@pytest.mark.integration  # trains tiny runs end to end
 def test_gradient_accumulation_matches_the_full_batch(shards):
     import optax
 

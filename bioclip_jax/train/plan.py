@@ -266,9 +266,12 @@ def plan(config: ml_collections.ConfigDict, topology: str | Topology, quick: boo
                   analytic_flops=metrics_lib.train_flops_per_pair(model_config) * t.global_batch_size, quick=quick)
     lowered = parts.step.lower(abstract_state, abstract_batch)
     default_effort = jax.config.jax_exec_time_optimization_effort
+    default_cache = jax.config.jax_enable_compilation_cache
     start = time.perf_counter()
     try:
         jax.config.update("jax_exec_time_optimization_effort", QUICK_EFFORT if quick else default_effort)
+        # The plan reports the compile time and what the compiler allocates: a persistent-cache hit would skip both.
+        jax.config.update("jax_enable_compilation_cache", False)
         compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 - XLA raises its own runtime error type
         if "RESOURCE_EXHAUSTED" not in str(e):
@@ -279,6 +282,7 @@ def plan(config: ml_collections.ConfigDict, topology: str | Topology, quick: boo
         return result
     finally:
         jax.config.update("jax_exec_time_optimization_effort", default_effort)
+        jax.config.update("jax_enable_compilation_cache", default_cache)
     result.compile_s = time.perf_counter() - start
     m = compiled.memory_analysis()
     result.memory = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,

@@ -142,7 +142,7 @@ def run(args) -> int:
     from bioclip_jax.errors import ResourceError
 
     # Before anything starts JAX. Not for the planner: one malloc arena serialises the TPU compiler's threads
-    # (B/16 on v5e:2x2 compiled in 104 s with it, 82 s without: tools/bench_plan.py, docs/tpu.md).
+    # (measured with tools/bench_plan.py: docs/tpu.md).
     if args.command != "plan":
         runtime.tune_for_cpu()
     runtime.quiet_libtpu()

@@ -20,8 +20,9 @@ def add_parser(subparsers) -> None:
                    help="Cloud name (v5litepod-256, v5e-256, v4-32, v5p-128, v6e-64), JAX name (v5e:16x16, "
                         "v4:2x2x1) or cpu:N (N fake CPU devices: a dry run of the shardings)")
     p.add_argument("--quick", action="store_true",
-                   help="compile 4-5x faster without XLA's speed optimisations (exec-time effort -1): for searching; "
-                        "the memory is then what the step needs without them, up to ~20%% under train's")
+                   help="compile much faster without XLA's speed optimisations (exec-time effort -1): for searching; "
+                        "the memory is then what the step needs without them, at or under train's (docs/tpu.md has "
+                        "both measured)")
     p.set_defaults(func=run)
 
 

@@ -183,12 +183,12 @@ class Checkpoints:
         import jax
         import orbax.checkpoint as ocp
 
-        tree = self.manager.item_metadata(step)[STATE]
-        params = getattr(tree, "tree", tree)["params"]
-        restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), params)
-        args = ocp.args.PyTreeRestore(item={"params": params}, restore_args={"params": restore_args},
-                                      partial_restore=True)
-        with _draining_event_loops():
+        with _draining_event_loops():  # reading the metadata fails the same way on damaged arrays
+            tree = self.manager.item_metadata(step)[STATE]
+            params = getattr(tree, "tree", tree)["params"]
+            restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), params)
+            args = ocp.args.PyTreeRestore(item={"params": params}, restore_args={"params": restore_args},
+                                          partial_restore=True)
             return self.manager.restore(step, args=ocp.args.Composite(**{STATE: args}))[STATE]["params"]
 
     def _move_aside(self, step: int) -> epath.Path:
@@ -209,17 +209,18 @@ class Checkpoints:
 
 
 class _DrainingEventLoop(asyncio.SelectorEventLoop):
-    """An event loop that finishes its pending tasks before it closes.
+    """An event loop that finishes its pending tasks when asked to close, and stays open for what comes later.
 
     Orbax runs each restore on a fresh event loop and closes it as soon as the first read fails, while the reads of
-    the other arrays are still in flight in tensorstore; each of those then completes into the closed loop and
-    prints a "RuntimeError: Event loop is closed" traceback (one per array) after the fallback's warning."""
+    the other arrays are still in flight in tensorstore; each of those then completes into the closed loop from a
+    tensorstore thread and prints a "RuntimeError: Event loop is closed" traceback (one per array) after the
+    fallback's warning. Those completions are not tasks of the loop, so draining cannot wait for them: the loop is
+    left open (they land in a queue nobody runs) and closes when it is garbage-collected, after the last of them."""
 
     def close(self) -> None:
         pending = [t for t in asyncio.all_tasks(self) if not t.done()]
         if pending and not self.is_running() and not self.is_closed():
             self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        super().close()
 
 
 class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):

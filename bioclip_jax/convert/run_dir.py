@@ -215,7 +215,7 @@ class _DrainingEventLoop(asyncio.SelectorEventLoop):
     the other arrays are still in flight in tensorstore; each of those then completes into the closed loop from a
     tensorstore thread and prints a "RuntimeError: Event loop is closed" traceback (one per array) after the
     fallback's warning. Those completions are not tasks of the loop, so draining cannot wait for them: the loop is
-    left open (they land in a queue nobody runs) and closes when it is garbage-collected, after the last of them."""
+    left open (they land in a queue nobody runs) and its selector is freed with it, after the last of them."""
 
     def close(self) -> None:
         pending = [t for t in asyncio.all_tasks(self) if not t.done()]
@@ -229,7 +229,7 @@ class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
 
 @contextlib.contextmanager
 def _draining_event_loops():
-    """Event loops created inside (Orbax's, for one restore) drain their reads before closing."""
+    """Event loops created inside (Orbax's, for one restore) finish their tasks and never close under late reads."""
     previous = asyncio.get_event_loop_policy()
     asyncio.set_event_loop_policy(_DrainingPolicy())
     try:

@@ -29,6 +29,7 @@ from etils import epath
 from bioclip_jax import paths
 from bioclip_jax.convert.files import FORMAT_VERSION, Checkpoint, read_json, write_json
 from bioclip_jax.errors import InputError, first_line
+from bioclip_jax.models.clip import without_continual_proj
 from bioclip_jax.models.scan import unstack_layers
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def read(workdir: str | os.PathLike) -> Checkpoint:
                             first_line(e))
                 continue
             return Checkpoint(f"{workdir} (step {step})", run["model_cfg"], run.get("preprocess_cfg"),
-                              params=unstack_layers(params))
+                              params=without_continual_proj(unstack_layers(params)))
     raise InputError(f"{workdir}: none of its checkpoints (steps {', '.join(map(str, steps))}) is readable")
 
 

@@ -18,13 +18,16 @@ import numpy as np
 from flax import traverse_util
 
 from bioclip_jax.errors import InputError
-from bioclip_jax.models.clip import init_params
+from bioclip_jax.models.clip import init_params, without_continual_proj
 from bioclip_jax.models.config import CLIPConfig
 from bioclip_jax.models.scan import stack_layers, unstack_layers
 
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 # Metadata entries of OpenAI's original CLIP state dicts, not tensors of the network.
 _OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
+# BioCLIP 2's replay head: in its fork's training checkpoints, never in a released model (open_clip, whose loading is
+# strict, would refuse it). Read past on the way in, left out on the way out.
+CONTINUAL_PROJ_KEY = "visual.continual_proj"
 
 
 class StateDictMismatch(InputError):
@@ -79,14 +82,15 @@ def expected_state_dict_shapes(config: CLIPConfig) -> dict[str, tuple[int, ...]]
 
 
 def clean_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Undoes the wrappers open_clip also undoes: DDP's `module.` prefix and OpenAI's metadata entries."""
+    """Undoes the wrappers open_clip also undoes: DDP's `module.` prefix and OpenAI's metadata entries; drops BioCLIP
+    2's training-only `visual.continual_proj` (its fork drops it too when the model has no replay head)."""
     keys = list(state_dict)
     strip = bool(keys) and keys[0].startswith("module.")
     out = {}
     for key, value in state_dict.items():
         if strip and key.startswith("module."):
             key = key[len("module."):]
-        if key in _OPENAI_METADATA_KEYS:
+        if key in _OPENAI_METADATA_KEYS or key == CONTINUAL_PROJ_KEY:
             continue
         out[key] = value
     return out
@@ -116,8 +120,10 @@ def from_open_clip(state_dict: Mapping[str, np.ndarray], config: CLIPConfig, sca
 
 def to_open_clip(params: Mapping, config: CLIPConfig) -> dict[str, np.ndarray]:
     """Nested flax params, per layer or stacked -> open_clip state_dict of contiguous numpy arrays (same dtype as the
-    params)."""
-    host = jax.tree_util.tree_map(np.asarray, dict(params))  # one transfer per stacked array, then host slices
+    params). A BioCLIP 2 run's replay head (`visual/continual_proj`) is left out, as in BioCLIP 2's release: the
+    exported model is `proj`'s."""
+    # One transfer per stacked array, then host slices.
+    host = jax.tree_util.tree_map(np.asarray, dict(without_continual_proj(params)))
     flat = traverse_util.flatten_dict(unstack_layers(host))
     return {torch_key(path, config.custom_text): np.asarray(_to_torch_layout(path, value), order="C")
             for path, value in flat.items()}

@@ -33,8 +33,12 @@ from bioclip_jax.data.transforms import decode_image
 from bioclip_jax.errors import InputError
 from bioclip_jax.tokenizer import tokenize
 
-# "mixed": one of BioCLIP's five types per global batch, from the step; "mixed_per_sample": one per example.
-TEXT_TYPE_CHOICES = ("mixed", "mixed_per_sample") + TEXT_TYPES
+# "mixed": one of BioCLIP's five types per global batch, from the step ("random": BioCLIP 2's name for the same draw);
+# "mixed_per_sample": one per example; "text": the record's own caption (image-text pairs: a replay stream).
+TEXT_TYPE_CHOICES = ("mixed", "random", "mixed_per_sample", "text") + TEXT_TYPES
+PER_STEP_TEXT_TYPES = ("mixed", "random")
+# The replay stream's shuffle and crops use seed + this, so that they are not the main stream's draws again.
+REPLAY_SEED_OFFSET = 104_729
 log = logging.getLogger(__name__)
 
 
@@ -128,7 +132,8 @@ class TrainTransform(grain.transforms.Map):
         if image.mode != "RGB":
             image = image.convert("RGB")
         return {"image": np.asarray(image, np.uint8), "ranks": tuple(record["ranks"]), "common": record["common"],
-                "position": position, "skipped": skipped}
+                "text": record.get("text", ""), "id": record.get("id", ""), "position": position,
+                "pass": position // len(self.source), "skipped": skipped}
 
     def _replacement(self, position: int, failure: str) -> tuple[dict, Image.Image]:
         for attempt in range(1, MAX_REPLACEMENT_TRIES + 1):
@@ -152,17 +157,31 @@ class Captioner:
         self.text_type, self.seed, self.context_length = text_type, seed, context_length
 
     def __call__(self, step: int, examples: Sequence[dict]) -> dict:
-        if self.text_type == "mixed":
+        if self.text_type == "text":
+            return self._batch(examples, [self._own_caption(e) for e in examples])
+        if self.text_type in PER_STEP_TEXT_TYPES:
             types = [text_type_for_step(step)] * len(examples)
         elif self.text_type == "mixed_per_sample":
             types = [text_type_for_sample(self.seed, e["position"], MIXED_TEXT_TYPES) for e in examples]
         else:
             types = [self.text_type] * len(examples)
-        captions = [Taxon.from_ranks(e["ranks"], e["common"]).text(t) for e, t in zip(examples, types)]
+        return self._batch(examples, [Taxon.from_ranks(e["ranks"], e["common"]).text(t)
+                                      for e, t in zip(examples, types)])
+
+    def _batch(self, examples: Sequence[dict], captions: list[str]) -> dict:
         skipped = [e["skipped"] for e in examples if e.get("skipped")]
+        # "passes": completed passes over the source before this batch's last example (a replay stream cycles).
         return {"image": np.stack([e["image"] for e in examples]),
                 "tokens": tokenize(captions, self.context_length),
-                "skipped": len(skipped), "skipped_records": skipped}  # host-side counts (`SkippedRecords`)
+                "skipped": len(skipped), "skipped_records": skipped,  # host-side counts (`SkippedRecords`)
+                "passes": max(e.get("pass", 0) for e in examples)}
+
+    @staticmethod
+    def _own_caption(example: dict) -> str:
+        if not example["text"]:
+            raise InputError(f"record {example['id']!r} has no caption (its 'text' field is empty): text_type='text' "
+                             "(a replay stream) trains image-text pairs on their own captions; write them with one")
+        return example["text"]
 
 
 # ---------------------------------------------------------------------------------------- input workers (TPU host)
@@ -272,6 +291,9 @@ class _WorkerCountCheckedIterator(grain.DatasetIterator):
         return {"worker_count": self.worker_count, "pipeline": self._parent.get_state()}
 
     def set_state(self, state: dict) -> None:
+        if REPLAY in state:
+            raise InputError("the checkpointed data iterator mixed in a replay stream (replay.data), this run has "
+                             "none: resume with the same replay settings, or start a new workdir")
         if "worker_count" not in state:
             self._parent.set_state(state)
             return
@@ -280,6 +302,62 @@ class _WorkerCountCheckedIterator(grain.DatasetIterator):
                              f"run has {self.worker_count}: exact resume needs the same number; pass "
                              f"--config.data.workers={state['worker_count']}")
         self._parent.set_state(state["pipeline"])
+
+
+# ------------------------------------------------------------------------------------------------ replay (BioCLIP 2)
+MAIN, REPLAY = "main", "replay"
+
+
+def replay_dataset(data: Any, *, rows_per_batch: int, image_size: int, seed: int = 0, text_type: str = "text",
+                   process_index: int | None = None, process_count: int | None = None, **options) -> grain.IterDataset:
+    """This process's share of the replay rows of each global batch (BioCLIP 2: 10,240 LAION-2B pairs per step),
+    as `train_dataset` makes them from a second source: shuffled with its own seed (seed + REPLAY_SEED_OFFSET),
+    endless (a source that runs dry starts a new pass, as BioCLIP 2's loader does; each batch's "passes" counts the
+    completed ones), and trained on the records' own captions (text_type "text") unless another type is given."""
+    process_count = jax.process_count() if process_count is None else process_count
+    if rows_per_batch <= 0 or rows_per_batch % process_count:
+        raise InputError(f"replay.per_batch={rows_per_batch}: expected a positive multiple of the number of processes "
+                         f"({process_count}), so that every process adds the same number of replay rows")
+    return train_dataset(data, global_batch_size=rows_per_batch, image_size=image_size,
+                         seed=seed + REPLAY_SEED_OFFSET, text_type=text_type, num_epochs=None,
+                         process_index=process_index, process_count=process_count, **options)
+
+
+class MixedDataset(grain.IterDataset):
+    """The main stream's host batch followed by the replay stream's, step by step: {"image", "tokens" (main rows
+    first, then `replay_rows` replay rows), "replay_rows", "replay_passes", "skipped", "skipped_records" (both
+    streams)}. The iterator state holds each stream's own state, so both resume exactly."""
+
+    def __init__(self, main: grain.IterDataset, replay: grain.IterDataset):
+        super().__init__([main, replay])
+        self.main, self.replay = main, replay
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _MixedIterator(self.main.__iter__(), self.replay.__iter__())
+
+
+class _MixedIterator(grain.DatasetIterator):
+    def __init__(self, main: grain.DatasetIterator, replay: grain.DatasetIterator):
+        super().__init__([main, replay])
+        self.main, self.replay = main, replay
+
+    def __next__(self) -> dict:
+        main, replay = next(self.main), next(self.replay)
+        return {"image": np.concatenate([main["image"], replay["image"]]),
+                "tokens": np.concatenate([main["tokens"], replay["tokens"]]),
+                "replay_rows": len(replay["image"]), "replay_passes": replay["passes"],
+                "skipped": main["skipped"] + replay["skipped"],
+                "skipped_records": main["skipped_records"] + replay["skipped_records"]}
+
+    def get_state(self) -> dict:
+        return {MAIN: self.main.get_state(), REPLAY: self.replay.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        if REPLAY not in state:
+            raise InputError("the checkpointed data iterator has no replay stream, this run mixes one in "
+                             "(replay.data): resume without replay, or start a new workdir")
+        self.main.set_state(state[MAIN])
+        self.replay.set_state(state[REPLAY])
 
 
 class EvalTransform(grain.transforms.Map):

@@ -8,6 +8,7 @@ Record format version 1, a msgpack map (documented in docs/data_format.md):
     "common": str    English common name ("" where unknown)
     "source": str    where it came from (e.g. "treeoflife", "folder", "synthetic")
     "label":  str    optional: the class label as given by an evaluation set (metadata.csv "class")
+    "text":   str    optional: a free caption (image-text pairs such as LAION or DataComp, used as a replay stream)
 """
 
 from __future__ import annotations
@@ -36,19 +37,22 @@ class Record:
     taxon: Taxon
     source: str = ""
     label: str = ""
+    text: str = ""
 
     def to_bytes(self) -> bytes:
         t = self.taxon
-        return msgpack.packb({"v": FORMAT_VERSION, "id": self.id, "image": self.image,
-                              "ranks": [t.kingdom, t.phylum, t.cls, t.order, t.family, t.genus, t.species],
-                              "common": t.common_name, "source": self.source, "label": self.label},
-                             use_bin_type=True)
+        fields = {"v": FORMAT_VERSION, "id": self.id, "image": self.image,
+                  "ranks": [t.kingdom, t.phylum, t.cls, t.order, t.family, t.genus, t.species],
+                  "common": t.common_name, "source": self.source, "label": self.label}
+        if self.text:  # only when set: records without a caption stay byte-identical to those written before
+            fields["text"] = self.text
+        return msgpack.packb(fields, use_bin_type=True)
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str = "record") -> "Record":
         r = decode_record(data, where)
         return cls(id=r["id"], image=r["image"], taxon=Taxon.from_ranks(r["ranks"], r["common"]), source=r["source"],
-                   label=r["label"])
+                   label=r["label"], text=r["text"])
 
 
 class RecordVersionError(InputError):
@@ -79,7 +83,7 @@ def decode_record(data: bytes, where: str = "record") -> dict:
             not isinstance(ranks, (list, tuple)) or len(ranks) != 7:
         raise InputError(f"{where}: not a bioclip_jax record (expected str id, bytes image and 7 ranks)")
     return {"id": obj["id"], "image": obj["image"], "ranks": tuple(ranks), "common": obj.get("common", ""),
-            "source": obj.get("source", ""), "label": obj.get("label", "")}
+            "source": obj.get("source", ""), "label": obj.get("label", ""), "text": obj.get("text", "")}
 
 
 class ShardWriter:

@@ -1,4 +1,5 @@
-"""Symmetric CLIP loss over the whole global batch (open_clip's --local-loss --gather-with-grad computes the same)."""
+"""Symmetric CLIP loss over the whole global batch (open_clip's --local-loss --gather-with-grad computes the same), and
+BioCLIP 2's two-head objective for a batch with replay rows."""
 
 from __future__ import annotations
 
@@ -27,3 +28,28 @@ def clip_loss(image_features: jax.Array, text_features: jax.Array, logit_scale: 
     image_to_text = jnp.mean(jax.nn.logsumexp(logits, axis=1)) - matching
     text_to_image = jnp.mean(jax.nn.logsumexp(logits, axis=0)) - matching
     return (image_to_text + text_to_image) / 2
+
+
+def split_replay_rows(x: jax.Array, shards: int, replay_per_shard: int) -> tuple[jax.Array, jax.Array]:
+    """(main rows, replay rows) of a batch laid out as `shards` equal blocks (one per device along the batch), each
+    holding its main rows first and then `replay_per_shard` replay rows. With one block per device the reshape and
+    the slices stay on each device: nothing moves."""
+    blocks = x.reshape(shards, -1, *x.shape[1:])
+    main = blocks.shape[1] - replay_per_shard
+    return (blocks[:, :main].reshape(-1, *x.shape[1:]), blocks[:, main:].reshape(-1, *x.shape[1:]))
+
+
+def continual_clip_loss(image_features: jax.Array, continual_features: jax.Array, text_features: jax.Array,
+                        logit_scale: jax.Array, shards: int, replay_per_shard: int,
+                        replicated: jax.sharding.Sharding | None = None) -> tuple[jax.Array, dict]:
+    """BioCLIP 2's objective (its open_clip fork's ContinualLoss, summed in train.py): a CLIP loss over the main rows'
+    `image_features` (through `proj`) and their captions, plus a separate CLIP loss over the replay rows'
+    `continual_features` (through `continual_proj`; pass `image_features` again for a one-head model) and their
+    captions, one shared logit scale, unweighted sum. Neither group is a negative of the other. Rows are laid out as
+    `split_replay_rows` says. Returns (total, {"contrastive_loss", "continual_loss"})."""
+    main_image, _ = split_replay_rows(image_features, shards, replay_per_shard)
+    _, replay_image = split_replay_rows(continual_features, shards, replay_per_shard)
+    main_text, replay_text = split_replay_rows(text_features, shards, replay_per_shard)
+    main = clip_loss(main_image, main_text, logit_scale, replicated)
+    replay = clip_loss(replay_image, replay_text, logit_scale, replicated)
+    return main + replay, {"contrastive_loss": main, "continual_loss": replay}

@@ -14,14 +14,17 @@ from bioclip_jax.models.layers import TowerOptions, Transformer, layer_norm, nor
 
 class VisionTransformer(nn.Module):
     """open_clip's `visual`; params `conv1`, `class_embedding`, `positional_embedding`, `ln_pre`, `transformer`,
-    `ln_post`, `proj`."""
+    `ln_post`, `proj`, and with `continual_proj` BioCLIP 2's second head of that name (its fork's
+    transformer.py: `pooled @ continual_proj` on the same pooled [CLS] token as `proj`)."""
 
     cfg: VisionConfig
     options: TowerOptions
+    continual_proj: bool = False
 
     @nn.compact
-    def __call__(self, images: jax.Array) -> jax.Array:
-        """images: float [B, H, W, 3] normalised pixels (NHWC; open_clip takes NCHW). Returns [B, embed_dim] fp32."""
+    def __call__(self, images: jax.Array):
+        """images: float [B, H, W, 3] normalised pixels (NHWC; open_clip takes NCHW). Returns [B, embed_dim] fp32;
+        with `continual_proj`, a pair: (through `proj`, through `continual_proj`)."""
         cfg = self.cfg
         if images.shape[1:] != (cfg.image_size, cfg.image_size, 3):
             raise InputError(f"expected images of shape [B, {cfg.image_size}, {cfg.image_size}, 3] (NHWC), "
@@ -40,4 +43,8 @@ class VisionTransformer(nn.Module):
                         options=self.options, name="transformer")(x)
         pooled = layer_norm("ln_post", self.options.dtype)(x[:, 0])
         proj = self.param("proj", normal(scale), (cfg.width, self.options.embed_dim))
-        return (pooled @ proj.astype(self.options.dtype)).astype(jnp.float32)
+        features = (pooled @ proj.astype(self.options.dtype)).astype(jnp.float32)
+        if not self.continual_proj:
+            return features
+        continual = self.param("continual_proj", normal(scale), (cfg.width, self.options.embed_dim))
+        return features, (pooled @ continual.astype(self.options.dtype)).astype(jnp.float32)

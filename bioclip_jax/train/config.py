@@ -137,11 +137,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.val = ""  # held-out images of training taxa (validation loss and zero-shot)
     c.data.heldout = ""  # images of taxa never trained on (zero-shot through the higher ranks)
     c.data.normalization = "imagenet"  # training pixels: BioCLIP's training scripts used ImageNet mean/std
-    c.data.text_type = "mixed"  # one of sci/com/taxon/sci_com/taxon_com per step; or "mixed_per_sample", or a type
+    # "mixed" (BioCLIP 2: "random"): one of sci/com/taxon/sci_com/taxon_com per step; or "mixed_per_sample", or a type
+    c.data.text_type = "mixed"
     c.data.crop_scale = (0.9, 1.0)
     c.data.workers = -1  # Grain worker processes; -1: sized for the host (0 on CPU-only hosts), 0: threads
     c.data.prefetch_batches = 2  # host batches made ahead of the training step
     c.data.max_skipped_fraction = 0.001  # unreadable training records are replaced and counted; above this, stop
+
+    # BioCLIP 2's replay: per_batch rows of a second image-text source added to every global batch (on top of
+    # train.global_batch_size), trained with their own CLIP loss (models/loss.continual_clip_loss).
+    c.replay = ml_collections.ConfigDict()
+    c.replay.data = ""  # ArrayRecord shards of image-text pairs (records with a "text" caption); "" = no replay
+    c.replay.per_batch = 0  # replay rows per global batch; a multiple of the number of devices
+    c.replay.text_type = "text"  # the records' own captions; or any data.text_type (a taxonomic replay set)
+    c.replay.continual_proj = True  # BioCLIP 2's second visual head for the replay rows; False: through `proj`
 
     c.train = ml_collections.ConfigDict()
     c.train.seed = 0

@@ -7,6 +7,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bioclip_jax.data.transforms import NORMALIZATION
 
@@ -21,3 +22,17 @@ def normalize_images(images: jax.Array, normalization: str = "openai", dtype=jnp
     """uint8 [..., 3] -> normalised float, on the device (inside the jitted step)."""
     mean, std = (jnp.asarray(v, jnp.float32) for v in NORMALIZATION[normalization])
     return ((images.astype(jnp.float32) / 255.0 - mean) / std).astype(dtype)
+
+
+def interleave_replay(batch: dict, shards: int, keys: Sequence[str] = ("image", "tokens")) -> dict:
+    """A host batch of main rows then `batch["replay_rows"]` replay rows -> `shards` equal blocks (this process's
+    devices along the batch, in order), each its share of the main rows then its share of the replay rows: the
+    layout `models.loss.split_replay_rows` reads on every device, whatever the number of processes."""
+    replay = batch["replay_rows"]
+    out = dict(batch)
+    for k in keys:
+        x = batch[k]
+        main, extra = x[:len(x) - replay], x[len(x) - replay:]
+        blocks = [main.reshape(shards, -1, *x.shape[1:]), extra.reshape(shards, -1, *x.shape[1:])]
+        out[k] = np.concatenate(blocks, axis=1).reshape(x.shape)
+    return out

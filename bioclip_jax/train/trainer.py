@@ -27,14 +27,14 @@ from bioclip_jax.data.taxonomy import text_type_for_step
 from bioclip_jax.data.transforms import NORMALIZATION, Preprocess
 from bioclip_jax.errors import InputError, ResourceError
 from bioclip_jax.inference.model import Model, load
-from bioclip_jax.models.clip import CLIP, init_params
+from bioclip_jax.models.clip import CLIP, add_continual_proj, init_params, without_continual_proj
 from bioclip_jax.models.config import CLIPConfig
-from bioclip_jax.models.loss import clip_loss
+from bioclip_jax.models.loss import clip_loss, continual_clip_loss
 from bioclip_jax.models.scan import stack_layers, unstack_layers
 from bioclip_jax.train import metrics as metrics_lib
 from bioclip_jax.train import sharding
 from bioclip_jax.train import workdir as workdir_lib
-from bioclip_jax.train.device_batch import normalize_images, to_global
+from bioclip_jax.train.device_batch import interleave_replay, normalize_images, to_global
 from bioclip_jax.train.optimizer import clamp_logit_scale, make_optimizer, skipped_updates
 from bioclip_jax.train.skipped_records import SkippedRecords
 from bioclip_jax.train.stopping import StopSignals
@@ -54,12 +54,13 @@ class TrainResult:
     stopped_by: str | None = None  # "SIGTERM" or "SIGINT" when a signal stopped the run early (it saved first)
 
     def model(self, attn_implementation: str = "xla") -> Model:
-        return Model(self.model_config, unstack_layers(host_params(self.params)), self.preprocess,
-                     attn_implementation=attn_implementation, source="trained")
+        params = without_continual_proj(unstack_layers(host_params(self.params)))  # the replay head is not exported
+        return Model(self.model_config, params, self.preprocess, attn_implementation=attn_implementation,
+                     source="trained")
 
 
 def make_train_step(module: CLIP, tx, schedule, normalization: str, accum_steps: int = 1, replicated=None,
-                    grad_sharding=None):
+                    grad_sharding=None, replay: tuple[int, int] | None = None):
     """(state, batch) -> (state, metrics). With accum_steps > 1 the global batch is processed in micro-batches with
     open_clip's feature cache: features of all micro-batches are computed without gradients, then each micro-batch
     is recomputed with gradients against the cached rest, so the loss still contrasts the whole global batch and the
@@ -68,7 +69,10 @@ def make_train_step(module: CLIP, tx, schedule, normalization: str, accum_steps:
     for the forward (left to itself, XLA split the batch's activations along the sharded param dimensions instead:
     all-to-alls and gathers of activations), and `grad_sharding` (the params' shardings) puts each gradient where
     its param lives: FSDP reduce-scatters gradients. A module with `gather_layer_params` gathers its scanned blocks
-    itself, one layer at a time inside the loop (gathered here, before the loop, every layer would be held at once)."""
+    itself, one layer at a time inside the loop (gathered here, before the loop, every layer would be held at once).
+    `replay` = (shards, replay rows per shard): the batch holds BioCLIP 2's replay rows in that layout
+    (`device_batch.interleave_replay`) and the loss is its two-head objective (`continual_clip_loss`; the module's
+    `continual_proj` head if it has one, else `proj`), with "contrastive_loss" and "continual_loss" in the metrics."""
     gather_layers = module.gather_layer_params is not None
 
     def gather(path, param):
@@ -85,9 +89,11 @@ def make_train_step(module: CLIP, tx, schedule, normalization: str, accum_steps:
     def loss_and_grads(params, batch):
         if accum_steps == 1:
             def loss_fn(p):
-                image, text, scale = encode(p, batch["image"], batch["tokens"])
-                return clip_loss(image, text, scale, replicated)
-            return jax.value_and_grad(loss_fn)(params)
+                image, text, scale, *continual = encode(p, batch["image"], batch["tokens"])
+                if replay is None:
+                    return clip_loss(image, text, scale, replicated), {}
+                return continual_clip_loss(image, (continual or [image])[0], text, scale, *replay, replicated)
+            return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
         micro = jax.tree_util.tree_map(lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
         cached_image, cached_text, _ = jax.lax.map(lambda mb: encode(params, mb["image"], mb["tokens"]), micro)
@@ -106,17 +112,18 @@ def make_train_step(module: CLIP, tx, schedule, normalization: str, accum_steps:
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
         grads, losses = jax.lax.scan(micro_grads, zeros, jnp.arange(accum_steps))
-        return losses[0], grads
+        return (losses[0], {}), grads
 
     def train_step(state, batch):
-        loss, grads = loss_and_grads(state["params"], batch)
+        (loss, loss_parts), grads = loss_and_grads(state["params"], batch)
         if grad_sharding is not None:
             grads = jax.lax.with_sharding_constraint(grads, grad_sharding)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = clamp_logit_scale(optax.apply_updates(state["params"], updates))
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
         step_metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
-                        "logit_scale": jnp.exp(params["logit_scale"]), "skipped_updates": skipped_updates(opt_state)}
+                        "logit_scale": jnp.exp(params["logit_scale"]), "skipped_updates": skipped_updates(opt_state),
+                        **loss_parts}
         return new_state, step_metrics
 
     return train_step
@@ -142,6 +149,7 @@ def build_train_step(config: ml_collections.ConfigDict, model_config: CLIPConfig
     (default: train.steps)."""
     t = config.train
     devices = mesh.devices.size
+    replay = _replay_layout(config, mesh)
     if t.global_batch_size % devices:
         raise InputError(f"global batch size {t.global_batch_size} is not divisible by the {devices} devices; "
                          f"use a multiple of {devices}")
@@ -151,7 +159,8 @@ def build_train_step(config: ml_collections.ConfigDict, model_config: CLIPConfig
     gather_layers = t.fsdp and config.scan_layers  # FSDP gathers scanned blocks layer by layer, inside the loop
     module = CLIP(model_config, dtype=DTYPES[config.dtype], attn_implementation=config.attn_implementation or None,
                   remat=config.remat or None, scan_layers=config.scan_layers,
-                  gather_layer_params=sharding.layer_gather(mesh) if gather_layers else None)
+                  gather_layer_params=sharding.layer_gather(mesh) if gather_layers else None,
+                  continual_proj=_continual_head(config))
     abstract_params = jax.eval_shape(make_params)
     tx, schedule = make_optimizer(abstract_params, lr=t.lr, warmup_steps=t.warmup_steps,
                                   total_steps=total_steps or t.steps, weight_decay=t.weight_decay, b1=t.b1, b2=t.b2,
@@ -165,20 +174,52 @@ def build_train_step(config: ml_collections.ConfigDict, model_config: CLIPConfig
     state_sharding = sharding.state_shardings(abstract_state, mesh, fsdp=t.fsdp)
     batch_sharding = sharding.batch_sharding(mesh)
     step = jax.jit(make_train_step(module, tx, schedule, config.data.normalization, t.accum_steps,
-                                   replicated=sharding.replicated(mesh), grad_sharding=state_sharding["params"]),
+                                   replicated=sharding.replicated(mesh), grad_sharding=state_sharding["params"],
+                                   replay=replay),
                    in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None),
                    donate_argnums=(0,))
     return TrainStep(module, tx, schedule, init_state, abstract_state, state_sharding, batch_sharding, step)
 
 
+def device_batch_size(config: ml_collections.ConfigDict) -> int:
+    """Rows of the global batch the devices see: train.global_batch_size, plus replay.per_batch replay rows."""
+    return config.train.global_batch_size + max(config.replay.per_batch, 0)
+
+
+def _continual_head(config) -> bool:
+    return config.replay.per_batch > 0 and config.replay.continual_proj
+
+
+def _replay_layout(config, mesh) -> tuple[int, int] | None:
+    """(batch shards, replay rows per shard) for the loss, or None without replay. Every device holds the same
+    number of main and of replay rows (`interleave_replay`), so the split needs no communication."""
+    rows, t = config.replay.per_batch, config.train
+    if rows < 0:
+        raise InputError(f"replay.per_batch={rows}: expected 0 (no replay) or a positive number of rows")
+    if not rows:
+        return None
+    shards = mesh.shape["data"]  # sharding.batch_sharding: the batch split along the data axis
+    if rows % shards or t.global_batch_size % shards:
+        raise InputError(f"replay.per_batch={rows} and train.global_batch_size={t.global_batch_size} must both be "
+                         f"multiples of the {shards} devices along the batch (each holds the same number of replay "
+                         f"rows); e.g. replay.per_batch={max(shards, rows // shards * shards)}")
+    if t.accum_steps > 1:
+        raise InputError(f"train.accum_steps={t.accum_steps} with replay: gradient accumulation is not supported with "
+                         "a replay stream (BioCLIP 2 asserts --accum-freq 1 too); use accum_steps=1")
+    return shards, rows // shards
+
+
 def _initial_params(config: ml_collections.ConfigDict, model_config: CLIPConfig, seed: int):
+    continual = _continual_head(config)
     if config.init and config.init != "scratch":
         loaded = load(config.init, model=config.init_model or None)
         if loaded.config.to_open_clip() != model_config.to_open_clip():
             raise InputError(f"init weights {config.init} are a {loaded.config.to_open_clip()} model, but "
                              f"config.model is {config.model!r}")
-        return lambda: stack_layers(loaded.params) if config.scan_layers else loaded.params
-    return lambda: init_params(model_config, seed, scan_layers=config.scan_layers)
+        # BioCLIP 2 starts continual_proj as a copy of the pretrained proj (its fork's load_checkpoint).
+        params = add_continual_proj(loaded.params) if continual else loaded.params
+        return lambda: stack_layers(params) if config.scan_layers else params
+    return lambda: init_params(model_config, seed, scan_layers=config.scan_layers, continual_proj=continual)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, max_steps: int | None = None,
@@ -208,11 +249,8 @@ def _train(config, workdir, max_steps, progress, evaluate_fn) -> TrainResult:
     workdir = workdir_lib.choose(workdir, model_config.to_open_clip(), signature, t.allow_restart)
 
     # ---- data
-    data_iter = iter(pipeline.train_dataset(
-        config.data.train, global_batch_size=t.global_batch_size, image_size=model_config.vision.image_size,
-        seed=t.seed, text_type=config.data.text_type, scale=tuple(config.data.crop_scale),
-        context_length=model_config.text.context_length, worker_count=config.data.workers,
-        prefetch_batches=config.data.prefetch_batches))
+    data_iter = _data_iterator(config, model_config)
+    replay_shards = mesh.shape["data"] // jax.process_count()  # this process's blocks of the replay layout
 
     with run_dir.Checkpoints(workdir, config.checkpoint.keep, config.checkpoint.every_steps,
                              config.checkpoint.async_save) as checkpoints:
@@ -228,13 +266,15 @@ def _train(config, workdir, max_steps, progress, evaluate_fn) -> TrainResult:
         last_step = total_steps if max_steps is None else min(total_steps, max_steps)
         eval_model = None
         bar = tqdm(total=total_steps, initial=step, desc="train", disable=not progress or jax.process_index() != 0)
-        window = _Throughput(model_config, t.global_batch_size, mesh.devices.size)
+        window = _Throughput(model_config, device_batch_size(config), mesh.devices.size)
         skipped = SkippedRecords(config.data.max_skipped_fraction, t.global_batch_size)
         with StopSignals() as stop:
             while step < last_step:
                 fetch_start = time.perf_counter()
                 host_batch = next(data_iter)
                 skipped.add(host_batch)  # records replaced because they could not be read (data/skipped_records)
+                if "replay_rows" in host_batch:
+                    host_batch = interleave_replay(host_batch, replay_shards)
                 batch = to_global(host_batch, parts.batch_sharding)
                 window.data_wait += time.perf_counter() - fetch_start
                 try:
@@ -245,6 +285,8 @@ def _train(config, workdir, max_steps, progress, evaluate_fn) -> TrainResult:
                 window.steps += 1
                 if step % config.log_every_steps == 0 or step == last_step:
                     logged = _log_line(step, step_metrics, window, skipped, config.data.text_type)
+                    if "replay_passes" in host_batch:  # a replay source that ran dry started a new pass
+                        logged["data/replay_passes"] = float(host_batch["replay_passes"])
                     writer.write(step, {k: v for k, v in logged.items() if k != "text_type"})
                     history.append({"step": step, **logged})
                     bar.set_postfix(loss=f"{logged['loss']:.3f}", img_s=f"{logged['images_per_second']:.0f}")
@@ -261,6 +303,24 @@ def _train(config, workdir, max_steps, progress, evaluate_fn) -> TrainResult:
         _save(checkpoints, step, state, data_iter, force=checkpoints.latest_step() != step, wait=True)
     writer.close()
     return TrainResult(step, state["params"], model_config, preprocess, history, workdir, stop.received)
+
+
+def _data_iterator(config, model_config: CLIPConfig):
+    """The training batches: the main stream, with replay.per_batch replay rows appended to each host batch when
+    replay is on (`pipeline.MixedDataset`: both streams' states go into every checkpoint)."""
+    t, d = config.train, config.data
+    options = dict(image_size=model_config.vision.image_size, seed=t.seed, scale=tuple(d.crop_scale),
+                   context_length=model_config.text.context_length, worker_count=d.workers,
+                   prefetch_batches=d.prefetch_batches)
+    main = pipeline.train_dataset(d.train, global_batch_size=t.global_batch_size, text_type=d.text_type, **options)
+    if config.replay.per_batch <= 0:
+        return iter(main)
+    if not config.replay.data:
+        raise InputError(f"replay.per_batch={config.replay.per_batch} needs replay.data: the shards of the replay "
+                         "image-text pairs (--config.replay.data=PATH), or replay.per_batch=0 for no replay")
+    replay = pipeline.replay_dataset(config.replay.data, rows_per_batch=config.replay.per_batch,
+                                     text_type=config.replay.text_type, **options)
+    return iter(pipeline.MixedDataset(main, replay))
 
 
 def _model(config) -> tuple[CLIPConfig, Preprocess]:
@@ -321,7 +381,7 @@ def _log_line(step: int, step_metrics, window: _Throughput, skipped: SkippedReco
     logged = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
     logged.update(window.read())
     logged["data/skipped_records"] = skipped.check()  # since this run (re)started; raises if too many
-    if text_type == "mixed":
+    if text_type in pipeline.PER_STEP_TEXT_TYPES:
         logged["text_type"] = text_type_for_step(step - 1)  # the caption type of this step's batch
     return logged
 
@@ -379,7 +439,8 @@ def _raise_with_memory_advice(error: Exception, config) -> None:
 
 def _eval_model(eval_model: Model | None, model_config: CLIPConfig, state, preprocess: Preprocess) -> Model:
     """One Model reused across evaluations (its jitted encoders compile once); params swapped in each time."""
-    params = unstack_layers(host_params(state["params"]))  # a Model holds per-layer params
+    # A Model holds per-layer params, without the replay head (evaluation and export use `proj`).
+    params = without_continual_proj(unstack_layers(host_params(state["params"])))
     if eval_model is None:
         eval_model = Model(model_config, params, preprocess)
     eval_model.params = params

@@ -1,7 +1,12 @@
-"""BioCLIP 2 recipe: ViT-L/14 from LAION-2B open_clip weights, TreeOfLife-200M, 30 epochs, global batch 90,112, bf16.
+"""BioCLIP 2 recipe: ViT-L/14 from LAION-2B open_clip weights, TreeOfLife-200M, 30 epochs, global batch 90,112, bf16,
+plus 10,240 replay image-text pairs in every batch (100,352 rows a step), as BioCLIP 2's slurm/train.sh.
 
-FSDP shards params and optimizer state over the data axis (ViT-L/14 with AdamW is ~5 GB of fp32 state per replica).
-The LAION replay head (`visual.continual_proj`) of BioCLIP 2 is not part of this recipe.
+Replay: `replay.data` (set it: shards of LAION-2B-style pairs, records with a "text" caption; LAION-2B itself was
+withdrawn, Re-LAION or DataComp stand in) gives 10,240 rows per step that train through the second visual head
+`visual.continual_proj` (a copy of `proj` at the start) in their own CLIP loss, summed with the TreeOfLife loss, one
+logit scale; exports leave `continual_proj` out, as BioCLIP 2's release. Captions: text_type "random", one of the
+five taxonomic types per step (BioCLIP 2's draw, from the step). FSDP shards params and optimizer state over the data
+axis (ViT-L/14 with AdamW is ~5 GB of fp32 state per replica).
 """
 
 from bioclip_jax.train.config import base_config
@@ -18,6 +23,11 @@ def get_config():
     c.eval.normalization = "openai"
     c.data.train = "shards/treeoflife-200m/train"
     c.data.val = "shards/treeoflife-200m/val"
+    c.data.text_type = "random"  # BioCLIP 2's --text_type random: one type per step, drawn from the step
+    c.replay.data = "shards/laion-replay/train"  # image-text pairs with "text" captions: set --config.replay.data
+    c.replay.per_batch = 10240  # 320 per GPU x 32 in BioCLIP 2; a multiple of the chips along the batch
+    c.replay.text_type = "text"  # the pairs' own captions (BioCLIP 2: --continual_text_type '')
+    c.replay.continual_proj = True
     c.train.global_batch_size = 90112
     c.train.epochs = 30  # over the training split, counted at start
     c.train.steps = 0

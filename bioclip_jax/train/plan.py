@@ -25,7 +25,7 @@ from bioclip_jax.errors import InputError, first_line
 from bioclip_jax.models.clip import init_params
 from bioclip_jax.train import metrics as metrics_lib
 from bioclip_jax.train import sharding
-from bioclip_jax.train.trainer import build_train_step
+from bioclip_jax.train.trainer import build_train_step, device_batch_size
 
 GIB = hardware.GIB
 # XLA's exec_time_optimization_effort for `plan --quick` (-1 to 1, default 0): the TPU compiler then skips its
@@ -249,21 +249,21 @@ def plan(config: ml_collections.ConfigDict, topology: str | Topology, quick: boo
     topology = parse_topology(topology) if isinstance(topology, str) else topology
     devices = topology_devices(topology)
     mesh = sharding.make_mesh(devices)
-    t = config.train
     model_config = load_model_config(config.model)
     image_size, context = model_config.vision.image_size, model_config.text.context_length
     # Random-init shapes (stacked when scan_layers): the planner never reads config.init's weights (same shapes).
     parts = build_train_step(config, model_config, mesh, lambda: init_params(model_config,
                                                                              scan_layers=config.scan_layers))
-    batch = {"image": jax.ShapeDtypeStruct((t.global_batch_size, image_size, image_size, 3), jnp.uint8),
-             "tokens": jax.ShapeDtypeStruct((t.global_batch_size, context), jnp.int32)}
+    rows = device_batch_size(config)  # with replay: the TreeOfLife rows plus replay.per_batch replay rows
+    batch = {"image": jax.ShapeDtypeStruct((rows, image_size, image_size, 3), jnp.uint8),
+             "tokens": jax.ShapeDtypeStruct((rows, context), jnp.int32)}
     abstract_batch = _abstract(batch, {k: parts.batch_sharding for k in batch})
     abstract_state = _abstract(parts.abstract_state, parts.state_sharding)
 
     kind = devices[0].device_kind
     hbm = topology.chip.hbm_gib if topology.chip else round(_host_memory_bytes() / topology.chips / GIB, 2)
-    result = Plan(topology, kind, t.global_batch_size // topology.chips, t.global_batch_size, hbm, True, 0.0, {},
-                  analytic_flops=metrics_lib.train_flops_per_pair(model_config) * t.global_batch_size, quick=quick)
+    result = Plan(topology, kind, rows // topology.chips, rows, hbm, True, 0.0, {},
+                  analytic_flops=metrics_lib.train_flops_per_pair(model_config) * rows, quick=quick)
     lowered = parts.step.lower(abstract_state, abstract_batch)
     default_effort = jax.config.jax_exec_time_optimization_effort
     default_cache = jax.config.jax_enable_compilation_cache

@@ -161,6 +161,8 @@ def build_train_step(config: ml_collections.ConfigDict, model_config: CLIPConfig
                   remat=config.remat or None, scan_layers=config.scan_layers,
                   gather_layer_params=sharding.layer_gather(mesh) if gather_layers else None,
                   continual_proj=_continual_head(config))
+    if _continual_head(config):  # e.g. the planner's random-init shapes: add the head where they lack it
+        make_params = _with_continual_proj(make_params)
     abstract_params = jax.eval_shape(make_params)
     tx, schedule = make_optimizer(abstract_params, lr=t.lr, warmup_steps=t.warmup_steps,
                                   total_steps=total_steps or t.steps, weight_decay=t.weight_decay, b1=t.b1, b2=t.b2,
@@ -188,6 +190,10 @@ def device_batch_size(config: ml_collections.ConfigDict) -> int:
 
 def _continual_head(config) -> bool:
     return config.replay.per_batch > 0 and config.replay.continual_proj
+
+
+def _with_continual_proj(make_params):
+    return lambda: add_continual_proj(make_params())
 
 
 def _replay_layout(config, mesh) -> tuple[int, int] | None:

@@ -203,3 +203,30 @@ def test_bad_replay_settings_are_one_clear_line(data):
     with pytest.raises(InputError, match="accum_steps=2 with replay"):
         trainer._replay_layout(config, mesh)
     assert trainer.device_batch_size(config) == 20
+
+
+@pytest.mark.integration  # trains tiny runs end to end
+def test_training_with_replay_resumes_bitwise_and_logs_both_losses(data, tmp_path):
+    from bioclip_jax.train.trainer import train
+
+    def config():
+        return load_config(TESTS / "configs" / "tiny_train.py", [
+            f"data.train={data[0]}", f"replay.data={data[1]}", f"replay.per_batch={2 * jax.device_count()}",
+            "train.steps=4", "data.text_type=random"])
+
+    straight = train(config(), tmp_path / "straight", progress=False)
+    assert {"contrastive_loss", "continual_loss", "data/replay_passes"} <= set(straight.history[-1])
+    for h in straight.history:  # the logged loss is the sum of the two, as BioCLIP 2's total_loss
+        assert h["loss"] == pytest.approx(h["contrastive_loss"] + h["continual_loss"], rel=1e-6)
+    train(config(), tmp_path / "split", max_steps=2, progress=False)
+    train(config(), tmp_path / "split", progress=False)
+    checkpoints = {}
+    for run in ("straight", "split"):
+        from bioclip_jax.convert import run_dir
+
+        with run_dir.Checkpoints(tmp_path / run, read_only=True) as saved:
+            checkpoints[run] = traverse_util.flatten_dict(saved.restore_params(4), sep="/")
+    assert "visual/continual_proj" in checkpoints["straight"]
+    for key, value in checkpoints["straight"].items():
+        assert value.tobytes() == checkpoints["split"][key].tobytes(), key
+    assert "continual_proj" not in straight.model().params["visual"]  # inference and export use `proj`

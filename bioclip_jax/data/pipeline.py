@@ -9,6 +9,10 @@ of examples (positions i*G .. (i+1)*G-1 of the shuffled stream) whatever the num
 sees the same data as on 1. Images leave the pipeline as uint8 (4x less to move than float32) and are normalised on
 the device (`bioclip_jax.train.device_batch.normalize_images`).
 
+Replay (BioCLIP 2): `replay_dataset` is the same pipeline over a second source (its own seed, endless, captions from
+the records' own `text`), and `MixedDataset` appends its rows to every host batch of the main stream, each stream
+keeping its own iterator state.
+
 Evaluation: resize + center crop exactly as open_clip (`Preprocess`), no shuffle, each process a strided slice, the
 last batches padded and masked so that every process runs the same number of batches and every example counts once.
 """

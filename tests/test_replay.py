@@ -19,7 +19,7 @@ from bioclip_jax.data import pipeline
 from bioclip_jax.data.records import Record, ShardWriter
 from bioclip_jax.data.taxonomy import Taxon, text_type_for_step
 from bioclip_jax.errors import InputError
-from bioclip_jax.models.clip import CLIP, add_continual_proj, init_params, l2_normalize
+from bioclip_jax.models.clip import CLIP, add_continual_proj, init_params, l2_normalize, without_continual_proj
 from bioclip_jax.models.config import get_model_config
 from bioclip_jax.models.loss import continual_clip_loss
 from bioclip_jax.tokenizer import tokenize
@@ -156,11 +156,12 @@ def test_continual_head_is_bioclip2s_and_export_loads_in_open_clip():
 
     config = get_model_config("tiny")
     params = init_params(config, seed=1, continual_proj=True)
-    assert add_continual_proj(init_params(config))["visual"]["continual_proj"] is not None
+    started = add_continual_proj(without_continual_proj(params))["visual"]  # BioCLIP 2 starts it as a copy of proj
+    assert started["continual_proj"] is started["proj"]
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.normal(size=(3, config.vision.image_size, config.vision.image_size, 3)), jnp.float32)
     tokens = jnp.asarray(tokenize(["a", "b", "c"], config.text.context_length))
-    image, _, _, continual = CLIP(config, continual_proj=True).apply({"params": params}, images, tokens)
+    image, _, _, continual = jax.jit(CLIP(config, continual_proj=True).apply)({"params": params}, images, tokens)
 
     state_dict = to_open_clip(params, config)
     assert "visual.continual_proj" not in state_dict  # as BioCLIP 2's release: open_clip loads it strictly

@@ -11,6 +11,7 @@ console shows them) and land in the summary.json files as with make-shards.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -69,58 +70,58 @@ def _check_out(out: str, manifest: dict) -> dict | None:
     return _load_json(os.path.join(out, SUMMARY))
 
 
-class _WriteShard:
-    """Beam DoFn body: (shard index, its uuids) -> the shard and its stats file -> the stats. A shard already under
-    its final name with its stats (an earlier, interrupted run) is kept."""
+def _build(uuid: str, sample, resize: int | None, quality: int) -> tuple:
+    """One outcome -> ("record", bytes, taxon) or ("skip", reason, detail), counted in the Beam metrics. Records are
+    built before the shuffle to shards, so that moves 224 px JPEGs rather than the providers' full-size images."""
+    from apache_beam.metrics import Metrics
 
-    def __init__(self, out: str, shards: int, prefix: str | None, resize: int | None, quality: int):
-        self.out, self.shards, self.prefix, self.resize, self.quality = out, shards, prefix, resize, quality
+    try:
+        if isinstance(sample, Skip):
+            raise sample
+        record = build_record(sample, source=tol200m.TreeOfLife200M.name, resize=resize, quality=quality)
+    except Skip as s:
+        Metrics.counter(METRICS, s.reason).inc()
+        return ("skip", s.reason, s.detail)
+    Metrics.counter(METRICS, "records").inc()
+    return ("record", record, sample.taxon)
+
+
+def _placer(seed: int, shards: int, resize: int | None, quality: int):
+    def place(element):
+        uuid, grouped = element
+        key = tol200m.shuffle_key(seed, uuid)
+        built = [_build(uuid, o, resize, quality)
+                 for o in tol200m.outcomes(uuid, list(grouped["rows"]), list(grouped["images"]))]
+        return tol200m.shard_of(key, shards), (key, uuid, built)
+    return place
+
+
+class _WriteShard:
+    """Beam FlatMap body: (shard index, its uuids' built outcomes) -> the shard and its stats file -> the stats. A
+    shard already under its final name with its stats (an earlier, interrupted run) is kept."""
+
+    def __init__(self, out: str, shards: int, prefix: str | None):
+        self.out, self.shards, self.prefix = out, shards, prefix
 
     def __call__(self, element):
-        from apache_beam.metrics import Metrics
-
         index, entries = element
         final = Shard.at(self.out, tol200m.SPLIT, self.prefix, index, self.shards, ())
         done = _load_json(final.stats_path) if epath.Path(final.path).exists() else None
         if done is not None:
             return [done]
         entries = sorted((e for e in entries if e is not None), key=lambda e: (e[0], e[1]))
-        samples = [(uuid, o) for _, uuid, rows, images in entries for o in tol200m.outcomes(uuid, rows, images)]
+        samples = [(uuid, b) for _, uuid, built in entries for b in built]
         with tempfile.TemporaryDirectory() as tmp:
             local = final if not is_url(self.out) else Shard.at(tmp, tol200m.SPLIT, self.prefix, index, self.shards, ())
             os.makedirs(os.path.dirname(local.stats_path), exist_ok=True)
-            sink = ShardSink(dataclasses_replace(local, items=samples))
-            for uuid, sample in samples:
-                try:
-                    if isinstance(sample, Skip):
-                        raise sample
-                    record = build_record(sample, source=tol200m.TreeOfLife200M.name, resize=self.resize,
-                                          quality=self.quality)
-                except Skip as s:
-                    sink.skip(uuid, s)
-                    Metrics.counter(METRICS, s.reason).inc()
-                else:
-                    sink.write(record, sample.taxon)
-                    Metrics.counter(METRICS, "records").inc()
+            sink = ShardSink(dataclasses.replace(local, items=samples))
+            for uuid, (kind, value, extra) in samples:
+                sink.write(value, extra) if kind == "record" else sink.skip(uuid, Skip(value, extra))
             stats = sink.finish()
             if local is not final:  # stats first: a shard under its final name always has its stats
                 epath.Path(local.stats_path).copy(final.stats_path, overwrite=True)
                 epath.Path(local.path).copy(final.path, overwrite=True)
         return [stats]
-
-
-def dataclasses_replace(shard: Shard, **changes) -> Shard:
-    import dataclasses
-
-    return dataclasses.replace(shard, **changes)
-
-
-def _keyed(seed: int, shards: int):
-    def place(element):
-        uuid, grouped = element
-        key = tol200m.shuffle_key(seed, uuid)
-        return tol200m.shard_of(key, shards), (key, uuid, list(grouped["rows"]), list(grouped["images"]))
-    return place
 
 
 def build_pipeline(p, source: tol200m.TreeOfLife200M, out: str, shards: int, *, prefix: str | None,
@@ -129,7 +130,7 @@ def build_pipeline(p, source: tol200m.TreeOfLife200M, out: str, shards: int, *, 
     beam = _import_beam()
     from apache_beam.io.parquetio import ReadAllFromParquetBatched, ReadFromParquetBatched
 
-    catalog = source._catalog
+    catalog = source.parsed_catalog
     wanted = [c for c in catalog.columns.values() if c is not None]
     rows = (p | "read catalog" >> ReadFromParquetBatched(catalog.path, columns=wanted)
             | "catalog rows" >> beam.FlatMap(
@@ -139,10 +140,10 @@ def build_pipeline(p, source: tol200m.TreeOfLife200M, out: str, shards: int, *, 
               | "read images" >> ReadAllFromParquetBatched(columns=list(columns))
               | "image rows" >> beam.FlatMap(lambda t: list(tol200m.image_rows(t))))
     placed = ({"rows": rows, "images": images} | "join by uuid" >> beam.CoGroupByKey()
-              | "place" >> beam.Map(_keyed(source.seed, shards)))
+              | "build records" >> beam.Map(_placer(source.seed, shards, resize, quality)))
     every_shard = p | "shard indices" >> beam.Create([(i, None) for i in range(shards)])  # empty ones too
     return ((placed, every_shard) | beam.Flatten() | "by shard" >> beam.GroupByKey()
-            | "write shards" >> beam.FlatMap(_WriteShard(out, shards, prefix, resize, quality)))
+            | "write shards" >> beam.FlatMap(_WriteShard(out, shards, prefix)))
 
 
 def make_shards_beam(catalog: str, images: str | list[str], out: str, *, runner: str = "DirectRunner",

@@ -208,11 +208,11 @@ class TreeOfLife200M(Source):
         self.records_per_shard, self.seed = records_per_shard, seed
         self.files: list[str] = []
         self.columns: list[list[str]] = []
-        self._catalog: Catalog | None = None
+        self.parsed_catalog: Catalog | None = None
         self.catalog_rows = 0
 
     def settings(self) -> dict:
-        self._catalog, self.catalog_rows = check_catalog(self.catalog)
+        self.parsed_catalog, self.catalog_rows = check_catalog(self.catalog)
         self.files = find_parquet(self.images)
         self.columns = [image_columns(f) for f in self.files]
         other = next((f for f, c in zip(self.files, self.columns) if c != self.columns[0]), None)
@@ -226,7 +226,7 @@ class TreeOfLife200M(Source):
         import pyarrow.parquet as pq
 
         rows: dict[str, list] = collections.defaultdict(list)
-        for table in iter_catalog(self._catalog, progress):
+        for table in iter_catalog(self.parsed_catalog, progress):
             for uuid, row in catalog_rows(table):
                 rows[uuid].append(row)
         refs: dict[str, list] = collections.defaultdict(list)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
+
+# Kept here, not imported from shards.beam: parsing imports neither Beam nor jax (tests/test_cli.py).
+RUNNERS = ("DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner", "PortableRunner", "PrismRunner")
 
 
 def add_parser(subparsers) -> None:
@@ -32,9 +36,22 @@ def add_parser(subparsers) -> None:
     tol10m.add_argument("--images", nargs="+", required=True,
                         help="the image tars (.tar.gz or .tar): files, folders, globs or brace patterns "
                              "('dataset/EOL/image_set_*.tar.gz')")
+    tol200m = by_source.add_parser(
+        "tol200m", help="TreeOfLife-200M: catalog.parquet + the images fetched from its providers (Parquet)",
+        description="Joins the image files' uuid to catalog.parquet's; every record goes to train, shuffled across "
+                    "taxa by a hash of (seed, uuid). Runs on the local process pool, or on Apache Beam with --runner "
+                    "(options after -- go to the Beam runner, e.g. -- --project P --region R --temp_location gs://T).")
+    tol200m.add_argument("--catalog", required=True, help="dataset/catalog.parquet (local or gs://)")
+    tol200m.add_argument("--images", nargs="+", required=True,
+                         help="image Parquet files (uuid, image[, resized_size]) as distributed-downloader writes "
+                              "them: files, folders, globs ('images/server=*/*.parquet'), local or gs://")
+    tol200m.add_argument("--runner", choices=RUNNERS,
+                         help="run on Apache Beam with this runner (default: the local process pool)")
+    tol200m.add_argument("beam_args", nargs=argparse.REMAINDER,
+                         help="after --: Beam pipeline options, passed through to the runner")
     for q, per_shard, workers in ((tol, 10000, None), (folder, 10000, None), (synthetic, 1000, 1),
-                                  (tol10m, 10000, None)):
-        _add_output_options(q, per_shard, workers, split=q in (tol, folder), seed=q is not tol10m)
+                                  (tol10m, 10000, None), (tol200m, 10000, None)):
+        _add_output_options(q, per_shard, workers, split=q in (tol, folder), seed=q not in (tol10m,))
     p.set_defaults(func=run)
 
 
@@ -56,6 +73,8 @@ def _add_output_options(q, per_shard: int, workers: int | None, split: bool, see
 def run(args) -> int:
     from bioclip_jax import shards
 
+    if args.source == "tol200m":
+        return _run_tol200m(args)
     if args.source == "treeoflife":
         source = shards.TreeOfLifeTars(args.inputs, val_fraction=args.val_fraction, seed=args.seed)
     elif args.source == "tol10m":
@@ -73,6 +92,32 @@ def run(args) -> int:
         summary = shards.make_shards(source, args.out, records_per_shard=args.records_per_shard, resize=args.resize,
                                      quality=args.quality, workers=args.workers, prefix=args.prefix)
     except KeyboardInterrupt:  # finished shards are kept: say how to go on rather than print a traceback
+        print(f"\nbioclip-jax make-shards: interrupted; rerun the same command to finish {args.out}", file=sys.stderr)
+        return 130
+    print(summary.report())
+    return 0
+
+
+def _run_tol200m(args) -> int:
+    from bioclip_jax import shards
+
+    beam_args = args.beam_args[1:] if args.beam_args[:1] == ["--"] else args.beam_args
+    if beam_args and not args.runner:
+        print(f"bioclip-jax make-shards: Beam options {' '.join(beam_args)} need --runner", file=sys.stderr)
+        return 2
+    try:
+        if args.runner:
+            from bioclip_jax.shards.beam import make_shards_beam
+
+            summary = make_shards_beam(args.catalog, args.images, args.out, runner=args.runner,
+                                       pipeline_args=beam_args, records_per_shard=args.records_per_shard,
+                                       resize=args.resize, quality=args.quality, seed=args.seed, prefix=args.prefix)
+        else:
+            source = shards.TreeOfLife200M(args.catalog, args.images, records_per_shard=args.records_per_shard,
+                                           seed=args.seed)
+            summary = shards.make_shards(source, args.out, resize=args.resize, quality=args.quality,
+                                         workers=args.workers, prefix=args.prefix)
+    except KeyboardInterrupt:
         print(f"\nbioclip-jax make-shards: interrupted; rerun the same command to finish {args.out}", file=sys.stderr)
         return 130
     print(summary.report())

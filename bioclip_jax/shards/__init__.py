@@ -7,7 +7,9 @@
 
 - `build`: the one path from a raw example to record bytes (`build_record`), for make-shards and any other writer;
 - `source`: what a source provides (`Source`, `Plan`); one module per source: `treeoflife` (webdataset tars),
-  `tol10m` (TreeOfLife-10M as published: catalog + gzip tars), `folder` (metadata.csv), `synthetic`;
+  `tol10m` (TreeOfLife-10M as published: catalog + gzip tars), `tol200m` (TreeOfLife-200M: catalog.parquet + the
+  downloaded image Parquet files), `folder` (metadata.csv), `synthetic`;
+- `beam`: `make_shards_beam`, the same TreeOfLife-200M records on Apache Beam (Dataflow, Flink, Spark, DirectRunner);
 - `output`: the output folder (manifest, atomic shards, per-shard stats, summaries, `Summary`);
 - `pool`: worker processes and their progress; `make`: `make_shards`, the plan -> shards -> summary run.
 """
@@ -17,6 +19,8 @@ from bioclip_jax.shards.make import make_shards
 from bioclip_jax.shards.output import Summary
 from bioclip_jax.shards.synthetic import SyntheticTree
 from bioclip_jax.shards.tol10m import TreeOfLife10M
+from bioclip_jax.shards.tol200m import TreeOfLife200M
 from bioclip_jax.shards.treeoflife import TreeOfLifeTars
 
-__all__ = ["MetadataFolder", "Summary", "SyntheticTree", "TreeOfLife10M", "TreeOfLifeTars", "make_shards"]
+__all__ = ["MetadataFolder", "Summary", "SyntheticTree", "TreeOfLife10M", "TreeOfLife200M", "TreeOfLifeTars",
+           "make_shards"]

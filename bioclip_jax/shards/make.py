@@ -39,7 +39,8 @@ def make_shards(source: Source, out: str, *, records_per_shard: int | None = Non
     started, out = time.perf_counter(), str(out)
     records_per_shard = source.records_per_shard if records_per_shard is None else records_per_shard
     workers = workers or source.workers or default_workers()
-    manifest = _manifest(source, records_per_shard=records_per_shard, resize=resize, quality=quality, prefix=prefix)
+    manifest = output_manifest(source, records_per_shard=records_per_shard, resize=resize, quality=quality,
+                               prefix=prefix)
     done = check_manifest(out, manifest)
     if done is None:
         plan = source.plan(out, workers=workers, progress=progress)
@@ -53,8 +54,8 @@ def make_shards(source: Source, out: str, *, records_per_shard: int | None = Non
     return Summary(done, out, time.perf_counter() - started, tuple(source.notes(done)))
 
 
-def _manifest(source: Source, *, records_per_shard: int, resize: int | None, quality: int,
-              prefix: str | None) -> dict:
+def output_manifest(source: Source, *, records_per_shard: int, resize: int | None, quality: int,
+                    prefix: str | None) -> dict:
     """The settings that define an output (checked before anything is written, so a typo cannot pin a folder)."""
     inputs = source.settings()  # first: a missing input is the error to see
     if records_per_shard < 1:
@@ -72,15 +73,16 @@ def _manifest(source: Source, *, records_per_shard: int, resize: int | None, qua
 
 
 def _cut(out: str, plan: Plan, records_per_shard: int, prefix: str | None) -> dict[str, list[Shard]]:
-    """Every split's groups -> its shards, numbered across groups in plan order. A split with neither samples nor
-    skips has no folder."""
+    """Every split's groups -> its shards, numbered across groups in plan order (a source that cuts its own shards
+    plans one group per shard: `Plan.whole_groups`). A split with neither samples nor skips has no folder."""
     shards: dict[str, list[Shard]] = {}
     for split, groups in plan.groups.items():
         if not any(len(g) for g in groups) and not plan.skipped.get(split):
             continue
-        counts = [math.ceil(len(g) / records_per_shard) for g in groups]
+        size = (max(map(len, groups), default=0) or 1) if plan.whole_groups else records_per_shard
+        counts = [1] * len(groups) if plan.whole_groups else [math.ceil(len(g) / size) for g in groups]
         shards[split] = [Shard.at(out, split, prefix, sum(counts[:k]) + i, sum(counts),
-                                  group[i * records_per_shard:(i + 1) * records_per_shard], k)
+                                  group[i * size:(i + 1) * size], k)
                          for k, group in enumerate(groups) for i in range(counts[k])]
     return shards
 

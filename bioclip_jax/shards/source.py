@@ -23,6 +23,7 @@ class Plan:
     input_errors: list[dict] = dataclasses.field(default_factory=list)
     extra: dict = dataclasses.field(default_factory=dict)
     scratch: list[str] = dataclasses.field(default_factory=list)
+    whole_groups: bool = False  # each group is one shard, whatever its length (the source cut the shards itself)
 
 
 class Source(abc.ABC):

@@ -56,9 +56,9 @@ class Catalog:
         return [f for f in (SPLIT, "common") if self.columns[f] is None]
 
 
-def open_catalog(path: str) -> Catalog:
+def open_catalog(path: str, id_column: str = ID) -> Catalog:
     """Checks a catalog's header (CSV, or Parquet by its suffix); raises one line naming the file and the missing
-    columns."""
+    columns. `id_column`: the image id's column (TreeOfLife-10M: treeoflife_id; TreeOfLife-200M: uuid)."""
     path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no catalog at {path!r}")
@@ -75,14 +75,19 @@ def open_catalog(path: str) -> Catalog:
 
         with open(path, newline="", encoding="utf-8-sig") as f:
             names = next(csv.reader(f), [])
+    return catalog_columns(path, names, parquet, id_column)
+
+
+def catalog_columns(path: str, names: list[str], parquet: bool, id_column: str = ID) -> Catalog:
+    """A catalog's column names -> where each of FIELDS is; one line naming the file and the missing columns."""
     stripped = {n.strip(): n for n in names}
     pick = lambda options: next((stripped[o] for o in options if o in stripped), None)  # noqa: E731
-    columns = {"id": pick((ID,)), SPLIT: pick((SPLIT,)), "common": pick(COMMON_COLUMNS),
+    columns = {"id": pick((id_column,)), SPLIT: pick((SPLIT,)), "common": pick(COMMON_COLUMNS),
                **{rank: pick(RANK_COLUMNS[rank]) for rank in RANKS}}
-    missing = [ID if f == "id" else "/".join(RANK_COLUMNS[f]) for f in ("id", *RANKS) if columns[f] is None]
+    missing = [id_column if f == "id" else "/".join(RANK_COLUMNS[f]) for f in ("id", *RANKS) if columns[f] is None]
     if missing:
         raise InputError(f"{path}: missing catalog column(s) {', '.join(missing)} (found: "
-                         f"{', '.join(stripped) or 'none'}; expected {ID}, {', '.join(RANKS)}, optional "
+                         f"{', '.join(stripped) or 'none'}; expected {id_column}, {', '.join(RANKS)}, optional "
                          f"{SPLIT}, common)")
     return Catalog(path, parquet, columns)
 
@@ -104,7 +109,7 @@ def _clean_encoded(arr: pa.Array) -> pa.DictionaryArray:
     return pa.DictionaryArray.from_arrays(encoded.indices, _clean(encoded.dictionary))
 
 
-def _normalise(catalog: Catalog, batch: pa.RecordBatch) -> pa.Table:
+def normalise(catalog: Catalog, batch: pa.RecordBatch) -> pa.Table:
     """A batch of the file -> the FIELDS columns: the id as strings, the rest dictionary-encoded."""
     n = batch.num_rows
     arrays = []
@@ -149,7 +154,7 @@ def iter_catalog(catalog: Catalog, verbose: bool = True) -> Iterator[pa.Table]:
             with tqdm(total=f.metadata.num_rows, unit="row", desc="reading catalog", disable=not verbose) as bar:
                 for batch in f.iter_batches(batch_size=1 << 19, columns=wanted):
                     bar.update(batch.num_rows)
-                    yield _normalise(catalog, batch)
+                    yield normalise(catalog, batch)
             return
         import pyarrow.csv as pcsv
 
@@ -162,7 +167,7 @@ def iter_catalog(catalog: Catalog, verbose: bool = True) -> Iterator[pa.Table]:
                     convert_options=pcsv.ConvertOptions(include_columns=wanted,
                                                         column_types={c: pa.string() for c in wanted}))
                 for batch in reader:
-                    yield _normalise(catalog, batch)
+                    yield normalise(catalog, batch)
             finally:
                 stream.close()
     except pa.ArrowException as e:  # e.g. a row with the wrong number of cells
@@ -278,7 +283,7 @@ def _rows_with_image(catalog: Catalog, value_set: pa.Array, verbose: bool) -> tu
         return pa.concat_tables(kept).combine_chunks(), rows, orphans
     empty = pa.RecordBatch.from_pylist([], pa.schema([(c, pa.string()) for c in catalog.columns.values()
                                                       if c is not None]))
-    return _normalise(catalog, empty), rows, orphans
+    return normalise(catalog, empty), rows, orphans
 
 
 @dataclasses.dataclass

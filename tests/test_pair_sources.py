@@ -81,22 +81,22 @@ def read_tars_plainly(paths: list[Path]) -> list[tuple[bytes, str]]:
 
 
 def write_parquet(path: Path, hf_image: bool = False, caption: str = "caption") -> Path:
-    """The pairs in two row groups (4 + 4 rows), one row with a null caption; `hf_image`: Hugging Face's Image
-    struct {bytes, path} in an "image" column, else img2dataset's "jpg" binary column."""
-    pairs = _pairs() + [("00019999", _image(99), None)]
+    """The pairs in two row groups (5 + 4 rows), one row with a null caption, one without image bytes; `hf_image`:
+    Hugging Face's Image struct {bytes, path} in an "image" column, else img2dataset's "jpg" binary column."""
+    pairs = _pairs() + [("00019998", None, "a caption without its image"), ("00019999", _image(99), None)]
     images = [p[1] for p in pairs]
     column = (pa.array([{"bytes": b, "path": f"{i}.jpg"} for i, b in enumerate(images)],
                        pa.struct([("bytes", pa.binary()), ("path", pa.string())])) if hf_image else pa.array(images))
     table = pa.table({"key": [p[0] for p in pairs], "image" if hf_image else "jpg": column,
                       caption: pa.array([p[2] for p in pairs], pa.string())})
-    pq.write_table(table, path, row_group_size=4)
+    pq.write_table(table, path, row_group_size=5)
     return path
 
 
 def read_parquet_plainly(path: Path, image: str, caption: str) -> list[tuple[bytes, str]]:
     rows = pq.read_table(path).to_pylist()
     value = (lambda r: r[image]["bytes"]) if image == "image" else (lambda r: r[image])
-    return [(value(r), r[caption]) for r in rows if r[caption]]
+    return [(value(r), r[caption]) for r in rows if r[caption] and value(r)]
 
 
 def _pixels(data: bytes) -> bytes:
@@ -138,7 +138,7 @@ def test_parquet_pairs_are_what_pyarrow_reads(tmp_path):
     assert isinstance(source, ParquetPairSource) and len(source) == PAIRS
     assert _items(source) == [(_pixels(i), c) for i, c in read_parquet_plainly(plain, "jpg", "caption")]
     assert source[5]["id"] == "000010001" and source.where(6) == f"{plain} row 6"
-    assert dict(source.skipped) == {"without image bytes (jpg)": 0, "without a caption (caption)": 1}
+    assert dict(source.skipped) == {"without image bytes (jpg)": 1, "without a caption (caption)": 1}
     # Hugging Face's Image struct, a caption column named by config, and a folder of files
     folder = tmp_path / "hf"
     folder.mkdir()

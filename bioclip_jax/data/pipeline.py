@@ -30,8 +30,8 @@ import numpy as np
 from PIL import Image
 
 from bioclip_jax import hardware
-from bioclip_jax.data import transforms
-from bioclip_jax.data.records import RecordVersionError, Unreadable, decode_record, find_shards, open_shards
+from bioclip_jax.data import pair_sources, transforms
+from bioclip_jax.data.records import RecordVersionError, Unreadable, decode_record, open_shards
 from bioclip_jax.data.taxonomy import MIXED_TEXT_TYPES, TEXT_TYPES, Taxon, text_type_for_sample, text_type_for_step
 from bioclip_jax.data.transforms import decode_image
 from bioclip_jax.errors import InputError
@@ -46,14 +46,19 @@ REPLAY_SEED_OFFSET = 104_729
 log = logging.getLogger(__name__)
 
 
-def open_source(data: Any):
-    """A random-access source: shard paths (folder, glob, list) -> a ShardSource, every shard checked (InputError
-    naming a missing, empty, truncated or foreign file) before any training starts; else used as given (anything
-    with __len__ and __getitem__ returning record bytes or decoded record dicts, e.g. a TFDS source)."""
-    if isinstance(data, (str, os.PathLike)):
-        data = find_shards(data)
-    if isinstance(data, (list, tuple)) and data and isinstance(data[0], (str, os.PathLike)):
-        return open_shards(data)
+def open_source(data: Any, *, image_column: str = "", caption_column: str = ""):
+    """A random-access source from what `data` points at (a folder, a glob, a list of files; `pair_sources.classify`):
+    ArrayRecord shards -> a ShardSource, every shard checked (InputError naming a missing, empty, truncated or foreign
+    file) before any training starts; WebDataset tars or Parquet files of image-text pairs -> a TarPairSource or
+    ParquetPairSource (image_column / caption_column: Parquet's, when not one of the usual names); a mix of kinds is
+    an InputError. Anything else with __len__ and __getitem__ returning record bytes or decoded record dicts (e.g. a
+    TFDS source) is used as given."""
+    if isinstance(data, (str, os.PathLike)) or (isinstance(data, (list, tuple)) and data and
+                                                 isinstance(data[0], (str, os.PathLike))):
+        kind, paths = pair_sources.classify(data)
+        if kind == pair_sources.SHARDS:
+            return open_shards(paths)
+        return pair_sources.open_pairs(kind, paths, image_column=image_column, caption_column=caption_column)
     if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
         raise TypeError(f"expected shard paths or a random-access source, got {type(data).__name__}")
     return data
@@ -313,16 +318,19 @@ MAIN, REPLAY = "main", "replay"
 
 
 def replay_dataset(data: Any, *, rows_per_batch: int, image_size: int, seed: int = 0, text_type: str = "text",
-                   process_index: int | None = None, process_count: int | None = None, **options) -> grain.IterDataset:
+                   process_index: int | None = None, process_count: int | None = None, image_column: str = "",
+                   caption_column: str = "", **options) -> grain.IterDataset:
     """This process's share of the replay rows of each global batch (BioCLIP 2: 10,240 LAION-2B pairs per step),
     as `train_dataset` makes them from a second source: shuffled with its own seed (seed + REPLAY_SEED_OFFSET),
     endless (a source that runs dry starts a new pass, as BioCLIP 2's loader does; each batch's "passes" counts the
-    completed ones), and trained on the records' own captions (text_type "text") unless another type is given."""
+    completed ones), and trained on the records' own captions (text_type "text") unless another type is given.
+    `data`: ArrayRecord shards, WebDataset tars or Parquet files of image-text pairs (`open_source`)."""
     process_count = jax.process_count() if process_count is None else process_count
     if rows_per_batch <= 0 or rows_per_batch % process_count:
         raise InputError(f"replay.per_batch={rows_per_batch}: expected a positive multiple of the number of processes "
                          f"({process_count}), so that every process adds the same number of replay rows")
-    return train_dataset(data, global_batch_size=rows_per_batch, image_size=image_size,
+    source = open_source(data, image_column=image_column, caption_column=caption_column)
+    return train_dataset(source, global_batch_size=rows_per_batch, image_size=image_size,
                          seed=seed + REPLAY_SEED_OFFSET, text_type=text_type, num_epochs=None,
                          process_index=process_index, process_count=process_count, **options)
 

@@ -147,7 +147,11 @@ def base_config() -> ml_collections.ConfigDict:
     # BioCLIP 2's replay: per_batch rows of a second image-text source added to every global batch (on top of
     # train.global_batch_size), trained with their own CLIP loss (models/loss.continual_clip_loss).
     c.replay = ml_collections.ConfigDict()
-    c.replay.data = ""  # ArrayRecord shards of image-text pairs (records with a "text" caption); "" = no replay
+    # Image-text pairs: ArrayRecord shards (records with a "text" caption), WebDataset tars (img2dataset, LAION,
+    # DataComp) or Parquet files with image bytes; a folder, a glob or a list (docs/data_format.md). "" = no replay
+    c.replay.data = ""
+    c.replay.image_column = ""  # Parquet: the image bytes' column when not jpg/jpeg/png/webp/image/img; "a.b": a field
+    c.replay.caption_column = ""  # Parquet: the caption's column when not caption/txt/text
     c.replay.per_batch = 0  # replay rows per global batch; a multiple of the number of devices
     c.replay.text_type = "text"  # the records' own captions; or any data.text_type (a taxonomic replay set)
     c.replay.continual_proj = True  # BioCLIP 2's second visual head for the replay rows; False: through `proj`

@@ -322,10 +322,12 @@ def _data_iterator(config, model_config: CLIPConfig):
     if config.replay.per_batch <= 0:
         return iter(main)
     if not config.replay.data:
-        raise InputError(f"replay.per_batch={config.replay.per_batch} needs replay.data: the shards of the replay "
-                         "image-text pairs (--config.replay.data=PATH), or replay.per_batch=0 for no replay")
+        raise InputError(f"replay.per_batch={config.replay.per_batch} needs replay.data: the replay "
+                         "image-text pairs, shards, tars or Parquet (--config.replay.data=PATH), or replay.per_batch=0 "
+                         "for no replay")
     replay = pipeline.replay_dataset(config.replay.data, rows_per_batch=config.replay.per_batch,
-                                     text_type=config.replay.text_type, **options)
+                                     text_type=config.replay.text_type, image_column=config.replay.image_column,
+                                     caption_column=config.replay.caption_column, **options)
     return iter(pipeline.MixedDataset(main, replay))
 
 

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "bioclip_jax"
 LAYERS = [
     {"errors"},
     {"paths", "hardware"},
-    {"runtime", "tokenizer", "models"},
+    {"runtime", "tokenizer", "models", "mesh"},
     {"data"},
     {"shards"},
     {"convert"},

@@ -26,7 +26,7 @@ from bioclip_jax.data.taxonomy import EVAL_TEXT_TYPES
 from bioclip_jax.errors import InputError
 from bioclip_jax.evaluate.few_shot import few_shot
 from bioclip_jax.evaluate.zero_shot import embed_eval_set, topk_accuracy
-from bioclip_jax.inference.model import Model
+from bioclip_jax.inference.encoder import Encoder
 from bioclip_jax.inference.templates import TEMPLATE_SETS
 from bioclip_jax.inference.zero_shot import zero_shot_classifier
 
@@ -115,7 +115,7 @@ def _rows_of(source, labels, ranks, commons) -> list[EvalRow]:
             for label, r, common in zip(labels, ranks, commons)]
 
 
-def evaluate_task(model: Model, source, text_type: str = "taxon_com", templates: str = "bioclip",
+def evaluate_task(model: Encoder, source, text_type: str = "taxon_com", templates: str = "bioclip",
                   shots: Sequence[int] = (), batch_size: int = 64, few_shot_sampling: str = "bioclip",
                   folds: int = 5, name: str = "task") -> dict:
     """Zero-shot (top-1/3/5, mean per class) and k-shot (mean, std over `folds`) results of one task."""
@@ -147,7 +147,7 @@ def evaluate_task(model: Model, source, text_type: str = "taxon_com", templates:
     return result
 
 
-def run_benchmark(model: Model, sources: dict, out_dir: str | os.PathLike, model_name: str = "this model",
+def run_benchmark(model: Encoder, sources: dict, out_dir: str | os.PathLike, model_name: str = "this model",
                   **kwargs) -> dict:
     """Evaluates every task in `sources` and writes results.{json,csv,md} to the local folder `out_dir`."""
     if paths.is_url(out_dir):  # pathlib would make a local `gs:` folder of it after the whole evaluation

@@ -14,7 +14,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "bioclip_jax"
 LAYERS = [
     {"errors"},
     {"paths", "hardware"},
-    {"runtime", "tokenizer", "models", "mesh"},
+    {"runtime", "tokenizer", "models"},
+    {"mesh"},
     {"data"},
     {"shards"},
     {"convert"},

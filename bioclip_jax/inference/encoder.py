@@ -139,7 +139,9 @@ def place_params(params, mesh, fsdp: bool = False):
 
 def mesh_encoder(model: Model, mesh: jax.sharding.Mesh | None = None, fsdp: bool = False) -> MeshEncoder:
     """`model` on `mesh` (default: every device of every host): its params replicated, or with `fsdp` sharded over
-    the devices (for a model too large for one device's memory with its activations)."""
+    the devices (for a model too large for one device's memory with its activations). Jobs whose hosts do unequal
+    work (embed's parts: host i runs parts i, i+n, ...) pass `mesh=mesh.make_mesh(jax.local_devices())`: each host
+    then encodes on its own chips with no collective between hosts, so none waits for another's call."""
     mesh = mesh_lib.make_mesh() if mesh is None else mesh
     return MeshEncoder(model.config, place_params(model.params, mesh, fsdp), model.preprocess, mesh, model.dtype,
                        model.attn_implementation)

@@ -203,19 +203,42 @@ def test_benchmark_runner_writes_the_paper_table(tmp_path):
     assert tasks["rare_species"]["few_shot_sampling"] == "bioclip" and tasks["rare_species"]["merged_classes"] == 0
     assert 0.0 <= tasks["plankton"]["zero_shot"]["top1"] <= 1.0 and len(tasks["plankton"]["1_shot"]["folds"]) == 5
     table = (tmp_path / "out" / "results.md").read_text()
-    assert "| model | source | Plankton | Rare Species | my_set | mean | published 10-task mean |" in table
-    for section in ("## zero-shot top-1", "## zero-shot top-5", "## 1-shot top-1", "## Tasks"):
+    assert ("| model | source | Plankton (2 classes, 8 images) | Rare Species (3 classes, 12 images) | my_set (2 "
+            "classes, 4 images) | mean | published 10-task mean |") in table
+    for section in ("## zero-shot top-1", "## zero-shot top-3", "## zero-shot top-5",
+                    "## zero-shot mean per-class top-1", "## 1-shot top-1", "## Tasks"):
         assert section in table
-    assert "| BioCLIP | BioCLIP paper, CVPR 2024 | 6.1 | 37.8 |  |  | 39.4 |" in table
+    # Toy tasks under published names are not the published tasks: no published number beside them.
+    assert "Plankton: 2 classes here, 86 published; Rare Species: 3 classes here, 400 published." in table
+    assert "| BioCLIP | BioCLIP paper, CVPR 2024 |  |  |  |  | 39.4 |" in table
     assert "| CLIP | BioCLIP paper, CVPR 2024 |  |  |  |  | 21.4 |" in table
-    card = "Rare Species dataset card (huggingface.co/datasets/imageomics/rare-species)"
-    assert f"| BioCLIP | {card} |  | 44.9 |" in table
+    assert "dataset card" not in table and "37.8" not in table
     ours = next(line for line in table.splitlines() if line.startswith("| tiny | measured here") and "±" in line)
     assert ours.count("±") == 3  # 1-shot mean ± std for each task
     csv_text = (tmp_path / "out" / "results.csv").read_text()
     assert csv_text.startswith("metric,model,source,Plankton,Rare Species,my_set,mean,published 10-task mean")
     assert results["table"][0] == csv_text.splitlines()[0].split(",")
     assert {p["source"] for p in results["published"]} >= {"BioCLIP paper, CVPR 2024"}
+
+
+def test_published_numbers_only_beside_tasks_of_the_published_size():
+    from bioclip_jax.evaluate.benchmark import results_markdown, results_table
+
+    def task(classes, images, top1):
+        return {"classes": classes, "images": images, "zero_shot_classes": classes, "merged_classes": 0,
+                "zero_shot": {"top1": top1, "top3": 0.5, "top5": 0.6, "mean_per_class_top1": 0.25}}
+
+    results = {"rare_species": task(400, 11983, 0.4), "plankton": task(6, 60, 0.1)}
+    table = results_table(results, "ours")
+    assert ["zero-shot top-1", "BioCLIP", "BioCLIP paper, CVPR 2024", "", "37.8", "", "39.4"] in table
+    assert ["zero-shot mean per-class top-1", "ours", "measured here", "25.0", "25.0", "25.0", ""] in table
+    card = "Rare Species dataset card (huggingface.co/datasets/imageomics/rare-species)"
+    assert ["1-shot top-1", "BioCLIP", card, "", "44.9", "", ""] not in table  # no k-shot measured, no k-shot rows
+    markdown = results_markdown(table)
+    header = "| model | source | Plankton (6 classes, 60 images) | Rare Species (400 classes, 11,983 images) |"
+    assert header in markdown
+    assert f"| BioCLIP | {card} |  | 38.09 |  |  |" in markdown
+    assert "Plankton: 6 classes here, 86 published." in markdown and "Rare Species: 400" not in markdown
 
 
 def test_eval_merges_classes_that_share_a_name(tmp_path):

@@ -15,6 +15,7 @@ LAYERS = [
     {"errors"},
     {"paths", "hardware"},
     {"runtime", "tokenizer", "models"},
+    {"mesh"},
     {"data"},
     {"shards"},
     {"convert"},

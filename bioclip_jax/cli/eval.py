@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from bioclip_jax.cli import common
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("eval", help="the paper's table: zero-shot (and k-shot) top-1 on the tasks present")
@@ -22,17 +24,25 @@ def add_parser(subparsers) -> None:
     p.add_argument("--folds", type=int, default=5, help="few-shot folds (fold i seeded with i)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--name", help="model name in the table")
-    p.add_argument("--out", required=True, help="results.md, results.csv and results.json go here")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard the params over the devices instead of a copy on each (models too large for one)")
+    p.add_argument("--out", required=True, help="results.md, results.csv and results.json go here (by process 0)")
+    common.add_distributed_options(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from pathlib import Path
 
+    import jax
+
     from bioclip_jax.evaluate.benchmark import find_tasks, run_benchmark
+    from bioclip_jax.inference.encoder import mesh_encoder
     from bioclip_jax.inference.model import load
 
-    model = load(args.model, model=args.arch)
+    common.initialize_distributed(args)
+    # Every device of every host encodes: each host its share of a task's images, the class texts split over all.
+    model = mesh_encoder(load(args.model, model=args.arch), fsdp=args.fsdp)
     sources = find_tasks(args.tasks, args.tfds_data_dir)
     if args.only:
         sources = {t: s for t, s in sources.items() if t in args.only.split(",")}
@@ -40,5 +50,6 @@ def run(args) -> int:
     run_benchmark(model, sources, args.out, model_name=args.name or str(args.model), text_type=args.text_type,
                   templates=args.templates, shots=shots, batch_size=args.batch_size,
                   few_shot_sampling=args.few_shot_sampling, folds=args.folds)
-    print((Path(args.out) / "results.md").read_text())
+    if jax.process_index() == 0:
+        print((Path(args.out) / "results.md").read_text())
     return 0

@@ -1,6 +1,6 @@
-"""The paper's evaluation table with BioCLIP's own protocol: zero-shot top-1/top-5 and 1-/5-shot on the tasks present
-(task folders as published, read by `bioclip_jax.data.eval_sets`, or TFDS builds), written as markdown, CSV and JSON
-next to the published numbers.
+"""The paper's evaluation table with BioCLIP's own protocol: zero-shot top-1/3/5, mean per-class top-1 and 1-/5-shot
+on the tasks present (task folders as published, read by `bioclip_jax.data.eval_sets`, or TFDS builds), written as
+markdown, CSV and JSON next to the published numbers (only under tasks of the published class count).
 
 As BioCLIP's evaluation (Imageomics/bioclip src/evaluation): every image gets its class name by `naming_eval`
 (`EvalRow.eval_name`), classes whose names coincide MERGE (the class list is the distinct names in order of first
@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import jax
 import numpy as np
 
 from bioclip_jax import paths
@@ -26,7 +27,7 @@ from bioclip_jax.data.taxonomy import EVAL_TEXT_TYPES
 from bioclip_jax.errors import InputError
 from bioclip_jax.evaluate.few_shot import few_shot
 from bioclip_jax.evaluate.zero_shot import embed_eval_set, topk_accuracy
-from bioclip_jax.inference.model import Model
+from bioclip_jax.inference.encoder import Encoder
 from bioclip_jax.inference.templates import TEMPLATE_SETS
 from bioclip_jax.inference.zero_shot import zero_shot_classifier
 
@@ -60,7 +61,15 @@ PUBLISHED = [
 ]
 
 
+# The published tasks' class counts (REFERENCE: the paper's table): a task of another size here (a subset, a toy copy
+# under a published folder name) is not the published task, and its published numbers are not shown beside it.
+PUBLISHED_CLASSES = {"birds_525": 525, "plankton": 86, "insects": 104, "insects_2": 102, "plantnet": 25, "fungi": 25,
+                     "plantvillage": 38, "medicinal_leaf": 25, "plantdoc": 27, "rare_species": 400}
+
+
 # Rows that describe the tasks rather than score them (the markdown puts them in one table).
+ZERO_SHOT_METRICS = {"zero-shot top-1": "top1", "zero-shot top-3": "top3", "zero-shot top-5": "top5",
+                     "zero-shot mean per-class top-1": "mean_per_class_top1"}
 SIZE_METRICS = {"images": "images", "classes": "classes", "zero-shot classes": "zero_shot_classes",
                 "merged classes": "merged_classes"}
 
@@ -115,7 +124,7 @@ def _rows_of(source, labels, ranks, commons) -> list[EvalRow]:
             for label, r, common in zip(labels, ranks, commons)]
 
 
-def evaluate_task(model: Model, source, text_type: str = "taxon_com", templates: str = "bioclip",
+def evaluate_task(model: Encoder, source, text_type: str = "taxon_com", templates: str = "bioclip",
                   shots: Sequence[int] = (), batch_size: int = 64, few_shot_sampling: str = "bioclip",
                   folds: int = 5, name: str = "task") -> dict:
     """Zero-shot (top-1/3/5, mean per class) and k-shot (mean, std over `folds`) results of one task."""
@@ -147,7 +156,7 @@ def evaluate_task(model: Model, source, text_type: str = "taxon_com", templates:
     return result
 
 
-def run_benchmark(model: Model, sources: dict, out_dir: str | os.PathLike, model_name: str = "this model",
+def run_benchmark(model: Encoder, sources: dict, out_dir: str | os.PathLike, model_name: str = "this model",
                   **kwargs) -> dict:
     """Evaluates every task in `sources` and writes results.{json,csv,md} to the local folder `out_dir`."""
     if paths.is_url(out_dir):  # pathlib would make a local `gs:` folder of it after the whole evaluation
@@ -157,6 +166,8 @@ def run_benchmark(model: Model, sources: dict, out_dir: str | os.PathLike, model
                                 "kaggle_bird/metadata.csv, rare_species/metadata.csv or rare-species/metadata/"
                                 "rarespecies-catalog.csv, or TFDS builds (bioclip_jax.data.tfds_eval.build)")
     results = {task: evaluate_task(model, source, name=task, **kwargs) for task, source in sources.items()}
+    if jax.process_index() != 0:  # every process holds the same results (features are gathered); one writes them
+        return results
     paths.make_dirs(paths.resolve(out_dir))
     out_dir = Path(out_dir)
     table = results_table(results, model_name)
@@ -186,16 +197,18 @@ def _percent(values: list[float | None]) -> list[str]:
 
 def results_table(results: dict, model_name: str) -> list[list[str]]:
     """Header + rows (metric, model, source, one column per task present, mean over those tasks, published mean over
-    the paper's 10 tasks): everything measured, each metric followed by the published rows for it, then the task
-    sizes. Percentages with one decimal; k-shot cells are "mean ± std" over the folds."""
+    the paper's 10 tasks): everything measured (zero-shot top-1/3/5 and mean per-class top-1, k-shot), each metric
+    followed by the published rows for it, then the task sizes. Published numbers appear only under a task of the
+    published class count. Percentages with one decimal; k-shot cells are "mean ± std" over the folds."""
     tasks = _ordered_tasks(results)
     header = ["metric", "model", "source", *[TASK_NAMES.get(t, t) for t in tasks], "mean", "published 10-task mean"]
     rows = [header]
     ours = "measured here"
-    for metric, key in (("zero-shot top-1", "top1"), ("zero-shot top-5", "top5")):
+    published = [t for t in tasks if results[t]["classes"] == PUBLISHED_CLASSES.get(t)]
+    for metric, key in ZERO_SHOT_METRICS.items():
         values = [100 * results[t]["zero_shot"][key] for t in tasks]
         rows.append([metric, model_name, ours, *_percent(values), f"{np.mean(values):.1f}", ""])
-        rows += _published_rows(metric, tasks)
+        rows += _published_rows(metric, tasks, published)
     for k in _shots(results):
         metric = f"{k}-shot top-1"
         cells, means = [], []
@@ -209,18 +222,19 @@ def results_table(results: dict, model_name: str) -> list[list[str]]:
         partial = "" if len(means) == len(tasks) else f" ({len(means)} task{'s' if len(means) > 1 else ''})"
         mean = f"{np.mean(means):.1f}{partial}" if means else ""
         rows.append([metric, model_name, ours, *cells, mean, ""])
-        rows += _published_rows(metric, tasks)
+        rows += _published_rows(metric, tasks, published)
     for metric, key in SIZE_METRICS.items():
         rows.append([metric, model_name, ours, *[str(results[t][key]) for t in tasks], "", ""])
     return rows
 
 
-def _published_rows(metric: str, tasks: list[str]) -> list[list[str]]:
+def _published_rows(metric: str, tasks: list[str], published: list[str]) -> list[list[str]]:
+    """The published rows of `metric`, with numbers only under the `published` tasks (those of the published size)."""
     rows = []
     for m, model, source, values, mean10 in PUBLISHED:
-        if m != metric or not (mean10 is not None or any(t in values for t in tasks)):
+        if m != metric or not (mean10 is not None or any(t in values for t in published)):
             continue
-        shown = [values.get(t) for t in tasks]
+        shown = [values.get(t) if t in published else None for t in tasks]
         cells = [f"{v:g}" if v is not None else "" for v in shown]
         mean = f"{np.mean(shown):.1f}" if all(v is not None for v in shown) else ""
         rows.append([metric, model, source, *cells, mean, f"{mean10:g}" if mean10 is not None else ""])
@@ -228,17 +242,28 @@ def _published_rows(metric: str, tasks: list[str]) -> list[list[str]]:
 
 
 def results_markdown(table: list[list[str]]) -> str:
-    """One markdown table per metric (ours first, then the published rows), then the task sizes."""
+    """One markdown table per metric (ours first, then the published rows), each task's column headed by its class
+    and image counts; a note for tasks under a published name whose class count is not the published one; then the
+    task sizes."""
     header, rows = table[0], table[1:]
-    columns = ["model", "source", *header[3:]]
+    tasks = header[3:-2]
+    sizes = {r[0]: r[3:3 + len(tasks)] for r in rows if r[0] in SIZE_METRICS}
+    headed = [f"{t} ({int(c):,} classes, {int(n):,} images)"
+              for t, c, n in zip(tasks, sizes["classes"], sizes["images"])]
+    columns = ["model", "source", *headed, *header[-2:]]
     out = ["# Evaluation results", "",
-           "Top-1 / top-5 accuracy in %; k-shot = mean ± std over the folds. 'mean' averages the tasks shown; the "
-           "published 10-task mean is the paper's. Published rows name their source.", ""]
+           "Accuracy in %; k-shot = mean ± std over the folds. 'mean' averages the tasks shown; the published 10-task "
+           "mean is the paper's. Published rows name their source and appear only under a task of the published "
+           "class count.", ""]
+    names = {name: task for task, name in TASK_NAMES.items()}
+    other = [f"{t}: {c} classes here, {PUBLISHED_CLASSES[names[t]]} published" for t, c in zip(tasks, sizes["classes"])
+             if t in names and int(c) != PUBLISHED_CLASSES[names[t]]]
+    if other:
+        out += ["Not the published task, so no published numbers beside it: " + "; ".join(other) + ".", ""]
     for metric in dict.fromkeys(r[0] for r in rows if r[0] not in SIZE_METRICS):
         out += [f"## {metric}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         out += ["| " + " | ".join(r[1:]) + " |" for r in rows if r[0] == metric]
         out.append("")
-    tasks = header[3:-2]
     out += ["## Tasks", "", "Zero-shot classes are the distinct class names after merging (BioCLIP merges classes "
             "whose names coincide); few-shot uses the `class` column.", "",
             "| | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 1)]

@@ -3,6 +3,9 @@
 Per-rank evaluation: at rank r the label set is the distinct lineages kingdom..r among the candidate taxa, each
 described by its taxonomic name ("a photo of Animalia Chordata Aves."); an image is right at r when the nearest
 class embedding is its own lineage at r.
+
+Every function takes an `Encoder` (inference/encoder.py): a single-device `Model`, or the `MeshEncoder` the trainer
+and `eval` hand in, on which every chip of every host encodes.
 """
 
 from __future__ import annotations
@@ -17,19 +20,20 @@ from tqdm.auto import tqdm
 
 from bioclip_jax.data import pipeline
 from bioclip_jax.data.taxonomy import RANKS, Taxon
-from bioclip_jax.inference.model import Model, encode, normalize_features
+from bioclip_jax.inference.encoder import Encoder
+from bioclip_jax.inference.model import encode, normalize_features
 from bioclip_jax.inference.zero_shot import class_embeddings
 from bioclip_jax.models.loss import clip_loss
 
 log = logging.getLogger(__name__)
 
 
-def embed_eval_set(model: Model, data: Any, batch_size: int = 64, worker_count: int = 0, desc: str = "embedding",
+def embed_eval_set(model: Encoder, data: Any, batch_size: int = 64, worker_count: int = 0, desc: str = "embedding",
                    failures: list[str] | None = None) -> tuple[np.ndarray, list[tuple[str, ...]], list[str], list[str]]:
-    """Normalised image features [N, D], ranks, labels and common names of every example of an evaluation set (all
-    processes' shares gathered, in source order). Images that cannot be read or decoded are left out, as predict
-    does: a warning gives their count and the first few (shard file, record, id, why); `failures`, if given, receives
-    this process's full list."""
+    """Normalised image features [N, D], ranks, labels and common names of every example of an evaluation set (each
+    process encodes its share on its chips; the features, never the params, are gathered, in source order). Images
+    that cannot be read or decoded are left out, as predict does: a warning gives their count and the first few
+    (shard file, record, id, why); `failures`, if given, receives this process's full list."""
     feats, ranks, labels, commons, indices, failed = [], [], [], [], [], []
     data = pipeline.open_source(data)
     batches = pipeline.eval_batches(data, batch_size=batch_size, preprocess=model.preprocess,
@@ -102,7 +106,7 @@ def lineage_caption(lineage: Sequence[str]) -> str:
     return f"a photo of {' '.join(r for r in lineage if r)}."
 
 
-def per_rank_accuracy(model: Model, image_features: np.ndarray, image_ranks: Sequence[Sequence[str]],
+def per_rank_accuracy(model: Encoder, image_features: np.ndarray, image_ranks: Sequence[Sequence[str]],
                       candidates: Sequence[Taxon], ranks: Sequence[str] = RANKS) -> dict[str, dict[str, float]]:
     """{rank: {"top1", "chance", "classes"}}: zero-shot accuracy at each rank over the candidates' lineages."""
     results = {}
@@ -117,7 +121,7 @@ def per_rank_accuracy(model: Model, image_features: np.ndarray, image_ranks: Seq
     return results
 
 
-def validation_metrics(model: Model, data: Any, batch_size: int = 256, loss_batch_size: int = 256,
+def validation_metrics(model: Encoder, data: Any, batch_size: int = 256, loss_batch_size: int = 256,
                        text_type: str = "taxon") -> dict[str, float]:
     """What the trainer logs periodically on held-out images: the CLIP loss (captions of `text_type`, in chunks of
     `loss_batch_size`) and zero-shot top-1 at every rank over the taxa present in the set."""
@@ -136,11 +140,11 @@ def validation_metrics(model: Model, data: Any, batch_size: int = 256, loss_batc
 
 
 def validation_evaluator(data: Any, batch_size: int = 256):
-    """The trainer's `evaluate_fn` for periodic validation: `(model, step) -> validation_metrics(model, data)`."""
-    return lambda model, step: validation_metrics(model, data, batch_size)
+    """The trainer's `evaluate_fn` for periodic validation: `(encoder, step) -> validation_metrics(encoder, data)`."""
+    return lambda encoder, step: validation_metrics(encoder, data, batch_size)
 
 
-def hierarchy_consistency(model: Model, image_features: np.ndarray, candidates: Sequence[Taxon],
+def hierarchy_consistency(model: Encoder, image_features: np.ndarray, candidates: Sequence[Taxon],
                           ranks: Sequence[str] = RANKS[:-1]) -> dict[str, float]:
     """{rank: fraction of images whose zero-shot prediction at that rank is the ancestor of their predicted species}.
     1.0 everywhere means the model's answers at different ranks form one consistent lineage."""

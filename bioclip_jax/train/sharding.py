@@ -1,86 +1,19 @@
-"""Device mesh and shardings: a `data` axis always; data parallel (params replicated) or FSDP (params and optimizer
-state sharded over `data` along their largest divisible dimension)."""
+"""Training's shardings: the train state (params and optimizer state) replicated or FSDP-sharded over the mesh's
+`data` axis. The mesh, batch and param shardings and the FSDP gathers are shared with inference (bioclip_jax/mesh.py);
+they are re-exported here under their old names."""
 
 from __future__ import annotations
 
-import functools
-
-import jax
-import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
-
-from bioclip_jax.models.scan import STACKED_BLOCKS
-
-
-def make_mesh(devices=None) -> jax.sharding.Mesh:
-    devices = jax.devices() if devices is None else devices
-    # Auto axes: XLA inserts the collectives (e.g. for img @ txt.T over two batch-sharded operands); with jax >= 0.9's
-    # default Explicit axes that contraction would be an error.
-    return jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
-
-
-def batch_sharding(mesh) -> NamedSharding:
-    return NamedSharding(mesh, P("data"))
-
-
-def replicated(mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
-
-
-def fsdp_spec(shape: tuple[int, ...], data_size: int, min_size: int = 2 ** 14) -> P:
-    """Shard the largest dimension divisible by the data axis; small or indivisible arrays stay replicated."""
-    if data_size == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
-        return P()
-    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
-        if shape[dim] % data_size == 0:
-            spec = [None] * len(shape)
-            spec[dim] = "data"
-            return P(*spec)
-    return P()
-
-
-def is_stacked_path(path) -> bool:
-    """Whether a tree path leads into scanned blocks (leaves with a leading layer axis, models/scan.py)."""
-    return any(getattr(key, "key", None) == STACKED_BLOCKS for key in path)
+from bioclip_jax.mesh import batch_sharding as batch_sharding
+from bioclip_jax.mesh import fsdp_spec as fsdp_spec
+from bioclip_jax.mesh import is_stacked_path as is_stacked_path
+from bioclip_jax.mesh import layer_gather as layer_gather
+from bioclip_jax.mesh import make_mesh as make_mesh
+from bioclip_jax.mesh import replicated as replicated
+from bioclip_jax.mesh import tree_shardings
 
 
 def state_shardings(abstract_state, mesh, fsdp: bool):
-    """A sharding for every leaf of a (abstract) train state. The layer axis of stacked blocks is never sharded: each
-    layer is sharded as it would be on its own, so the scan slices one layer locally and `layer_gather` undoes it."""
-    size = mesh.shape["data"]
-
-    def leaf(path, x):
-        shape = tuple(getattr(x, "shape", ()))
-        if not fsdp:
-            return NamedSharding(mesh, P())
-        if is_stacked_path(path):
-            return NamedSharding(mesh, P(None, *fsdp_spec(shape[1:], size)))
-        return NamedSharding(mesh, fsdp_spec(shape, size))
-
-    return jax.tree_util.tree_map_with_path(leaf, abstract_state)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _gather(x, gathered: NamedSharding, sharded: NamedSharding):
-    return jax.lax.with_sharding_constraint(x, gathered)
-
-
-def _gather_fwd(x, gathered, sharded):
-    return _gather(x, gathered, sharded), None
-
-
-def _gather_bwd(gathered, sharded, _, cotangent):
-    # The gradient goes back to where the param lives: a reduce-scatter, not an all-reduce of the whole layer.
-    return (jax.lax.with_sharding_constraint(cotangent, sharded),)
-
-
-_gather.defvjp(_gather_fwd, _gather_bwd)
-
-
-def layer_gather(mesh):
-    """FSDP under scan (models' TowerOptions.gather_layer_params): one layer's params, sharded as `state_shardings`
-    shards a stacked layer, all-gathered where the layer runs; their gradients reduce-scattered back."""
-    size, everywhere = mesh.shape["data"], replicated(mesh)
-    return lambda params: jax.tree_util.tree_map(
-        lambda x: _gather(x, everywhere, NamedSharding(mesh, fsdp_spec(tuple(x.shape), size))), params)
+    """A sharding for every leaf of a (abstract) train state: params and each optimizer moment sharded alike (the
+    moments mirror the params' tree paths, stacked blocks included; step counters are small and stay replicated)."""
+    return tree_shardings(abstract_state, mesh, fsdp)

@@ -26,6 +26,7 @@ from bioclip_jax.data import pipeline
 from bioclip_jax.data.taxonomy import text_type_for_step
 from bioclip_jax.data.transforms import NORMALIZATION, Preprocess
 from bioclip_jax.errors import InputError, ResourceError
+from bioclip_jax.inference.encoder import MeshEncoder
 from bioclip_jax.inference.model import Model, load
 from bioclip_jax.models.clip import CLIP, add_continual_proj, init_params, without_continual_proj
 from bioclip_jax.models.config import CLIPConfig
@@ -231,8 +232,9 @@ def _initial_params(config: ml_collections.ConfigDict, model_config: CLIPConfig,
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, max_steps: int | None = None,
           progress: bool = True, evaluate_fn=None) -> TrainResult:
     """Trains (or resumes) `config` in `workdir` (a local folder or an epath URL such as gs://bucket/run). `max_steps`
-    stops early (still saving), e.g. for tests. Every config.eval.every_steps, `evaluate_fn(model, step) -> dict of
-    scalars` is logged (the caller wires it, e.g. `bioclip_jax.evaluate.zero_shot.validation_metrics`)."""
+    stops early (still saving), e.g. for tests. Every config.eval.every_steps, `evaluate_fn(encoder, step) -> dict of
+    scalars` is logged: the encoder runs on the training mesh (inference/encoder.py's MeshEncoder); the caller wires
+    the evaluation, e.g. `bioclip_jax.evaluate.zero_shot.validation_evaluator`."""
     workdir = paths.resolve(workdir)
     paths.make_dirs(workdir)
     with workdir_lib.WorkdirLock(workdir):
@@ -270,7 +272,7 @@ def _train(config, workdir, max_steps, progress, evaluate_fn) -> TrainResult:
         writer = metrics_lib.MetricWriter(workdir)
         history: list[dict] = []
         last_step = total_steps if max_steps is None else min(total_steps, max_steps)
-        eval_model = None
+        eval_encoder = None
         bar = tqdm(total=total_steps, initial=step, desc="train", disable=not progress or jax.process_index() != 0)
         window = _Throughput(model_config, device_batch_size(config), mesh.devices.size)
         skipped = SkippedRecords(config.data.max_skipped_fraction, t.global_batch_size)
@@ -299,8 +301,8 @@ def _train(config, workdir, max_steps, progress, evaluate_fn) -> TrainResult:
                 bar.update(1)
                 _save(checkpoints, step, state, data_iter)
                 if evaluate_fn is not None and config.eval.every_steps and step % config.eval.every_steps == 0:
-                    eval_model = _eval_model(eval_model, model_config, state, preprocess)
-                    writer.write(step, evaluate_fn(eval_model, step))
+                    eval_encoder = _eval_encoder(eval_encoder, model_config, state, preprocess, mesh)
+                    writer.write(step, evaluate_fn(eval_encoder, step))
                 if stop.should_stop(checkpoints, step):
                     log.warning("%s: saving step %d and stopping (rerun the same command to resume)", stop.received,
                                 step)
@@ -445,11 +447,12 @@ def _raise_with_memory_advice(error: Exception, config) -> None:
     ) from error
 
 
-def _eval_model(eval_model: Model | None, model_config: CLIPConfig, state, preprocess: Preprocess) -> Model:
-    """One Model reused across evaluations (its jitted encoders compile once); params swapped in each time."""
-    # A Model holds per-layer params, without the replay head (evaluation and export use `proj`).
-    params = without_continual_proj(unstack_layers(host_params(state["params"])))
-    if eval_model is None:
-        eval_model = Model(model_config, params, preprocess)
-    eval_model.params = params
-    return eval_model
+def _eval_encoder(encoder: MeshEncoder | None, model_config: CLIPConfig, state, preprocess: Preprocess,
+                  mesh) -> MeshEncoder:
+    """The evaluators' encoder: the train state's params where they are (sharded over the mesh, stacked or per
+    layer), no host copy, every chip encoding; one encoder reused across evaluations (it compiles once)."""
+    params = without_continual_proj(state["params"])  # evaluation uses `proj`, as export does
+    if encoder is None:
+        encoder = MeshEncoder(model_config, params, preprocess, mesh)
+    encoder.params = params
+    return encoder

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 
 import jax
 import ml_collections
@@ -152,10 +153,12 @@ def load_init(config: ml_collections.ConfigDict, model_config: CLIPConfig) -> Mo
         loaded = from_checkpoint(ckpt, arch)
     except sd.StateDictMismatch as e:
         fits = sd.fitting_architectures(ckpt.state_dict) if ckpt.state_dict is not None else []
-        hint = (f"; these weights fit {', '.join(fits)}: --config.init_model={fits[0]} --config.model={fits[0]}"
-                if fits else "")
-        raise InputError(f"{e} (read as config.init_model={arch!r}, the architecture of a weights file without a "
-                         f"config){hint}") from None
+        if not fits:
+            raise InputError(f"{e} (read as config.init_model={arch!r}: the architecture of a weights file without "
+                             f"a config)") from None
+        raise InputError(f"init weights {config.init} (a weights file without a config) do not fit "
+                         f"config.init_model={arch!r}; they fit {', '.join(fits)}: --config.init_model={fits[0]} "
+                         f"--config.model={fits[0]}") from None
     if loaded.config.to_open_clip() != model_config.to_open_clip():
         same_tensors = sd.param_shapes(loaded.config) == sd.param_shapes(model_config)
         fix = (f"--config.init_model={config.model} if the file holds {config.model} weights, or " if same_tensors
@@ -193,7 +196,8 @@ def memory_advice(config: ml_collections.ConfigDict, error: BaseException) -> st
     if not t.fsdp and devices > 1:
         fixes.append("--config.train.fsdp=True (shards params and optimizer state)")
     fixes.append(f"--config.train.global_batch_size={max(devices, t.global_batch_size // 2)}")
-    detail = first_line(error).split(":", 1)[-1].strip()
+    detail = re.sub(r"(\d{7,}) bytes", lambda m: f"{int(m.group(1)) / 2**30:.1f} GiB",
+                    first_line(error).split(":", 1)[-1].strip())
     return (f"out of device memory ({detail[:120]}) with {per_device} images per device (global batch "
             f"{t.global_batch_size} over {devices} device(s), accum_steps {t.accum_steps}), model {config.model}, "
             f"dtype {config.dtype}, remat {config.remat or 'off'}, fsdp {t.fsdp}. Try, in this order: "

@@ -18,6 +18,7 @@ from bioclip_jax.convert.state_dict import expected_state_dict_shapes
 from bioclip_jax.data.records import Record, ShardWriter
 from bioclip_jax.data.taxonomy import Taxon
 from bioclip_jax.errors import InputError, ResourceError
+from bioclip_jax.inference.tree_of_life import load_txt_emb
 from bioclip_jax.models.config import get_model_config
 from bioclip_jax.train import preflight, trainer
 from bioclip_jax.train.config import load_config
@@ -154,3 +155,27 @@ def test_memory_errors_translates_only_out_of_memory(labelled):
     with pytest.raises(KeyError):
         with preflight.memory_errors(config):
             raise KeyError("anything else keeps its type")
+
+
+def test_make_txt_emb_keeps_one_column_per_taxon_in_order_of_first_appearance(tmp_path, capsys):
+    # The CSV: one row per image (8 per species), as make-shards reads it; each species was written 8 times
+    # and its top score split to ~1/8.
+    rows = [("Animalia", "Chordata", "Aves", "Passeriformes", "Corvidae", *name.split(), "")
+            for name in SPECIES for _ in range(8)]
+    rows.insert(3, ("animalia", "chordata", "aves", "passeriformes", "corvidae", "pica", "hudsonia", ""))  # same
+    rows.append(("Animalia", "Chordata", "Aves", "Passeriformes", "Corvidae", "Pica", "hudsonia", "magpie"))  # not
+    taxa_csv = tmp_path / "taxa.csv"
+    taxa_csv.write_text("kingdom,phylum,class,order,family,genus,species,common_name\n"
+                        + "".join(",".join(r) + "\n" for r in rows))
+    tiny = get_model_config("tiny")
+    rng = np.random.default_rng(0)
+    state_dict = {k: rng.normal(0, 0.02, shape).astype(np.float32)
+                  for k, shape in expected_state_dict_shapes(tiny).items()}
+    folder = write_open_clip_folder(tmp_path / "tiny", state_dict, tiny, {}, write_bin=False)
+    assert main(["make-txt-emb", str(taxa_csv), "--model", str(folder), "--out", str(tmp_path / "emb")]) == 0
+    assert capsys.readouterr().out == f"wrote 7 species embeddings to {tmp_path / 'emb'} (43 repeated rows merged: " \
+                                      "one column per taxon)\n"
+    matrix, taxa = load_txt_emb(tmp_path / "emb")
+    assert matrix.shape == (64, 7)
+    assert [f"{t.genus} {t.species}" for t in taxa] == SPECIES + ["Pica hudsonia"]
+    assert [t.common_name for t in taxa] == [""] * 6 + ["magpie"]

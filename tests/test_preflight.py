@@ -179,3 +179,14 @@ def test_make_txt_emb_keeps_one_column_per_taxon_in_order_of_first_appearance(tm
     assert matrix.shape == (64, 7)
     assert [f"{t.genus} {t.species}" for t in taxa] == SPECIES + ["Pica hudsonia"]
     assert [t.common_name for t in taxa] == [""] * 6 + ["magpie"]
+
+
+def test_a_validation_split_that_does_not_open_is_refused_before_training(labelled, tmp_path):
+    # The recipe's default data.val (shards/treeoflife-10m/val) failed only at the first evaluation, after compiling.
+    config = _config(labelled, "data.val=shards/treeoflife-10m/val", "eval.every_steps=1")
+    with pytest.raises(InputError, match=r"data\.val='shards/treeoflife-10m/val' \(validated every "
+                                         r"eval\.every_steps=1 steps\): no \.array_record shards found at .*; pass "
+                                         r"--config\.data\.val=PATH, or --config\.data\.val= for no validation$"):
+        preflight.check(config, 6, evaluates=True)
+    preflight.check(config, 6, evaluates=False)  # no evaluation wired: not read
+    preflight.check(_config(labelled, f"data.val={labelled}", "eval.every_steps=1"), 6)

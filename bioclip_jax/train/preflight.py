@@ -35,9 +35,21 @@ def check(config: ml_collections.ConfigDict, total_steps: int, evaluates: bool =
     source = pipeline.open_source(config.data.train)
     check_captions(source, config.data.train, config.data.text_type)
     check_batch(config, len(source))
+    if evaluates and config.eval.every_steps > 0 and config.data.val:
+        check_validation_split(config)
     for warning in interval_warnings(config, total_steps, evaluates):
         if jax.process_index() == 0:
             log.warning("%s", warning)
+
+
+def check_validation_split(config: ml_collections.ConfigDict) -> None:
+    """The validation shards open, now rather than at the first evaluation (after compiling and eval.every_steps
+    steps: a recipe's default data.val that does not exist here used to fail only then)."""
+    try:
+        pipeline.open_source(config.data.val)
+    except (FileNotFoundError, InputError) as e:
+        raise InputError(f"data.val={config.data.val!r} (validated every eval.every_steps={config.eval.every_steps} "
+                         f"steps): {e}; pass --config.data.val=PATH, or --config.data.val= for no validation") from None
 
 
 def _text_types(text_type: str) -> tuple[str, ...]:

@@ -2,7 +2,8 @@
 
 Errors (InputError, exit 2) are for runs that would train wrongly: captions without any name (the model learns no
 labels), a global batch larger than the training split (every batch repeats images, and the CLIP loss contrasts an
-image with its own copies as negatives). Warnings are for runs that train correctly but lose something the user
+image with its own copies as negatives), a validation split that does not open (found only at the first evaluation
+otherwise). Warnings are for runs that train correctly but lose something the user
 probably wanted (a warmup the run never finishes, a validation or checkpoint interval the run never reaches): short
 smoke runs (`demo --config.train.steps=3`) rely on those staying runnable. Every message names the config key and a
 value that works."""
@@ -198,9 +199,8 @@ def memory_advice(config: ml_collections.ConfigDict, error: BaseException) -> st
     devices = jax.device_count()
     per_device = t.global_batch_size // max(devices, 1)
     fixes = []
-    if config.remat not in ("full",):
-        fixes.append("--config.remat=dots (or full: recompute activations)" if not config.remat else
-                     "--config.remat=full")
+    if config.remat != "full":
+        fixes.append("--config.remat=full" if config.remat else "--config.remat=dots (or full: recompute activations)")
     if config.dtype == "float32":
         fixes.append("--config.dtype=bfloat16")
     if per_device // t.accum_steps >= 2:

@@ -80,10 +80,22 @@ def load_txt_emb(folder: str | os.PathLike) -> tuple[np.ndarray, list[Taxon]]:
     return matrix, [Taxon.from_ranks(ranks, common or "") for ranks, common in names]
 
 
+def unique_taxa(taxa: Sequence[Taxon]) -> list[Taxon]:
+    """Each taxon once (the same lineage, as BioCLIP writes it, and the same common name), in order of first
+    appearance: a CSV with one row per image names each species many times, and a species held in several columns
+    of the matrix splits its probability between them."""
+    seen: dict[tuple, Taxon] = {}
+    for taxon in taxa:
+        seen.setdefault((taxon.ranks, taxon.common_name), taxon)
+    return list(seen.values())
+
+
 def make_txt_emb(model: Model, taxa: Sequence[Taxon], folder: str | os.PathLike, text_type: str = "taxon_com",
                  templates: Sequence[str] = OPENAI_IMAGENET_TEMPLATES, chunk: int = 256) -> Path:
-    """Embeds every taxon (its `text_type` name in every template, averaged) and writes pybioclip's files."""
+    """Embeds every taxon (its `text_type` name in every template, averaged) and writes pybioclip's files, one column
+    per taxon (`unique_taxa`: repeated rows are merged)."""
     paths.make_dirs(Path(folder))  # before the embedding, which takes minutes for the whole tree of life
+    taxa = unique_taxa(taxa)
     names = class_texts(list(taxa), text_type)
     rows = []
     for start in tqdm(range(0, len(names), chunk), desc="species text embeddings", unit="chunk"):

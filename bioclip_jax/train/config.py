@@ -129,7 +129,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.scan_layers = False  # nn.scan over each tower's blocks: one compiled block, params stacked per tower
     c.init = ""  # weights to start from (any bioclip_jax.load source); "" or "scratch": random initialisation
     c.require_init = False  # True in fine-tuning recipes: starting from random weights needs init="scratch"
-    c.init_model = ""  # architecture of a bare init file, e.g. "ViT-B-16-quickgelu"
+    # Architecture of a bare init file (weights without a config; GELU and QuickGELU weights have the same tensors),
+    # e.g. "ViT-B-16-quickgelu"; "" = config.model. Weights that carry a config (folders, runs, hub models) use theirs.
+    c.init_model = ""
     c.log_every_steps = 50
 
     c.data = ml_collections.ConfigDict()

@@ -27,13 +27,13 @@ from bioclip_jax.data.taxonomy import text_type_for_step
 from bioclip_jax.data.transforms import NORMALIZATION, Preprocess
 from bioclip_jax.errors import InputError, ResourceError
 from bioclip_jax.inference.encoder import MeshEncoder
-from bioclip_jax.inference.model import Model, load
+from bioclip_jax.inference.model import Model
 from bioclip_jax.models.clip import CLIP, add_continual_proj, init_params, without_continual_proj
 from bioclip_jax.models.config import CLIPConfig
 from bioclip_jax.models.loss import clip_loss, continual_clip_loss
 from bioclip_jax.models.scan import stack_layers, unstack_layers
 from bioclip_jax.train import metrics as metrics_lib
-from bioclip_jax.train import sharding
+from bioclip_jax.train import preflight, sharding
 from bioclip_jax.train import workdir as workdir_lib
 from bioclip_jax.train.device_batch import interleave_replay, normalize_images, to_global
 from bioclip_jax.train.optimizer import clamp_logit_scale, make_optimizer, skipped_updates
@@ -219,10 +219,7 @@ def _replay_layout(config, mesh) -> tuple[int, int] | None:
 def _initial_params(config: ml_collections.ConfigDict, model_config: CLIPConfig, seed: int):
     continual = _continual_head(config)
     if config.init and config.init != "scratch":
-        loaded = load(config.init, model=config.init_model or None)
-        if loaded.config.to_open_clip() != model_config.to_open_clip():
-            raise InputError(f"init weights {config.init} are a {loaded.config.to_open_clip()} model, but "
-                             f"config.model is {config.model!r}")
+        loaded = preflight.load_init(config, model_config)  # init_model applies to bare weights files only
         # BioCLIP 2 starts continual_proj as a copy of the pretrained proj (its fork's load_checkpoint).
         params = add_continual_proj(loaded.params) if continual else loaded.params
         return lambda: stack_layers(params) if config.scan_layers else params
@@ -237,7 +234,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, max_
     the evaluation, e.g. `bioclip_jax.evaluate.zero_shot.validation_evaluator`."""
     workdir = paths.resolve(workdir)
     paths.make_dirs(workdir)
-    with workdir_lib.WorkdirLock(workdir):
+    with workdir_lib.WorkdirLock(workdir), preflight.memory_errors(config):  # every path out of memory: one line
         return _train(config, workdir, max_steps, progress, evaluate_fn)
 
 
@@ -247,6 +244,7 @@ def _train(config, workdir, max_steps, progress, evaluate_fn) -> TrainResult:
     # ---- model and mesh
     model_config, preprocess = _model(config)
     total_steps = _total_steps(config)
+    preflight.check(config, total_steps, evaluates=evaluate_fn is not None)  # before anything compiles
     mesh = sharding.make_mesh()
 
     # ---- state: created already sharded (eval_shape first, nothing allocated twice)
@@ -434,17 +432,7 @@ def _is_disk_full(error: BaseException | None) -> bool:
 
 
 def _raise_with_memory_advice(error: Exception, config) -> None:
-    message = str(error)
-    if "RESOURCE_EXHAUSTED" not in message and "out of memory" not in message.lower():
-        raise error
-    t = config.train
-    raise ResourceError(
-        f"the training step ran out of device memory (global batch {t.global_batch_size} over "
-        f"{jax.device_count()} devices, model {config.model}, dtype {config.dtype}, remat {config.remat or 'off'}, "
-        f"fsdp {t.fsdp}). Try, in this order: --config.remat=dots (or full); --config.dtype=bfloat16; "
-        f"--config.train.accum_steps=2 (or more: same global batch, smaller micro-batches); "
-        f"--config.train.fsdp=True (shards params and optimizer state); a smaller --config.train.global_batch_size."
-    ) from error
+    preflight.raise_with_memory_advice(error, config)
 
 
 def _eval_encoder(encoder: MeshEncoder | None, model_config: CLIPConfig, state, preprocess: Preprocess,

@@ -51,6 +51,9 @@ class DeviceGroups(NamedTuple):
     count: int
 
 
+_HOST_BLOCK = 65536  # bank rows normalised and cast at a time on the host
+
+
 def _padded_batch(n: int, batch_size: int) -> int:
     """A full batch, or the next power of two (at least 8) for the last one: few compiled shapes."""
     return batch_size if n >= batch_size else min(batch_size, max(8, 1 << (n - 1).bit_length()))
@@ -67,23 +70,24 @@ class DeviceBank:
 
     def __init__(self, bank, mesh: Mesh | None = None, dtype: Any = jnp.bfloat16, normalize: bool = True,
                  batch_size: int = 256):
-        bank = np.asarray(bank, np.float32)
+        bank = np.asarray(bank)
         if bank.ndim != 2 or not bank.shape[0]:
             raise InputError(f"bank: expected a non-empty [classes, dim] matrix, got shape {bank.shape}")
-        if normalize:
-            bank = bank / np.maximum(np.linalg.norm(bank, axis=1, keepdims=True), 1e-12)
         self.mesh = mesh if mesh is not None else Mesh(np.array(jax.local_devices()[:1]), ("bank",))
         self.axes = tuple(self.mesh.axis_names)
         self.size, self.dim = bank.shape
         self.normalize, self.batch_size, self.dtype = normalize, batch_size, jnp.dtype(dtype)
         shards = self.mesh.devices.size
         self.padded = -(-self.size // shards) * shards
-        rows = np.zeros((self.padded, self.dim), np.float32)
-        rows[:self.size] = bank
+        rows = np.zeros((self.padded, self.dim), self.dtype)
+        for start in range(0, self.size, _HOST_BLOCK):  # never a float32 copy of a million-row bank
+            block = np.asarray(bank[start:start + _HOST_BLOCK], np.float32)
+            if normalize:
+                block = block / np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
+            rows[start:start + len(block)] = block
         self.rows_sharding = NamedSharding(self.mesh, P(self.axes))
         self.replicated = NamedSharding(self.mesh, P())
-        cast = rows.astype(self.dtype)
-        self.array = jax.make_array_from_callback(cast.shape, self.rows_sharding, lambda index: cast[index])
+        self.array = jax.make_array_from_callback(rows.shape, self.rows_sharding, lambda index: rows[index])
         self._functions: dict = {}
 
     def put_groups(self, groups) -> "DeviceGroups":

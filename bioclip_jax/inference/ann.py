@@ -23,6 +23,13 @@ from bioclip_jax.errors import InputError
 FORMAT_VERSION = 1
 ADD_BLOCK = 65536  # rows normalised and added to faiss at a time
 TRAIN_PER_LIST = 64  # k-means training rows per list (faiss warns below 39)
+RECALL_QUERIES = 1000  # index rows used as queries to measure recall@10
+
+
+def recall_at(approx, exact, k: int = 10) -> float:
+    """Mean fraction of each query's exact top k found in its approximate top k."""
+    found = [len(set(a[:k]) & set(e[:k])) / min(k, len(e)) for a, e in zip(approx, exact)]
+    return float(np.mean(found)) if found else math.nan
 
 
 def _faiss():
@@ -78,8 +85,6 @@ def search(index, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 def measure_recall(embeddings: np.ndarray, index, exact_top_k: Callable, k: int = 10,
                    queries: int = 1000) -> float:
     """recall@k of `index` against `exact_top_k` with rows of the index as queries, each row's own entry left out."""
-    from bioclip_jax.inference.search import recall_at
-
     picked = np.sort(np.random.default_rng(1).choice(len(embeddings), min(queries, len(embeddings)), replace=False))
     vectors = _unit(embeddings[picked])
     want = min(k + 1, len(embeddings))
@@ -93,8 +98,6 @@ def open_index(index, exact_top_k: Callable, nlist: int | None = None, nprobe: i
                progress: bool = True) -> tuple[object, dict]:
     """The saved faiss index of `index` when it matches its files, else a new one (saved when the folder is
     writable); with the report the searcher prints (factory, nprobe, recall@10, where it is saved)."""
-    from bioclip_jax.inference.search import RECALL_QUERIES
-
     faiss = _faiss()
     nlist = nlist or default_nlist(len(index))
     nprobe = nprobe or default_nprobe(nlist)

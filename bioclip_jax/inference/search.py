@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import math
 import os
 from typing import Any
 
@@ -29,7 +28,6 @@ from bioclip_jax.errors import InputError
 ID_COLUMNS = ("uuid", "id")  # embed writes emb-explorer's `uuid`; a hand-made index may say `id`
 EMB_COLUMN = "emb"
 MANIFEST = "_manifest.json"
-RECALL_QUERIES = 1000  # index rows used as queries to measure an approximate index's recall@10
 
 
 @dataclasses.dataclass(eq=False)
@@ -330,12 +328,6 @@ def search(index: Index, queries: Queries, k: int, searcher: Searcher | None = N
         out += [{"query": label, "rank": rank + 1, "score": s, **c} for rank, ((s, _), c) in enumerate(zip(hits,
                                                                                                         columns))]
     return out
-
-
-def recall_at(approx: np.ndarray, exact: np.ndarray, k: int = 10) -> float:
-    """Mean fraction of each query's exact top k found in its approximate top k."""
-    found = [len(set(a[:k]) & set(e[:k])) / min(k, len(e)) for a, e in zip(approx, exact)]
-    return float(np.mean(found)) if found else math.nan
 
 
 def run_search(index_path: str | os.PathLike, texts=(), images=(), ids=(), k: int = 10, model=None,

@@ -81,7 +81,7 @@ def read_index(path: str | os.PathLike) -> Index:
 
 
 def _size(location) -> int:
-    return location.stat().length if paths.is_url(location) else os.path.getsize(location)
+    return location.stat().length
 
 
 def _read_parquet(location):

@@ -6,6 +6,7 @@
     python tools/bench.py train [--model demo] [--batch 64] [--iters 10] [--dtype bfloat16 --attn cudnn --remat dots]
     python tools/bench.py gpu [--out gpu_bench.md]                # every GPU measurement, one table
     python tools/bench.py cli [--iters 5]                         # wall time of the CLI's answers that start no JAX
+    python tools/bench.py search [--rows 1000000] [--queries 500]   # exact (device) against faiss, queries/s, recall@10
 
 encode: image and text embedding throughput on the same model config, batch, precision and device (open_clip runs
 on CUDA when there is one); weights are random (speed does not depend on them). pipeline: the training input pipeline
@@ -18,7 +19,10 @@ table shows medians and the bioclip_jax / open_clip ratio. gpu: ViT-B-16 bf16 en
 batches, with and without remat (open_clip: gradient checkpointing), each side in its own process; prints and
 writes a markdown table with MFU. cli: `bioclip-jax --help`, `--version`, `predict --help` and a bad argument, each
 in a fresh process, against a bare `python -c pass`: parsing imports no JAX, so they answer in interpreter start-up
-time plus a few milliseconds.
+time plus a few milliseconds. search: nearest neighbours among synthetic 768-d embeddings (clustered, as real ones
+are; stored float16), the queries fresh points from the same clusters: `bioclip-jax search`'s exact top-k on device
+(float32 and bf16 banks), its faiss IVF index at a few nprobe, and numpy brute force in blocks (what a user writes
+by hand), each with queries/s and recall@10 against exact float32 search.
 """
 
 from __future__ import annotations
@@ -320,9 +324,76 @@ def bench_cli(iters: int) -> list[tuple[str, float]]:
     return [(name, float(np.median(t))) for name, t in times.items()]
 
 
+def _search_data(rows: int, queries: int, dim: int = 768, noise: float = 1.5):
+    """Clustered vectors (float16, as `embed --float16` stores them) and fresh queries from the same clusters:
+    uniform noise has no neighbours worth the name. 100 rows a cluster (a species' images in a TreeOfLife-sized
+    collection) and noise 1.5 times the spread of the centres put true neighbours in other clusters' lists: with
+    1,000 rows a cluster, or noise 1.0, every IVF setting found all of them."""
+    clusters = max(1, rows // 100)
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(clusters, dim)).astype(np.float32)
+    emb = np.empty((rows, dim), np.float16)
+    for start in range(0, rows, 100_000):
+        n = min(100_000, rows - start)
+        emb[start:start + n] = centres[rng.integers(0, clusters, n)] + noise * rng.normal(size=(n, dim))
+    picked = centres[rng.integers(0, clusters, queries)]
+    return emb, (picked + noise * rng.normal(size=picked.shape)).astype(np.float32)
+
+
+def _numpy_top_k(emb: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Cosine top k by brute force in numpy, 100,000 rows at a time."""
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+    q = unit(queries)
+    best_s, best_i = np.full((len(q), 0), -np.inf, np.float32), np.zeros((len(q), 0), np.int64)
+    for start in range(0, len(emb), 100_000):
+        scores = q @ unit(emb[start:start + 100_000].astype(np.float32)).T
+        top = np.argpartition(-scores, k, axis=1)[:, :k]
+        best_s = np.concatenate([best_s, np.take_along_axis(scores, top, 1)], 1)
+        best_i = np.concatenate([best_i, top + start], 1)
+        keep = np.argsort(-best_s, axis=1)[:, :k]
+        best_s, best_i = np.take_along_axis(best_s, keep, 1), np.take_along_axis(best_i, keep, 1)
+    return best_i
+
+
+def bench_search(rows: int, queries: int, k: int = 10) -> list[tuple[str, float, float, float]]:
+    """(method, build or load s, queries/s, recall@10 against exact float32) for each search method."""
+    import jax.numpy as jnp
+
+    from bioclip_jax.inference import ann
+    from bioclip_jax.inference.topk import DeviceBank
+
+    emb, q = _search_data(rows, queries)
+    results, truth = [], None
+    for name, dtype in (("exact, float32 bank", jnp.float32), ("exact, bf16 bank", jnp.bfloat16)):
+        start = time.perf_counter()
+        bank = DeviceBank(emb, dtype=dtype)
+        built = time.perf_counter() - start
+        bank.top_k(q[:len(q) % bank.batch_size or bank.batch_size], k)  # compiles outside the timing
+        start = time.perf_counter()
+        found = bank.top_k(q, k)[1]
+        rate = len(q) / (time.perf_counter() - start)
+        truth = found if truth is None else truth
+        results.append((f"{name} (device)", built, rate, ann.recall_at(found, truth, k)))
+        del bank
+    start = time.perf_counter()
+    index = ann.build(emb, ann.default_nlist(rows), progress=False)
+    built = time.perf_counter() - start
+    for nprobe in (8, 32, 128):
+        index.nprobe = nprobe
+        start = time.perf_counter()
+        found = ann.search(index, q, k)[1]
+        rate = len(q) / (time.perf_counter() - start)
+        results.append((f"faiss IVF{index.nlist},SQfp16 nprobe {nprobe}", built, rate, ann.recall_at(found, truth, k)))
+    start = time.perf_counter()
+    found = _numpy_top_k(emb, q, k)
+    results.append(("numpy brute force, float32", 0.0, len(q) / (time.perf_counter() - start),
+                    ann.recall_at(found, truth, k)))
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["encode", "pipeline", "train", "gpu", "gpu-side", "cli"])
+    parser.add_argument("mode", choices=["encode", "pipeline", "train", "gpu", "gpu-side", "cli", "search"])
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # gpu-side: one side's runs, as JSON
     parser.add_argument("--model", default="ViT-B-16")
     parser.add_argument("--batch", type=int, default=32)
@@ -333,6 +404,8 @@ def main() -> None:
     parser.add_argument("--remat", default="", help="bioclip_jax remat policy for train (full, dots, dots_all)")
     parser.add_argument("--torch-grad-checkpointing", action="store_true")
     parser.add_argument("--out", default="gpu_bench.md", help="gpu mode: where to write the table")
+    parser.add_argument("--rows", type=int, default=1_000_000, help="search: index rows")
+    parser.add_argument("--queries", type=int, default=500, help="search: queries")
     parser.add_argument("--default-allocator", action="store_true",
                         help="skip the host-allocator setting bioclip-jax's CLI makes on CPU (bioclip_jax.runtime)")
     args = parser.parse_args()
@@ -352,6 +425,18 @@ def main() -> None:
         tune_for_cpu()  # as bioclip-jax's CLI does; it applies to open_clip in this process too
 
     import jax
+
+    if args.mode == "search":
+        rows = bench_search(args.rows, args.queries)
+        print(f"# search: {args.rows:,} x 768 synthetic embeddings (float16, clustered), {args.queries} queries, "
+              f"top 10, {jax.devices()[0].platform} ({platform.processor() or 'cpu'}, {os.cpu_count()} cores), "
+              f"jax {jax.__version__}, {time.strftime('%Y-%m-%d')}")
+        print(f"| {'method':<38} | {'build s':>8} | {'queries/s':>10} | {'recall@10':>9} |")
+        print(f"|{'-' * 40}|{'-' * 10}|{'-' * 12}|{'-' * 11}|")
+        for name, built, rate, recall in rows:
+            print(f"| {name:<38} | {built:>8.1f} | {rate:>10.1f} | {recall:>9.3f} |")
+        return
+
     import torch
 
     if args.mode == "gpu":

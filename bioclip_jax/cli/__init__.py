@@ -18,10 +18,12 @@ from bioclip_jax.cli import (
     make_txt_emb,
     plan,
     predict,
+    search,
     train,
 )
 
-COMMANDS = (convert, predict, list_tol_taxa, eval, make_txt_emb, embed, list_models, train, plan, demo, make_shards)
+COMMANDS = (convert, predict, list_tol_taxa, eval, make_txt_emb, embed, list_models, train, plan, demo, make_shards,
+            search)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -151,7 +151,7 @@ def build_train_step(config: ml_collections.ConfigDict, model_config: CLIPConfig
     gather_layers = t.fsdp and config.scan_layers  # FSDP gathers scanned blocks layer by layer, inside the loop
     module = CLIP(model_config, dtype=DTYPES[config.dtype], attn_implementation=config.attn_implementation or None,
                   remat=config.remat or None, scan_layers=config.scan_layers,
-                  gather_layer_params=sharding.layer_gather(mesh) if gather_layers else None)
+                  gather_layer_params=sharding.layer_gather(mesh) if gather_layers else None, mesh=mesh)
     abstract_params = jax.eval_shape(make_params)
     tx, schedule = make_optimizer(abstract_params, lr=t.lr, warmup_steps=t.warmup_steps,
                                   total_steps=total_steps or t.steps, weight_decay=t.weight_decay, b1=t.b1, b2=t.b2,

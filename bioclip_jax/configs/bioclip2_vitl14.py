@@ -3,7 +3,7 @@
 FSDP shards params and optimizer state over the data axis (ViT-L/14 with AdamW is ~5 GB of fp32 state per replica).
 Sized for a v5p-64 (32 chips, as BioCLIP 2's 32 GPUs): 3,136 pairs per chip (2,816 TreeOfLife + 320 replay) with
 remat full, splash attention and two micro-batches (train.accum_steps: the loss still contrasts the whole global
-batch). docs/tpu.md section 3 has the compiled memory, and slices that cost fewer chip-hours.
+batch). docs/tpu.md section 4 has the compiled memory, and slices that cost fewer chip-hours.
 The LAION replay head (`visual.continual_proj`) of BioCLIP 2 is not part of this recipe.
 """
 

@@ -3,8 +3,9 @@
 100 epochs at global batch 32,768 (~30K steps over ~10M images), lr 1e-4, 1,000 warmup steps, cosine to 0, AdamW
 (0.9, 0.98, eps 1e-6), weight decay 0.2, mixed text type, no gradient clipping.
 
-Sized for a v5e-64 (512 pairs per chip: remat full and FSDP; docs/tpu.md section 4 has the compiled memory). `--config.remat=dots` on a v5e-128 runs no forward twice: about 3/4 of the chip-hours
-(`bioclip-jax plan --config bioclip_vitb16 --search v5e` prints both).
+Sized for a v5e-64 (512 pairs per chip: remat full and FSDP; docs/tpu.md section 4 has the compiled memory).
+`--config.remat=dots` on a v5e-128 runs no forward twice: about 3/4 of the chip-hours (`bioclip-jax plan --config
+bioclip_vitb16 --search v5e` prints both).
 
     bioclip-jax train --config configs/bioclip_vitb16.py --workdir runs/bioclip \
         --config.data.train=shards/tol10m/train --config.init=ViT-B-16-openai/open_clip_model.safetensors

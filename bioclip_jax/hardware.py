@@ -1,6 +1,7 @@
 """The accelerators the package knows, in one table: how JAX names each (`device_kind`), how Cloud TPU and JAX name
-its slices, its dense bf16 peak (MFU), HBM (the planner's fit limit), chips per host, and the ViT-B/16 training images/s
-one chip consumes (how many input workers a host needs). metrics, the planner and the input pipeline read it.
+its slices, its dense bf16 peak (MFU), HBM (the planner's fit limit) and its bandwidth, chips per host, and the
+ViT-B/16 training images/s one chip consumes (how many input workers a host needs). metrics, the planner and the
+input pipeline read it.
 
 Pure data, no imports from the package: every layer may read it (MaxText's `accelerator_to_spec_map` is the model).
 """
@@ -30,6 +31,7 @@ class Accelerator:
     cores_per_chip: int = 1  # Cloud names of v4 and v5p count TensorCores, two per chip
     chip_config: str = ""  # libtpu's chip_config_name: "megacore" is one JAX device per chip, as on a TPU VM
     single_host_chips: int = 0  # the largest slice on one host (v5e and v6e: 8 chips)
+    hbm_bytes_per_s: float = 0.0  # HBM bandwidth per chip: the planner's memory-bound floor on a step's time
 
     @property
     def device_kind(self) -> str:
@@ -46,10 +48,11 @@ class Accelerator:
 
 
 TPUS = {a.name: a for a in (
-    Accelerator("v4", ("TPU v4",), 275e12, 32 * GIB, 4, 890, ("v4",), 3, 2, "megacore", 4),
-    Accelerator("v5e", ("TPU v5 lite", "TPU v5e"), 197e12, 16 * GIB, 4, 640, ("v5litepod", "v5e"), 2, 1, "default", 8),
-    Accelerator("v5p", ("TPU v5", "TPU v5p"), 459e12, 95 * GIB, 4, 1490, ("v5p",), 3, 2, "megacore", 4),
-    Accelerator("v6e", ("TPU v6 lite", "TPU v6e"), 918e12, 32 * GIB, 4, 2980, ("v6e",), 2, 1, "default", 8),
+    Accelerator("v4", ("TPU v4",), 275e12, 32 * GIB, 4, 890, ("v4",), 3, 2, "megacore", 4, 1200e9),
+    Accelerator("v5e", ("TPU v5 lite", "TPU v5e"), 197e12, 16 * GIB, 4, 640, ("v5litepod", "v5e"), 2, 1, "default", 8,
+                819e9),
+    Accelerator("v5p", ("TPU v5", "TPU v5p"), 459e12, 95 * GIB, 4, 1490, ("v5p",), 3, 2, "megacore", 4, 2765e9),
+    Accelerator("v6e", ("TPU v6 lite", "TPU v6e"), 918e12, 32 * GIB, 4, 2980, ("v6e",), 2, 1, "default", 8, 1640e9),
 )}
 GPUS = {a.name: a for a in (
     Accelerator("H100", ("H100",), 989e12, None, 8, 3210),  # 80 GB SXM/PCIe, 94 GB NVL

@@ -14,6 +14,7 @@ from pathlib import Path
 import jax
 import pytest
 
+from bioclip_jax.errors import InputError
 from bioclip_jax.train import metrics, plan
 
 REPO = Path(__file__).resolve().parents[1]
@@ -282,3 +283,70 @@ def test_loss_matches_open_clip_with_and_without_the_gather_constraint():
     for sharding in (None, replicated(mesh)):
         loss = jax.jit(lambda i, t, s: clip_loss(i, t, s, sharding))(image, text, scale)
         np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+
+
+def _fitting(chips: int, remat: str = "full", steps: int = 1000, accum: int = 1, xla_bytes: float = 0.0) -> plan.Plan:
+    topology = plan.parse_topology(f"v5p-{2 * chips}")
+    memory = dict.fromkeys(("arguments", "outputs", "aliased", "temporaries", "code", "total"), 0)
+    return plan.Plan(topology, "TPU v5", 1024 // chips, 1024, 95, True, 10.0, memory, xla_flops=4e15,
+                     analytic_flops=3e15, remat=remat, steps=steps, steps_note="", accum_steps=accum,
+                     xla_bytes=xla_bytes)
+
+
+def test_step_time_counts_the_recomputation():
+    """Full remat runs the forward again (4/3 of the analytic FLOPs), the feature cache of gradient accumulation
+    once more: at the same utilisation they cost time, and chip-hours do not depend on the slice."""
+    peak = 459e12
+    assert _fitting(4, remat="dots").step_s == pytest.approx(3e15 / 4 / (peak * 0.4))
+    assert _fitting(4).step_s == pytest.approx(3e15 * 4 / 3 / 4 / (peak * 0.4))
+    assert _fitting(4, accum=2).step_s == pytest.approx(3e15 * 5 / 3 / 4 / (peak * 0.4))
+    assert _fitting(4).chip_hours == pytest.approx(_fitting(64).chip_hours)
+    assert _fitting(4).hours == pytest.approx(1000 * _fitting(4).step_s / 3600)
+    # A memory-bound step (XLA: 1 FLOP per byte, far under v5p's ridge of 166) takes its bytes' time instead.
+    slow = _fitting(4, remat="dots", xla_bytes=1e15)
+    assert slow.step_s == pytest.approx(3e15 / 4 / 1.0 / 2765e9)
+    assert "memory-bound" in plan.report(slow) and "compute-bound" in plan.report(_fitting(4, xla_bytes=1e9))
+
+
+def test_run_steps():
+    from bioclip_jax.train.config import load_config
+
+    config = load_config("bioclip_vitb16")  # 100 epochs of TreeOfLife-10M at 32,768
+    assert plan.run_steps(config) == (30212, "100 epochs x 9,900,000 images / 32,768 (treeoflife-10m as published, "
+                                             "about)")
+    assert plan.run_steps(config, examples=32768)[0] == 100
+    config.train.epochs, config.train.steps = 0, 500
+    assert plan.run_steps(config) == (500, "train.steps")
+    config.train.epochs, config.data.train = 2, "/data/mine"
+    assert plan.run_steps(config) == (0, "2 epochs of /data/mine: give --examples N")
+
+
+def test_slice_sizes():
+    assert plan.slice_sizes("v5e", 32768) == [4, 8, 16, 32, 64, 128, 256]
+    assert plan.slice_sizes("v5p", 100352)[-1] == 2048  # 100,352 = 2^11 x 49
+    with pytest.raises(InputError, match="unknown TPU generation 'v9'"):
+        plan.slice_sizes("v9", 1024)
+
+
+def test_search_finds_the_smallest_slice_per_remat_and_the_cheapest(monkeypatch):
+    """Bisection over slice sizes: remat full fits 128 rows per chip, dots only 32 (it keeps more), so full needs
+    8 chips and dots 32; dots runs no forward twice, so it is the cheaper run in chip-hours."""
+    from bioclip_jax.train.config import load_config
+
+    limits, compiled = {"full": 128, "dots": 32}, []
+
+    def fake_plan(config, topology, quick, mfu, examples):
+        compiled.append((config.remat, topology.chips))
+        result = _fitting(topology.chips, remat=config.remat)
+        result.fits = 1024 // topology.chips <= limits[config.remat]
+        return result
+
+    monkeypatch.setattr(plan, "plan", fake_plan)
+    config = load_config(str(TINY), ["train.global_batch_size=1024"])
+    found = plan.search(config, "v5p")
+    assert [(p.remat, p.topology.chips) for p in found] == [("full", 8), ("dots", 32)]
+    assert plan.cheapest(found).remat == "dots"
+    assert len(compiled) <= 4 + 3  # log2 of the 9 sizes per policy, dots starting where full fitted
+    text = plan.search_report(config, "v5p", found)
+    assert "smallest     v5p:2x2x2, 8 chips (remat full)" in text
+    assert "cheapest     v5p:2x4x4, 32 chips (remat dots)" in text

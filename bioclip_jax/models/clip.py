@@ -66,12 +66,14 @@ class CLIP(nn.Module):
     scan_layers: bool = False  # blocks under nn.scan, params stacked per tower (models/scan.py)
     gather_layer_params: Callable[[Any], Any] | None = None  # FSDP under scan (TowerOptions.gather_layer_params)
     continual_proj: bool = False  # BioCLIP 2's second visual head, for the replay rows (training only)
+    mesh: Any = None  # the step's jax.sharding.Mesh, where splash attention runs per device (TowerOptions.mesh)
 
     def setup(self):
         c = self.config
         options = TowerOptions(embed_dim=c.embed_dim, quick_gelu=c.quick_gelu, dtype=self.dtype,
                                attn_implementation=self.attn_implementation, remat=self.remat,
-                               scan_layers=self.scan_layers, gather_layer_params=self.gather_layer_params)
+                               scan_layers=self.scan_layers, gather_layer_params=self.gather_layer_params,
+                               mesh=self.mesh)
         self.visual = VisionTransformer(cfg=c.vision, options=options, continual_proj=self.continual_proj)
         self.text = TextTransformer(cfg=c.text, options=options)
         self.logit_scale = self.param("logit_scale", nn.initializers.constant(INIT_LOGIT_SCALE), ())

@@ -13,7 +13,9 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
+from jax.sharding import PartitionSpec as P
 
 from bioclip_jax.errors import InputError
 from bioclip_jax.models.scan import STACKED_BLOCKS
@@ -56,6 +58,62 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> jax.Arr
         scores = jnp.where(jnp.tril(jnp.ones((length, length), bool)), scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bnts,bnsh->bnth", weights, v)
+
+
+# Attention implementations (BlockConfig.attn_implementation): "xla" above; "splash", TPU Pallas splash attention
+# below (on other platforms the XLA path, same result); "cudnn" or None: jax.nn.dot_product_attention's.
+ATTN_IMPLEMENTATIONS = ("xla", "splash", "cudnn", None)
+# Splash attention tiles keys in blocks of 128 lanes; the sequence is padded to a multiple and the padding masked.
+SPLASH_LANES = 128
+
+
+def _splash_blocks(length: int):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+
+    # One block over the whole (padded) sequence where it is short (ViT-L/14: 257 tokens -> 384): the fewest grid
+    # steps; longer sequences in 512-token blocks, as MaxText's defaults.
+    block = length if length <= 512 else next(b for b in (512, 384, 256, 128) if length % b == 0)
+    return splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                             block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool, interpret: bool = False) -> jax.Array:
+    """`attention` through the TPU splash kernel (jax.experimental.pallas.ops.tpu), on [B, N, T, H] of one device:
+    the [T, T] scores stay in VMEM tiles, never in HBM (XLA's path holds B x N x T x T float32 per layer). Tokens are
+    padded to a multiple of 128; the mask drops the padded keys (and the future ones when `causal`), the padded
+    query rows are cut off. The kernel softmaxes in float32 whatever the input dtype. `interpret` runs it on any
+    platform (slowly), which is how the tests check it against `attention`."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    length, head_dim = q.shape[2], q.shape[3]
+    padded = -(-length // SPLASH_LANES) * SPLASH_LANES
+    mask = np.zeros((padded, padded), bool)
+    mask[:, :length] = True
+    if causal:
+        mask &= np.tril(np.ones((padded, padded), bool))
+    kernel = splash.make_splash_mha_single_device(
+        masks.MultiHeadMask([masks.NumpyMask(mask)] * q.shape[1]), block_sizes=_splash_blocks(padded),
+        interpret=interpret)
+    pad = ((0, 0), (0, 0), (0, padded - length), (0, 0))
+    # The kernel takes no softmax scale: it goes on q (a power of two for head_dim 64, so exact in bf16 too).
+    q = jnp.pad(q * jnp.asarray(head_dim ** -0.5, q.dtype), pad)
+    out = jax.vmap(kernel)(q, jnp.pad(k, pad), jnp.pad(v, pad))
+    return out[:, :, :length]
+
+
+def sharded_splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool,
+                             mesh: jax.sharding.Mesh | None) -> jax.Array:
+    """Splash attention on TPU, each device on its own rows of the batch (a Pallas kernel is one device's program:
+    without shard_map XLA's partitioner would gather the whole batch onto every chip); the XLA path elsewhere."""
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    if platform != "tpu":
+        return attention(q, k, v, causal)
+    if mesh is None or mesh.size == 1:
+        return splash_attention(q, k, v, causal)
+    rows = P(tuple(mesh.axis_names))  # the batch over every mesh axis, as the trainer shards it
+    return jax.shard_map(lambda q, k, v: splash_attention(q, k, v, causal), mesh=mesh, in_specs=(rows, rows, rows),
+                         out_specs=rows, check_vma=False)(q, k, v)
 
 
 class HeadsInProjection(nn.Module):
@@ -108,9 +166,11 @@ class BlockConfig:
     quick_gelu: bool = False
     causal: bool = False
     dtype: Any = jnp.float32
-    # "xla": plain XLA ops (any device); "cudnn": cuDNN flash attention (GPU, bf16/fp16); None: jax picks.
+    # "xla": plain XLA ops (any device); "splash": TPU Pallas splash attention, the XLA path elsewhere; "cudnn":
+    # cuDNN flash attention (GPU, bf16/fp16); None: jax picks.
     attn_implementation: str | None = "xla"
     out_std: float = 0.02  # init scale of the residual-branch outputs (CLIP shrinks it with depth)
+    mesh: jax.sharding.Mesh | None = None  # TowerOptions.mesh
 
 
 class MultiHeadAttention(nn.Module):
@@ -121,9 +181,14 @@ class MultiHeadAttention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.config
-        heads_first = c.attn_implementation == "xla"
+        if c.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise InputError(f"attn_implementation={c.attn_implementation!r}: expected one of "
+                             f"{', '.join(map(repr, ATTN_IMPLEMENTATIONS))}")
+        heads_first = c.attn_implementation in ("xla", "splash")
         q, k, v = HeadsInProjection(heads=c.heads, heads_first=heads_first, dtype=c.dtype, name="in_proj")(x)
-        if heads_first:
+        if c.attn_implementation == "splash":
+            out = sharded_splash_attention(q, k, v, c.causal, c.mesh)
+        elif heads_first:
             out = attention(q, k, v, c.causal)
         else:
             out = jax.nn.dot_product_attention(q, k, v, is_causal=c.causal, implementation=c.attn_implementation)
@@ -166,6 +231,9 @@ class TowerOptions:
     # `layer_gather`). Applied inside the loop body, so one layer at a time is gathered, and inside remat, so the
     # backward pass gathers again instead of keeping every gathered layer as a residual.
     gather_layer_params: Callable[[Any], Any] | None = None
+    # The devices the step runs on (the trainer's mesh, batch sharded over all its axes): splash attention runs per
+    # device under shard_map there, and only where they are TPUs. None: one device, the default backend.
+    mesh: jax.sharding.Mesh | None = None
 
 
 def _scan_body(block: nn.Module, x: jax.Array, _) -> tuple[jax.Array, None]:
@@ -204,7 +272,8 @@ class Transformer(nn.Module):
         out_std = x.shape[-1] ** -0.5 * (2 * self.layers) ** -0.5
         config = BlockConfig(heads=self.heads, mlp_ratio=self.mlp_ratio, quick_gelu=self.options.quick_gelu,
                              causal=self.causal, dtype=self.options.dtype,
-                             attn_implementation=self.options.attn_implementation, out_std=out_std)
+                             attn_implementation=self.options.attn_implementation, out_std=out_std,
+                             mesh=self.options.mesh)
         if self.options.scan_layers:
             scan = nn.scan(_scan_body, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.layers)
             x, _ = scan(block_cls(config, name=STACKED_BLOCKS), x, None)

@@ -124,7 +124,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = "ViT-B-16-quickgelu"  # open_clip name, or a path to an open_clip model JSON
     c.dtype = "float32"  # compute dtype: "bfloat16" on accelerators; params stay float32
-    c.attn_implementation = "xla"  # "cudnn" for flash attention on GPU (bf16)
+    c.attn_implementation = "xla"  # "splash": TPU flash attention (XLA's path elsewhere); "cudnn": GPU flash (bf16)
     c.remat = ""  # "", "full", "dots" or "dots_all" (layers.REMAT_POLICIES)
     c.scan_layers = False  # nn.scan over each tower's blocks: one compiled block, params stacked per tower
     c.init = ""  # weights to start from (any bioclip_jax.load source); "" or "scratch": random initialisation

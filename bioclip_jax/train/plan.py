@@ -31,6 +31,17 @@ GIB = hardware.GIB
 # XLA's exec_time_optimization_effort for `plan --quick` (-1 to 1, default 0): the TPU compiler then skips its
 # speed optimisations (collective/compute overlap, prefetch scheduling), which are most of its compile time.
 QUICK_EFFORT = -1.0
+# The utilisation the time estimate assumes, of the FLOPs the chips execute (remat's recomputation included):
+# MaxText reports 40-60% for dense transformer training on TPU; CLIP's contrastive loss and a short sequence
+# (257 tokens) sit at the low end. `--mfu` changes it.
+DEFAULT_MFU = 0.4
+# FLOPs executed per analytic FLOP (3x forward) by remat policy: "full" recomputes the whole forward in the
+# backward (4x forward); the dots policies keep every matmul output and recompute only elementwise work.
+REMAT_RECOMPUTE = {"": 1.0, "dots": 1.0, "dots_all": 1.0, "full": 4 / 3}
+# Training-split sizes of the datasets the recipes name (a folder name in data.train -> images), for the steps of an
+# epochs-based recipe when its shards are not on this machine: TreeOfLife-10M's training split as BioCLIP's
+# recipe counts it (configs/bioclip_vitb16.py), TreeOfLife-200M's 214M images (the BioCLIP 2 paper).
+PUBLISHED_SPLITS = {"treeoflife-10m": 9_900_000, "treeoflife-200m": 214_000_000}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +151,40 @@ class Plan:
     collectives: dict = dataclasses.field(default_factory=dict)  # kind -> {"ops", "instructions", "in_loops"}
     quick: bool = False  # compiled at QUICK_EFFORT instead of the effort train compiles at
     hlo: str = dataclasses.field(default="", repr=False)  # the compiled, scheduled HLO module
+    xla_bytes: float = 0.0  # XLA's bytes accessed per step, per chip (a scanned layer counted once, as its FLOPs)
+    remat: str = ""  # the config's remat policy (REMAT_RECOMPUTE)
+    steps: int = 0  # the run's optimizer steps; 0 when unknown
+    steps_note: str = ""  # where `steps` comes from
+    mfu: float = DEFAULT_MFU
+    accum_steps: int = 1
+
+    @property
+    def recompute(self) -> float:
+        """FLOPs executed per analytic FLOP: REMAT_RECOMPUTE, plus one more forward (1/3) for gradient accumulation's
+        feature cache (train.accum_steps > 1: every micro-batch's features first without gradients)."""
+        return REMAT_RECOMPUTE.get(self.remat, 1.0) + (1 / 3 if self.accum_steps > 1 else 0.0)
+
+    @property
+    def step_s(self) -> float:
+        """Estimated seconds per step: the FLOPs the chips execute (analytic x REMAT_RECOMPUTE) at `mfu` of the
+        chip's bf16 peak, or the HBM traffic at full bandwidth when that is longer (XLA's bytes per FLOP, from its
+        cost analysis of the compiled step, times the executed FLOPs). 0 when the chip is unknown."""
+        chip = self.topology.chip
+        if chip is None or not self.fits:
+            return 0.0
+        executed = self.analytic_flops * self.recompute / self.topology.chips
+        compute = executed / (chip.peak_bf16_flops * self.mfu)
+        chip_flops = self.xla_flops / self.topology.chips
+        memory = executed * self.xla_bytes / chip_flops / chip.hbm_bytes_per_s if chip_flops and self.xla_bytes else 0
+        return max(compute, memory)
+
+    @property
+    def hours(self) -> float:
+        return self.steps * self.step_s / 3600
+
+    @property
+    def chip_hours(self) -> float:
+        return self.hours * self.topology.chips
 
     @property
     def per_chip_gib(self) -> float:
@@ -242,19 +287,45 @@ def _exceeded_bytes(message: str) -> tuple[float, str]:
     return (float(m[1]) * units[m[2]] if m else 0.0), reason
 
 
-def plan(config: ml_collections.ConfigDict, topology: str | Topology, quick: bool = False) -> Plan:
+def run_steps(config: ml_collections.ConfigDict, examples: int = 0) -> tuple[int, str]:
+    """(optimizer steps of the whole run, where the count comes from), as the trainer counts them: train.steps, or
+    train.epochs over the training split (global_batch_size rows of it per step; replay rows come on top). The split's
+    size: `examples` if given, else its shards when they are on this machine, else PUBLISHED_SPLITS. (0, why) when
+    none of these says."""
+    t = config.train
+    if t.epochs <= 0:
+        return (t.steps, "train.steps") if t.steps > 0 else (0, "train.steps is 0")
+    source = f"--examples {examples:,}"
+    if not examples and config.data.train and os.path.exists(config.data.train):
+        from bioclip_jax.data import pipeline
+
+        examples, source = len(pipeline.open_source(config.data.train)), f"{config.data.train}'s shards"
+    if not examples:
+        name = next((n for n in PUBLISHED_SPLITS if n in config.data.train.lower()), None)
+        if name is None:
+            return 0, f"{t.epochs:g} epochs of {config.data.train or 'an unnamed split'}: give --examples N"
+        examples, source = PUBLISHED_SPLITS[name], f"{name} as published, about"
+    steps = max(1, int(t.epochs * examples // t.global_batch_size))
+    return steps, f"{t.epochs:g} epochs x {examples:,} images / {t.global_batch_size:,} ({source})"
+
+
+def plan(config: ml_collections.ConfigDict, topology: str | Topology, quick: bool = False,
+         mfu: float = DEFAULT_MFU, examples: int = 0) -> Plan:
     """Compiles `config`'s training step (the trainer's own, through build_train_step) for `topology`. `quick`
     compiles with XLA's exec-time optimisation effort at QUICK_EFFORT: much faster, and the memory is what the step
-    needs without XLA's speed optimisations, at or under the full compile's (docs/tpu.md has both measured)."""
+    needs without XLA's speed optimisations, at or under the full compile's (docs/tpu.md has both measured). `mfu`
+    and `examples` go into the time estimate (Plan.step_s, run_steps)."""
+    if not 0 < mfu <= 1:
+        raise InputError(f"mfu={mfu}: expected a fraction of the chip's peak in (0, 1], e.g. {DEFAULT_MFU}")
     topology = parse_topology(topology) if isinstance(topology, str) else topology
     devices = topology_devices(topology)
     mesh = sharding.make_mesh(devices)
+    rows = device_batch_size(config)
     model_config = load_model_config(config.model)
     image_size, context = model_config.vision.image_size, model_config.text.context_length
     # Random-init shapes (stacked when scan_layers): the planner never reads config.init's weights (same shapes).
     parts = build_train_step(config, model_config, mesh, lambda: init_params(model_config,
                                                                              scan_layers=config.scan_layers))
-    rows = device_batch_size(config)  # with replay: the TreeOfLife rows plus replay.per_batch replay rows
     batch = {"image": jax.ShapeDtypeStruct((rows, image_size, image_size, 3), jnp.uint8),
              "tokens": jax.ShapeDtypeStruct((rows, context), jnp.int32)}
     abstract_batch = _abstract(batch, {k: parts.batch_sharding for k in batch})
@@ -262,8 +333,11 @@ def plan(config: ml_collections.ConfigDict, topology: str | Topology, quick: boo
 
     kind = devices[0].device_kind
     hbm = topology.chip.hbm_gib if topology.chip else round(_host_memory_bytes() / topology.chips / GIB, 2)
+    steps, steps_note = run_steps(config, examples)
     result = Plan(topology, kind, rows // topology.chips, rows, hbm, True, 0.0, {},
-                  analytic_flops=metrics_lib.train_flops_per_pair(model_config) * rows, quick=quick)
+                  analytic_flops=metrics_lib.train_flops_per_pair(model_config) * rows, quick=quick,
+                  remat=config.remat or "", steps=steps, steps_note=steps_note, mfu=mfu,
+                  accum_steps=config.train.accum_steps)
     lowered = parts.step.lower(abstract_state, abstract_batch)
     default_effort = jax.config.jax_exec_time_optimization_effort
     default_cache = jax.config.jax_enable_compilation_cache
@@ -294,6 +368,7 @@ def plan(config: ml_collections.ConfigDict, topology: str | Topology, quick: boo
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     result.xla_flops = float((cost or {}).get("flops", 0.0)) * topology.chips  # the cost is per chip (SPMD)
+    result.xla_bytes = float((cost or {}).get("bytes accessed", 0.0))
     result.hlo = compiled.as_text()
     result.collectives = count_collectives(result.hlo)
     return result
@@ -334,6 +409,7 @@ def report(result: Plan) -> str:
         if peak:
             lines.append(f"             at 100% MFU: {r.analytic_flops / (peak * r.topology.chips) * 1e3:.1f} ms "
                          f"per step ({peak / 1e12:g} TFLOP/s per chip)")
+    lines += _time_lines(r)
     if r.collectives:
         for kind, c in r.collectives.items():
             lines.append(f"collective   {kind}: {c['ops']} executed ({c['instructions']} HLO instructions"
@@ -341,4 +417,91 @@ def report(result: Plan) -> str:
     elif r.fits:
         lines.append("collectives  none")
     lines.append(r.line())
+    return "\n".join(lines)
+
+
+def _time_lines(r: Plan) -> list[str]:
+    if not r.step_s:
+        return []
+    chip = r.topology.chip
+    accum = f", accum_steps {r.accum_steps}" if r.accum_steps > 1 else ""
+    lines = [f"time/step    ~{r.step_s:.2f} s at {r.mfu:.0%} utilisation of the FLOPs executed (analytic x "
+             f"{r.recompute:.2f} for remat {r.remat or 'off'}{accum}) at {chip.peak_bf16_flops / 1e12:g} TFLOP/s "
+             "per chip"]
+    if r.xla_bytes and r.xla_flops:
+        intensity = r.xla_flops / r.topology.chips / r.xla_bytes
+        ridge = chip.peak_bf16_flops / chip.hbm_bytes_per_s
+        lines.append(f"             XLA's cost analysis: {intensity:.0f} FLOP per HBM byte, the chip's ridge "
+                     f"{ridge:.0f}: {'compute' if intensity >= ridge * r.mfu else 'memory'}-bound")
+    if r.steps:
+        lines.append(f"run          {r.steps:,} steps ({r.steps_note}): {r.hours:,.1f} h, "
+                     f"{r.chip_hours:,.0f} chip-hours")
+    else:
+        lines.append(f"run          steps unknown ({r.steps_note})")
+    return lines
+
+
+def slice_sizes(generation: str, rows: int) -> list[int]:
+    """Chip counts of the standard slices of a generation (powers of two from 4: the shapes `_cloud_shape` builds)
+    that divide a global batch of `rows`."""
+    chip = hardware.tpu(generation)
+    if chip is None:
+        raise InputError(f"unknown TPU generation {generation!r}; expected one of {', '.join(hardware.TPUS)}")
+    largest = 256 if chip.topology_dims == 2 else 4096  # a v5e / v6e pod; v4 / v5p: a large slice of the pod
+    return [n for n in (2 ** k for k in range(2, largest.bit_length())) if rows % n == 0]
+
+
+def search(config: ml_collections.ConfigDict, generation: str, quick: bool = True, mfu: float = DEFAULT_MFU,
+           examples: int = 0, remats: tuple[str, ...] = ("full", "dots"), progress=None) -> list[Plan]:
+    """For each remat policy (most recomputation first), the smallest slice of `generation` that fits `config`,
+    found by bisection over the standard slice sizes (fewer chips, more rows per chip: more memory). Returns the
+    fitting plans, one per policy that fits some slice: the first has the fewest chips; at a fixed utilisation a
+    run's chip-hours depend on the recomputation, not the slice, so less recomputation on a larger slice can be the
+    cheaper run (`cheapest`). `progress(plan)` sees every compile."""
+    sizes = slice_sizes(generation, device_batch_size(config))
+    found, low = [], 0
+    for remat in remats:
+        trial = config.copy_and_resolve_references()
+        trial.remat = remat
+        lo, hi, best = low, len(sizes) - 1, None
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            chip = hardware.tpu(generation)
+            topology = parse_topology(f"{chip.name}-{sizes[mid] * chip.cores_per_chip}")
+            result = plan(trial, topology, quick=quick, mfu=mfu, examples=examples)
+            if progress:
+                progress(result)
+            if result.fits:
+                best, hi = result, mid - 1
+            else:
+                lo = mid + 1
+        if best is not None:
+            found.append(best)
+            low = sizes.index(best.topology.chips)  # less recomputation needs at least as many chips
+    return found
+
+
+def cheapest(found: list[Plan]) -> Plan | None:
+    """The fitting plan with the fewest chip-hours (fewest chips on a tie); None without an estimate."""
+    timed = [p for p in found if p.chip_hours]
+    return min(timed, key=lambda p: (p.chip_hours, p.topology.chips)) if timed else None
+
+
+def search_report(config: ml_collections.ConfigDict, generation: str, found: list[Plan]) -> str:
+    """One line per remat policy that fits, then the smallest slice and the cheapest run."""
+    rows = device_batch_size(config)
+    lines = [f"search       {generation}, {rows:,} pairs per step: the smallest slice per remat policy"]
+    for p in found:
+        lines.append(f"  remat {p.remat or 'off':5s} {p.topology.name} ({p.topology.chips} chips): "
+                     f"{p.per_chip_gib:.2f} GiB/chip of {p.hbm_gib:g}, compile {p.compile_s:.0f} s, "
+                     f"~{p.step_s:.2f} s/step, {p.hours:,.1f} h, {p.chip_hours:,.0f} chip-hours")
+    if not found:
+        lines.append("  no standard slice fits: lower the batch or change the recipe")
+        return "\n".join(lines)
+    best = cheapest(found)
+    first = found[0]
+    lines.append(f"smallest     {first.topology.name}, {first.topology.chips} chips (remat {first.remat or 'off'})")
+    if best:
+        lines.append(f"cheapest     {best.topology.name}, {best.topology.chips} chips (remat {best.remat or 'off'}): "
+                     f"{best.chip_hours:,.0f} chip-hours at {best.mfu:.0%} utilisation")
     return "\n".join(lines)

@@ -160,7 +160,7 @@ def build_train_step(config: ml_collections.ConfigDict, model_config: CLIPConfig
     gather_layers = t.fsdp and config.scan_layers  # FSDP gathers scanned blocks layer by layer, inside the loop
     module = CLIP(model_config, dtype=DTYPES[config.dtype], attn_implementation=config.attn_implementation or None,
                   remat=config.remat or None, scan_layers=config.scan_layers,
-                  gather_layer_params=sharding.layer_gather(mesh) if gather_layers else None,
+                  gather_layer_params=sharding.layer_gather(mesh) if gather_layers else None, mesh=mesh,
                   continual_proj=_continual_head(config))
     if _continual_head(config):  # e.g. the planner's random-init shapes: add the head where they lack it
         make_params = _with_continual_proj(make_params)

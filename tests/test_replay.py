@@ -200,10 +200,39 @@ def test_bad_replay_settings_are_one_clear_line(data):
     with pytest.raises(InputError, match="replay.per_batch=4 needs replay.data"):
         trainer._data_iterator(config, get_model_config("tiny"))
     mesh = jax.make_mesh((1,), ("data",))
-    config = load_config(TESTS / "configs" / "tiny_train.py", ["replay.per_batch=4", "train.accum_steps=2"])
-    with pytest.raises(InputError, match="accum_steps=2 with replay"):
+    config = load_config(TESTS / "configs" / "tiny_train.py", ["replay.per_batch=4", "train.accum_steps=3"])
+    with pytest.raises(InputError, match="accum_steps=3 with replay: each device's 16 main and 4 replay rows"):
         trainer._replay_layout(config, mesh)
     assert trainer.device_batch_size(config) == 20
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_accumulation_with_replay_matches_the_whole_batch(shards):
+    """BioCLIP 2's recipe fits a v5p chip in two micro-batches: the loss, its two parts and the update must be those
+    of the whole batch (each micro-batch keeps every device's main-then-replay layout)."""
+    import optax
+
+    from bioclip_jax.train.trainer import make_train_step
+
+    config = get_model_config("tiny")
+    params = init_params(config, seed=2, continual_proj=True)
+    rng = np.random.default_rng(shards)
+    size, rows = config.vision.image_size, 12 * shards  # per device: 8 main rows, then 4 replay rows
+    batch = {"image": jnp.asarray(rng.integers(0, 256, (rows, size, size, 3)), jnp.uint8),
+             "tokens": jnp.asarray(rng.integers(1, 400, (rows, config.text.context_length)), jnp.int32)}
+    tx, schedule = optax.apply_if_finite(optax.sgd(1.0), 10), lambda step: 1.0  # the update is the gradient
+    outs = []
+    for accum in (1, 2, 4):
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+        step = jax.jit(make_train_step(CLIP(config, continual_proj=True), tx, schedule, "openai", accum,
+                                       replay=(shards, 4)))
+        outs.append(step(state, batch))
+    for new_state, metrics in outs[1:]:
+        for key in ("loss", "contrastive_loss", "continual_loss"):
+            np.testing.assert_allclose(metrics[key], outs[0][1][key], rtol=1e-5)
+        for a, b in zip(jax.tree_util.tree_leaves(new_state["params"]),
+                        jax.tree_util.tree_leaves(outs[0][0]["params"])):
+            np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 @pytest.mark.integration  # trains tiny runs end to end

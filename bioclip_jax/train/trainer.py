@@ -96,24 +96,33 @@ def make_train_step(module: CLIP, tx, schedule, normalization: str, accum_steps:
                 return continual_clip_loss(image, (continual or [image])[0], text, scale, *replay, replicated)
             return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
-        micro = jax.tree_util.tree_map(lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
-        cached_image, cached_text, _ = jax.lax.map(lambda mb: encode(params, mb["image"], mb["tokens"]), micro)
-        cached_image, cached_text = jax.lax.stop_gradient((cached_image, cached_text))
+        micro = _micro_batches(batch, accum_steps, replay)
+        cached = jax.lax.map(lambda mb: encode(params, mb["image"], mb["tokens"]), micro)
+        # The replay head's features are cached too (a one-head model: proj's again).
+        cached_image, cached_text, cached_continual = jax.lax.stop_gradient(
+            (cached[0], cached[1], cached[3] if len(cached) > 3 else cached[0]))
 
         def micro_grads(grads, k):
             def loss_fn(p):
                 mb = jax.tree_util.tree_map(lambda x: x[k], micro)
-                image, text, scale = encode(p, mb["image"], mb["tokens"])
+                image, text, scale, *continual = encode(p, mb["image"], mb["tokens"])
                 scale = jnp.where(k == 0, scale, jax.lax.stop_gradient(scale))
-                all_image = cached_image.at[k].set(image).reshape(-1, image.shape[-1])
-                all_text = cached_text.at[k].set(text).reshape(-1, text.shape[-1])
-                return clip_loss(all_image, all_text, scale, replicated)
-            loss, g = jax.value_and_grad(loss_fn)(params)
-            return jax.tree_util.tree_map(jnp.add, grads, g), loss
+
+                def whole(cache, features):
+                    return cache.at[k].set(features).reshape(-1, features.shape[-1])
+                all_image, all_text = whole(cached_image, image), whole(cached_text, text)
+                if replay is None:
+                    return clip_loss(all_image, all_text, scale, replicated), {}
+                # Each (micro-batch, device) block holds its main rows, then its replay rows (_micro_batches).
+                shards, rows = replay
+                return continual_clip_loss(all_image, whole(cached_continual, (continual or [image])[0]), all_text,
+                                           scale, shards * accum_steps, rows // accum_steps, replicated)
+            (loss, parts), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            return jax.tree_util.tree_map(jnp.add, grads, g), (loss, parts)
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-        grads, losses = jax.lax.scan(micro_grads, zeros, jnp.arange(accum_steps))
-        return (losses[0], {}), grads
+        grads, (losses, parts) = jax.lax.scan(micro_grads, zeros, jnp.arange(accum_steps))
+        return (losses[0], jax.tree_util.tree_map(lambda x: x[0], parts)), grads
 
     def train_step(state, batch):
         (loss, loss_parts), grads = loss_and_grads(state["params"], batch)
@@ -128,6 +137,21 @@ def make_train_step(module: CLIP, tx, schedule, normalization: str, accum_steps:
         return new_state, step_metrics
 
     return train_step
+
+
+def _micro_batches(batch: dict, accum_steps: int, replay: tuple[int, int] | None) -> dict:
+    """The global batch as [accum_steps, rows / accum_steps, ...]. With replay, micro-batch k takes the k-th share of
+    every device's main rows and of its replay rows, so each micro-batch keeps `split_replay_rows`' layout (per
+    device: main rows, then replay rows) and its rows stay on the devices that hold them."""
+    if replay is None:
+        return jax.tree_util.tree_map(lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
+    shards, rows = replay
+
+    def split(x):
+        blocks = x.reshape(shards, -1, *x.shape[1:])
+        parts = [part.reshape(shards, accum_steps, -1, *x.shape[1:]) for part in (blocks[:, :-rows], blocks[:, -rows:])]
+        return jnp.concatenate(parts, axis=2).swapaxes(0, 1).reshape(accum_steps, -1, *x.shape[1:])
+    return jax.tree_util.tree_map(split, batch)
 
 
 @dataclasses.dataclass
@@ -210,9 +234,10 @@ def _replay_layout(config, mesh) -> tuple[int, int] | None:
         raise InputError(f"replay.per_batch={rows} and train.global_batch_size={t.global_batch_size} must both be "
                          f"multiples of the {shards} devices along the batch (each holds the same number of replay "
                          f"rows); e.g. replay.per_batch={max(shards, rows // shards * shards)}")
-    if t.accum_steps > 1:
-        raise InputError(f"train.accum_steps={t.accum_steps} with replay: gradient accumulation is not supported with "
-                         "a replay stream (BioCLIP 2 asserts --accum-freq 1 too); use accum_steps=1")
+    main = t.global_batch_size // shards
+    if (rows // shards) % t.accum_steps or main % t.accum_steps:
+        raise InputError(f"train.accum_steps={t.accum_steps} with replay: each device's {main} main and "
+                         f"{rows // shards} replay rows must split into {t.accum_steps} equal micro-batches")
     return shards, rows // shards
 
 

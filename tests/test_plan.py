@@ -272,8 +272,8 @@ def test_loss_matches_open_clip_with_and_without_the_gather_constraint():
     import torch
     from open_clip.loss import ClipLoss
 
+    from bioclip_jax.mesh import make_mesh, replicated
     from bioclip_jax.models.loss import clip_loss
-    from bioclip_jax.train.sharding import make_mesh, replicated
 
     rng = np.random.default_rng(0)
     image, text = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in rng.normal(size=(2, 16, 8)))

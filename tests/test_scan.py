@@ -219,7 +219,8 @@ from flax import traverse_util
 from bioclip_jax.models.clip import init_params
 from bioclip_jax.models.config import get_model_config
 from bioclip_jax.models.scan import stack_layers, unstack_layers
-from bioclip_jax.train import sharding, trainer
+from bioclip_jax import mesh as mesh_lib
+from bioclip_jax.train import trainer
 from bioclip_jax.train.config import load_config
 
 model = get_model_config("tiny")
@@ -231,7 +232,7 @@ batch = {"image": rng.integers(0, 256, (16, size, size, 3)).astype(np.uint8),
 result = {}
 for scan, fsdp in ((False, False), (True, True)):
     config = load_config(CONFIG, [f"scan_layers={scan}", f"train.fsdp={fsdp}"])
-    parts = trainer.build_train_step(config, model, sharding.make_mesh(),
+    parts = trainer.build_train_step(config, model, mesh_lib.make_mesh(),
                                      lambda: stack_layers(params) if scan else params)
     state = jax.jit(parts.init_state, out_shardings=parts.state_sharding)()
     for _ in range(3):
@@ -245,7 +246,7 @@ assert worst < 1e-4, worst
 
 @pytest.mark.integration  # a subprocess with 8 devices
 def test_scanned_fsdp_steps_equal_per_layer_data_parallel_on_8_devices():
-    """FSDP under scan gathers each layer inside the loop and reduce-scatters its gradient there (train/sharding.py's
+    """FSDP under scan gathers each layer inside the loop and reduce-scatters its gradient there (bioclip_jax/mesh.py's
     layer_gather); three steps on 8 devices land where per-layer data parallel does."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     done = subprocess.run([sys.executable, "-c", f"CONFIG = {str(CONFIG)!r}\n" + FSDP_STEPS], capture_output=True,

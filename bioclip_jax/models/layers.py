@@ -227,7 +227,7 @@ class TowerOptions:
     attn_implementation: str | None = "xla"
     remat: str | None = None  # a key of REMAT_POLICIES, or None for no rematerialisation
     scan_layers: bool = False
-    # FSDP under scan: maps one layer's params (no layer axis) to where they are used (train/sharding.py's
+    # FSDP under scan: maps one layer's params (no layer axis) to where they are used (bioclip_jax/mesh.py's
     # `layer_gather`). Applied inside the loop body, so one layer at a time is gathered, and inside remat, so the
     # backward pass gathers again instead of keeping every gathered layer as a residual.
     gather_layer_params: Callable[[Any], Any] | None = None

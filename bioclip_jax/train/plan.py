@@ -20,11 +20,11 @@ import jax.numpy as jnp
 import ml_collections
 
 from bioclip_jax import hardware, runtime
+from bioclip_jax import mesh as mesh_lib
 from bioclip_jax.convert.files import load_model_config
 from bioclip_jax.errors import InputError, first_line
 from bioclip_jax.models.clip import init_params
 from bioclip_jax.train import metrics as metrics_lib
-from bioclip_jax.train import sharding
 from bioclip_jax.train.trainer import build_train_step, device_batch_size
 
 GIB = hardware.GIB
@@ -319,7 +319,7 @@ def plan(config: ml_collections.ConfigDict, topology: str | Topology, quick: boo
         raise InputError(f"mfu={mfu}: expected a fraction of the chip's peak in (0, 1], e.g. {DEFAULT_MFU}")
     topology = parse_topology(topology) if isinstance(topology, str) else topology
     devices = topology_devices(topology)
-    mesh = sharding.make_mesh(devices)
+    mesh = mesh_lib.make_mesh(devices)
     rows = device_batch_size(config)
     model_config = load_model_config(config.model)
     image_size, context = model_config.vision.image_size, model_config.text.context_length

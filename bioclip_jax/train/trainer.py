@@ -18,6 +18,7 @@ import optax
 from etils import epath
 from tqdm.auto import tqdm
 
+from bioclip_jax import mesh as mesh_lib
 from bioclip_jax import paths
 from bioclip_jax.convert import run_dir
 from bioclip_jax.convert.checkpoint import host_params
@@ -33,7 +34,7 @@ from bioclip_jax.models.config import CLIPConfig
 from bioclip_jax.models.loss import clip_loss, continual_clip_loss
 from bioclip_jax.models.scan import stack_layers, unstack_layers
 from bioclip_jax.train import metrics as metrics_lib
-from bioclip_jax.train import preflight, sharding
+from bioclip_jax.train import preflight
 from bioclip_jax.train import workdir as workdir_lib
 from bioclip_jax.train.device_batch import interleave_replay, normalize_images, to_global
 from bioclip_jax.train.optimizer import clamp_logit_scale, make_optimizer, skipped_updates
@@ -76,14 +77,9 @@ def make_train_step(module: CLIP, tx, schedule, normalization: str, accum_steps:
     `continual_proj` head if it has one, else `proj`), with "contrastive_loss" and "continual_loss" in the metrics."""
     gather_layers = module.gather_layer_params is not None
 
-    def gather(path, param):
-        if gather_layers and sharding.is_stacked_path(path):
-            return param
-        return jax.lax.with_sharding_constraint(param, replicated)
-
     def encode(params, images, tokens):
         if replicated is not None:  # FSDP: gather each param where it is used, keep activations batch-sharded
-            params = jax.tree_util.tree_map_with_path(gather, params)
+            params = mesh_lib.gather_params(params, replicated.mesh, gather_layers)
         images = normalize_images(images, normalization, module.dtype)
         return module.apply({"params": params}, images, tokens)
 
@@ -184,7 +180,7 @@ def build_train_step(config: ml_collections.ConfigDict, model_config: CLIPConfig
     gather_layers = t.fsdp and config.scan_layers  # FSDP gathers scanned blocks layer by layer, inside the loop
     module = CLIP(model_config, dtype=DTYPES[config.dtype], attn_implementation=config.attn_implementation or None,
                   remat=config.remat or None, scan_layers=config.scan_layers,
-                  gather_layer_params=sharding.layer_gather(mesh) if gather_layers else None, mesh=mesh,
+                  gather_layer_params=mesh_lib.layer_gather(mesh) if gather_layers else None, mesh=mesh,
                   continual_proj=_continual_head(config))
     if _continual_head(config):  # e.g. the planner's random-init shapes: add the head where they lack it
         make_params = _with_continual_proj(make_params)
@@ -198,10 +194,10 @@ def build_train_step(config: ml_collections.ConfigDict, model_config: CLIPConfig
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
     abstract_state = jax.eval_shape(init_state)
-    state_sharding = sharding.state_shardings(abstract_state, mesh, fsdp=t.fsdp)
-    batch_sharding = sharding.batch_sharding(mesh)
+    state_sharding = mesh_lib.tree_shardings(abstract_state, mesh, fsdp=t.fsdp)
+    batch_sharding = mesh_lib.batch_sharding(mesh)
     step = jax.jit(make_train_step(module, tx, schedule, config.data.normalization, t.accum_steps,
-                                   replicated=sharding.replicated(mesh), grad_sharding=state_sharding["params"],
+                                   replicated=mesh_lib.replicated(mesh), grad_sharding=state_sharding["params"],
                                    replay=replay),
                    in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None),
                    donate_argnums=(0,))
@@ -229,7 +225,7 @@ def _replay_layout(config, mesh) -> tuple[int, int] | None:
         raise InputError(f"replay.per_batch={rows}: expected 0 (no replay) or a positive number of rows")
     if not rows:
         return None
-    shards = mesh.shape["data"]  # sharding.batch_sharding: the batch split along the data axis
+    shards = mesh.shape["data"]  # mesh.batch_sharding: the batch split along the data axis
     if rows % shards or t.global_batch_size % shards:
         raise InputError(f"replay.per_batch={rows} and train.global_batch_size={t.global_batch_size} must both be "
                          f"multiples of the {shards} devices along the batch (each holds the same number of replay "
@@ -270,7 +266,7 @@ def _train(config, workdir, max_steps, progress, evaluate_fn) -> TrainResult:
     model_config, preprocess = _model(config)
     total_steps = _total_steps(config)
     preflight.check(config, total_steps, evaluates=evaluate_fn is not None)  # before anything compiles
-    mesh = sharding.make_mesh()
+    mesh = mesh_lib.make_mesh()
 
     # ---- state: created already sharded (eval_shape first, nothing allocated twice)
     parts = build_train_step(config, model_config, mesh, _initial_params(config, model_config, t.seed), total_steps)

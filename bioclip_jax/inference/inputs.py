@@ -240,5 +240,5 @@ def _add_listing(inputs: Inputs, listing: str) -> None:
     for i, p in enumerate(map(str, listed)):
         # Relative paths are relative to the listing's folder, so a listing travels with its images.
         full = p if paths.is_url(p) or os.path.isabs(p) else (
-            f"{base}/{p}" if paths.is_url(base) else os.path.join(base, p))
+            f"{base}/{p}" if paths.is_url(base) else os.path.normpath(os.path.join(base, p)))
         _add(inputs, full, ids[i], {c: values[c][i] for c in carried})

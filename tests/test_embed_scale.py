@@ -265,3 +265,20 @@ def test_predict_100k_classes_top_k_on_device(data, tmp_path, monkeypatch):
         assert [{k: v for k, v in r.items() if k not in ("uuid", "score")} for r in rows] == \
             [{k: v for k, v in r.items() if k != "score"} for r in expected[rank]]
         np.testing.assert_allclose([r["score"] for r in rows], [r["score"] for r in expected[rank]], rtol=1e-4)
+
+
+@pytest.mark.parametrize("where", ["input", "output"])
+def test_an_unreachable_bucket_is_one_line(where, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("gcsfs")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"  # closed once the block ends
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", endpoint)
+    url = "gs://bucket/photos/" if where == "input" else "gs://bucket/emb.parquet"
+    argv = ["embed", url, "--output", str(tmp_path / "e.parquet")] if where == "input" else \
+        ["embed", str(tmp_path / "a.jpg"), "--output", url]
+    start = time.monotonic()
+    assert main([*argv, "--model", str(tmp_path / "never-loaded")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and url in err and f"cannot reach {endpoint}" in err, err
+    assert time.monotonic() - start < 15 and list(tmp_path.iterdir()) == []

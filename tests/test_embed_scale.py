@@ -135,7 +135,11 @@ def test_other_formats_and_refusals(data, tmp_path, capsys):
     np.testing.assert_allclose(matrix, expected, atol=2e-3)
     assert (tmp_path / "e.ids.csv").read_text().splitlines()[1] == f"{every[0]},{every[0]}"
     assert not (tmp_path / "e.npy.parts").exists()  # the parts folder goes once the file is written
-    assert main([*base, "--output", str(tmp_path / "e.csv"), "--raw"]) == 0
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"x")
+    assert main(["embed", *every, str(broken), *base[len(every) + 1:], "--output", str(tmp_path / "e.csv"),
+                 "--raw"]) == 1
+    assert (tmp_path / "e.failures.csv").read_text().splitlines()[1].startswith(f"{broken},")
     header = (tmp_path / "e.csv").read_text().splitlines()[0].split(",")
     assert header[:3] == ["uuid", "file_name", "emb_0"] and len(header) == 2 + model.config.embed_dim
     raw = bioclip_jax.encode(model, images=every, preprocess="pybioclip", normalize=False)
@@ -144,10 +148,9 @@ def test_other_formats_and_refusals(data, tmp_path, capsys):
     for bad in ("e.txt", "e"):
         assert main([*base, "--output", str(tmp_path / bad)]) == 2
         assert "the suffix chooses the format; expected one of .parquet, .npy, .csv, .json" in capsys.readouterr().err
-    broken = tmp_path / "broken.png"
-    broken.write_bytes(b"x")
     assert main(["embed", str(broken), "--model", str(folder), "--output", str(tmp_path / "none.json")]) == 1
     assert not (tmp_path / "none.json").exists()  # every input failed: no empty output file
+    assert str(broken) in (tmp_path / "none.json.parts" / "_failures.csv").read_text()
 
 
 def _shards(folder: Path, images: list[str], per_shard: int = 4) -> Path:
@@ -239,7 +242,7 @@ def test_predict_100k_classes_top_k_on_device(data, tmp_path, monkeypatch):
     from bioclip_jax.inference.tree_of_life import TreeOfLifeClassifier
 
     folder, images, model = data
-    every = _images(images)[:6]
+    every = _images(images)[:4]
     classes = 100_000
     classifier = TreeOfLifeClassifier(model, txt_emb=_bank(tmp_path / "bank", model.config.embed_dim, classes),
                                       progress=False)
@@ -256,7 +259,7 @@ def test_predict_100k_classes_top_k_on_device(data, tmp_path, monkeypatch):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert summary.total_rows == 18
+    assert summary.total_rows == 12
     assert peak < 4 * classes * 4 // 2  # less than half of one batch's [4, C] float32 scores ever on the host
     predict_job(classifier, collect_inputs(every), str(tmp_path / "family.parquet"), rank="family", k=3,
                 batch_size=4, progress=False)
@@ -282,3 +285,37 @@ def test_an_unreachable_bucket_is_one_line(where, tmp_path, monkeypatch, capsys)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and url in err and f"cannot reach {endpoint}" in err, err
     assert time.monotonic() - start < 15 and list(tmp_path.iterdir()) == []
+
+
+def test_lockstep_gives_every_host_the_same_encode_calls(data, tmp_path):
+    """An encoder sharded over all hosts needs each call to be one global batch: in lockstep mode every host calls
+    it equally often with full batches, finished parts and a missing last part included, and the rows stay those
+    of an ordinary run."""
+    from bioclip_jax.data.transforms import Preprocess
+    from bioclip_jax.inference.jobs import embed_rows, run_parts
+    from bioclip_jax.inference.outputs import PartStore
+
+    _, images, _ = data
+    inputs = collect_inputs([str(images)])  # 11 images in parts of 3: 3 hosts hold parts {0, 3}, {1}, {2}
+    preprocess = Preprocess(size=8)
+    calls: dict[int, list[int]] = {}
+
+    def encoder(host):
+        def encode(pixels):
+            calls.setdefault(host, []).append(len(pixels))
+            return pixels.reshape(len(pixels), -1)[:, :5] + 1.0
+        return encode
+
+    def run(folder, host, hosts, lockstep):
+        store = PartStore(str(tmp_path / folder), {"command": "test"})
+        store.open(host)
+        return run_parts(inputs, store, range(host, 4, hosts), 3, embed_rows(True, False, []), encoder(host),
+                         preprocess, 2, progress=False, slots=-(-4 // hosts), lockstep=lockstep)
+
+    run("done.parquet", 0, 3, False)  # part 0 finished before: host 0 then has part 3 left
+    calls.clear()
+    for host in range(3):
+        run("done.parquet", host, 3, True)
+    assert calls == {h: [2, 2, 2, 2] for h in range(3)}  # 2 slots x ceil(3 / 2) calls, each of 2 rows
+    run("plain.parquet", 0, 1, False)
+    assert _read(tmp_path / "done.parquet").to_pylist() == _read(tmp_path / "plain.parquet").to_pylist()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import io
+import json
 import os
 from typing import Any, Sequence
 
@@ -33,17 +34,17 @@ _GLOB_CHARS = "*?["
 
 @dataclasses.dataclass
 class Inputs:
-    """Items in a fixed order. `refs[i]` is a path (str) or the index of a record in `shards` (int); `ids[i]` is None
-    for records (their id is read with the image); `columns` are the carried columns, a value per item."""
+    """Items in a fixed order: first the image paths (`refs`, their `ids` and carried `columns`, a value per path),
+    then every record of `shards` (ids and taxonomy read with the image), without a Python object per record."""
 
-    refs: list[str | int] = dataclasses.field(default_factory=list)
-    ids: list[str | None] = dataclasses.field(default_factory=list)
+    refs: list[str] = dataclasses.field(default_factory=list)
+    ids: list[str] = dataclasses.field(default_factory=list)
     columns: dict[str, list] = dataclasses.field(default_factory=dict)
     shard_paths: list[str] = dataclasses.field(default_factory=list)
     shards: Any = None
 
     def __len__(self) -> int:
-        return len(self.refs)
+        return len(self.refs) + (len(self.shards) if self.shards is not None else 0)
 
     @property
     def column_names(self) -> list[str]:
@@ -51,33 +52,34 @@ class Inputs:
         return list(self.columns) + ([c for c in RECORD_COLUMNS if c not in self.columns] if self.shard_paths else [])
 
     def file_name(self, i: int) -> str:
-        ref = self.refs[i]
-        return ref if isinstance(ref, str) else self.shards.where(ref)
+        return self.refs[i] if i < len(self.refs) else self.shards.where(i - len(self.refs))
 
     def load(self, i: int):
         """(PIL image, id, carried columns) of item i; InputError (or OSError) naming the file or record."""
-        ref = self.refs[i]
-        carried = {name: values[i] for name, values in self.columns.items()}
-        if isinstance(ref, int):
-            data = self.shards[ref]
-            where = self.shards.where(ref)
+        if i >= len(self.refs):
+            index = i - len(self.refs)
+            data, where = self.shards[index], self.shards.where(index)
             if isinstance(data, Unreadable):
                 raise InputError(data.message())
             record = decode_record(data, where)
             names = dict(zip(RECORD_COLUMNS, [*record["ranks"], record["common"]]))
-            return decode_image(record["image"], where), record["id"], {**names, **carried}
+            return decode_image(record["image"], where), record["id"], {**dict.fromkeys(self.columns), **names}
+        ref = self.refs[i]
+        carried = {name: values[i] for name, values in self.columns.items()}
         if paths.is_url(ref):
             return decode_image(paths.resolve(ref).read_bytes(), ref), self.ids[i], carried
         return load_image(ref), self.ids[i], carried
 
     def fingerprint(self) -> str:
-        """Names the item list (what a resumed run must agree on): a hash of every ref and id, in order."""
+        """Names the item list (what a resumed run must agree on): a hash of every path and id in order, and of
+        the shards and their record counts."""
         import hashlib
 
         digest = hashlib.sha256()
         for ref, item_id in zip(self.refs, self.ids):
             digest.update(f"{ref}\0{item_id}\n".encode())
-        digest.update("\0".join(self.shard_paths).encode())
+        if self.shards is not None:
+            digest.update(json.dumps([self.shard_paths, self.shards.counts]).encode())
         return digest.hexdigest()[:16]
 
 
@@ -99,12 +101,8 @@ def collect_inputs(specs: Sequence[str]) -> Inputs:
     if shard_files:
         inputs.shards = open_shards(shard_files)
         inputs.shard_paths = list(shard_files)
-        for name in inputs.columns:  # listing columns are empty for records
-            inputs.columns[name] += [None] * len(inputs.shards)
-        inputs.refs += list(range(len(inputs.shards)))
-        inputs.ids += [None] * len(inputs.shards)
     _check_unique(inputs.ids)
-    if not inputs.refs:
+    if not len(inputs):
         raise InputError(f"no images in {', '.join(specs) or 'the inputs'}")
     return inputs
 
@@ -120,8 +118,6 @@ def _add(inputs: Inputs, path: str, item_id: str, carried: dict) -> None:
 def _check_unique(ids: list) -> None:
     seen, duplicates = set(), []
     for item_id in ids:
-        if item_id is None:
-            continue
         if item_id in seen:
             duplicates.append(item_id)
         seen.add(item_id)

@@ -41,7 +41,7 @@ class Summary:
     """What a job did on this host and, for the whole job, where the output and the failures are."""
     output: str
     rows: int = 0           # rows written by this host in this run
-    images: int = 0         # images embedded by this host in this run
+    images: int = 0         # images encoded by this host in this run
     parts_done: int = 0     # parts this host finished in this run
     parts_skipped: int = 0  # parts a previous run had finished
     failures: dict[str, str] = dataclasses.field(default_factory=dict)  # the whole job's (file_name -> why)
@@ -87,41 +87,75 @@ def _result(i, future):
         return i, None, None, None, str(e)
 
 
+@dataclasses.dataclass
+class _Encoder:
+    """Calls encode_fn; in lockstep mode every call has exactly `batch_size` rows (zeros after the real ones) and
+    each part slot makes the same number of calls on every host, as an encoder sharded over all hosts' devices needs
+    (each call is one global batch)."""
+    encode_fn: EncodeFn
+    batch_size: int
+    image_size: int
+    lockstep: bool
+    calls: int = 0
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        n = len(pixels)
+        if self.lockstep and n < self.batch_size:
+            pixels = np.concatenate([pixels, np.zeros((self.batch_size - n, *pixels.shape[1:]), pixels.dtype)])
+        return np.asarray(self.encode_fn(pixels), np.float32)[:n]
+
+    def idle(self, calls: int) -> None:
+        """Lockstep: the calls a slot without work (a finished part, no part) still makes."""
+        while self.lockstep and self.calls < calls:
+            self(np.zeros((0, self.image_size, self.image_size, 3), np.float32))
+
+
 def run_parts(inputs: Inputs, store: PartStore, parts: Sequence[int], part_size: int, rows_fn: RowsFn,
               encode_fn: EncodeFn, preprocess: Preprocess, batch_size: int, progress: bool = True,
-              workers: int | None = None, desc: str = "images") -> Summary:
-    """Runs the given parts (skipping finished ones): decode, encode in batches, rows, one atomic write per part."""
+              workers: int | None = None, desc: str = "images", slots: int | None = None,
+              lockstep: bool = False) -> Summary:
+    """Runs the given parts (skipping finished ones): decode, encode in batches, rows, one atomic write per part.
+    lockstep: every one of `slots` part slots (a host's parts, padded to the largest host's count) makes
+    ceil(part_size / batch_size) encode calls of batch_size rows, finished or not (see `_Encoder`)."""
     summary = Summary(output=str(store.folder))
     todo = [p for p in parts if store.done(p) is None]
     summary.parts_skipped = len(parts) - len(todo)
     spans = {p: range(p * part_size, min((p + 1) * part_size, len(inputs))) for p in todo}
     workers = workers or max(1, min(16, os.cpu_count() or 1))
     items = _iter_items(inputs, (i for p in todo for i in spans[p]), preprocess, workers, 2 * batch_size + workers)
+    encoder = _Encoder(encode_fn, batch_size, preprocess.size, lockstep)
+    per_slot = -(-part_size // batch_size)
     with tqdm(total=sum(len(s) for s in spans.values()), desc=desc, unit="img", disable=not progress,
               smoothing=0.1) as bar:
-        for part in todo:
-            columns: dict[str, list] = collections.defaultdict(list)
-            failures: dict[str, str] = {}
-            batch: list = []
-            for _ in spans[part]:
-                i, pixels, item_id, carried, error = next(items)
-                if error is not None:
-                    failures[inputs.file_name(i)] = error
-                else:
-                    batch.append((i, pixels, item_id, carried))
-                if len(batch) == batch_size:
-                    _encode_batch(batch, inputs, encode_fn, rows_fn, columns)
-                    summary.images += len(batch)
-                    batch = []
-                bar.update(1)
-            if batch:
-                _encode_batch(batch, inputs, encode_fn, rows_fn, columns)
-                summary.images += len(batch)
-            table = _table(columns)
-            store.write(part, table, failures)
-            summary.rows += table.num_rows if table is not None else 0
-            summary.parts_done += 1
+        for slot, part in enumerate(list(parts) + [None] * max(0, (slots or 0) - len(parts))):
+            if part in spans:
+                table, failures = _run_part(inputs, spans[part], items, encoder, rows_fn, batch_size, bar)
+                store.write(part, table, failures)
+                summary.rows += table.num_rows if table is not None else 0
+                summary.images += len(spans[part]) - len(failures)
+                summary.parts_done += 1
+            encoder.idle((slot + 1) * per_slot)
     return summary
+
+
+def _run_part(inputs: Inputs, span: range, items, encoder: _Encoder, rows_fn: RowsFn, batch_size: int, bar):
+    """One part's items, in batches of readable images -> (pyarrow Table or None, failures)."""
+    columns: dict[str, list] = collections.defaultdict(list)
+    failures: dict[str, str] = {}
+    batch: list = []
+    for n, _ in enumerate(span, 1):
+        i, pixels, item_id, carried, error = next(items)
+        if error is not None:
+            failures[inputs.file_name(i)] = error
+        else:
+            batch.append((i, pixels, item_id, carried))
+        if len(batch) == batch_size or (n == len(span) and batch):
+            _encode_batch(batch, inputs, encoder, rows_fn, columns)
+            bar.set_postfix_str(f"{len(failures)} unreadable" if failures else "", refresh=False)
+            batch = []
+        bar.update(1)
+    return _table(columns), failures
 
 
 def _encode_batch(batch, inputs: Inputs, encode_fn: EncodeFn, rows_fn: RowsFn, columns: dict) -> None:
@@ -178,9 +212,11 @@ def barrier(name: str) -> None:
 
 def run_job(inputs: Inputs, output: str, job: dict, rows_fn: RowsFn, encode_fn: EncodeFn, preprocess: Preprocess,
             batch_size: int, part_size: int = DEFAULT_PART_SIZE, progress: bool = True, model_source: str = "",
-            formats: tuple[str, ...] = (".parquet", ".npy", ".csv", ".json"), desc: str = "images") -> Summary:
+            formats: tuple[str, ...] = (".parquet", ".npy", ".csv", ".json"), desc: str = "images",
+            lockstep: bool = False) -> Summary:
     """The shared loop of embed and predict: this host's parts, then (process 0) the failures file and, for
-    single-file formats, the assembled file (the part folder is removed once it is written)."""
+    single-file formats, the assembled file (the part folder is removed once it is written). lockstep: for an
+    `encode_fn` whose every call is one global batch over all hosts (see `run_parts`)."""
     if batch_size < 1 or part_size < 1:
         raise InputError(f"batch size and part size must be >= 1; got {batch_size} and {part_size}")
     fmt = output_format(output, formats)
@@ -190,34 +226,40 @@ def run_job(inputs: Inputs, output: str, job: dict, rows_fn: RowsFn, encode_fn: 
                                                                "items": len(inputs), "part_size": part_size}})
     store.open(index)
     summary = run_parts(inputs, store, range(index, parts, count), part_size, rows_fn, encode_fn, preprocess,
-                        batch_size, progress, desc=desc)
+                        batch_size, progress, desc=desc, slots=-(-parts // count), lockstep=lockstep)
     barrier("bioclip_jax.jobs.parts")
-    summary.failures = store.failures(parts)
-    if index == 0 and len(store.finished(parts)) == parts:
-        summary.failures_file = store.write_failures(summary.failures)
+    records = [store.done(p) for p in range(parts)] if index == 0 else []
+    if index == 0 and all(records):  # the whole job's summary, from every host's records
+        summary.failures = {name: why for r in records for name, why in r["failures"].items()}
+        summary.total_rows = sum(r["rows"] for r in records)
         if fmt == ".parquet":
-            summary.total_rows = sum(store.done(p)["rows"] for p in range(parts))
-        else:
-            summary.total_rows = assemble(store, parts, output, fmt, model_source)
+            summary.failures_file = store.write_failures(summary.failures)
+        elif summary.total_rows:  # every input failed: no file, and the parts folder keeps the failures
+            assemble(store, parts, output, fmt, model_source)
             summary.output = output
-            if summary.total_rows:  # every input failed: no file, and the parts folder keeps the failures
-                summary.failures_file = None
-                store.remove()
+            summary.failures_file = store.write_failures(summary.failures, os.path.splitext(output)[0]
+                                                         + ".failures.csv")
+            store.remove()
+        else:
+            summary.failures_file = store.write_failures(summary.failures)
     barrier("bioclip_jax.jobs.assembled")
     return summary
 
 
 def embed_job(model: Model, inputs: Inputs, output: str, *, batch_size: int = 32, part_size: int = DEFAULT_PART_SIZE,
               preprocess: str | Preprocess | None = "pybioclip", normalize: bool = True, float16: bool = False,
-              encode_fn: EncodeFn | None = None, progress: bool = True) -> Summary:
-    """Embeds every input into `output` (.parquet part folder, .npy + .ids.csv, .csv or .json); resumable."""
+              encode_fn: EncodeFn | None = None, lockstep: bool = False, progress: bool = True) -> Summary:
+    """Embeds every input into `output` (.parquet part folder, .npy + .ids.csv, .csv or .json); resumable.
+    encode_fn: pixels [B, H, W, 3] -> unnormalised features [B, D] (default: `model` on its device); lockstep=True
+    when each call is one global batch of an encoder sharded over every host (each call then gets batch_size rows
+    and every host the same number of calls)."""
     preprocess = pick_preprocess(model, preprocess)
     job = {"command": "embed", "model": model_fingerprint(model),
            "settings": {"normalize": normalize, "float16": float16, "preprocess": json.loads(
                json.dumps(dataclasses.asdict(preprocess))), "columns": inputs.column_names}}
     return run_job(inputs, output, job, embed_rows(normalize, float16, inputs.column_names),
                    encode_fn or default_encoder(model, batch_size), preprocess, batch_size, part_size, progress,
-                   model.source)
+                   model.source, lockstep=lockstep)
 
 
 def describe(summary: Summary) -> str:

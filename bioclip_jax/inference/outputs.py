@@ -7,6 +7,7 @@ A part folder holds:
     part-00012.parquet       the rows of items [12 * part_size, 13 * part_size), written under a temporary name first
     _done/part-00012.json    the part's row count and failures, written after its Parquet file: the part is finished
     _failures.csv            every input that could not be read (file_name, error), once all parts are finished
+                             (single-file outputs: NAME.failures.csv beside NAME.npy / .csv / .json)
 Names that start with "_" are skipped by pyarrow and pandas, so `pandas.read_parquet(folder)` reads the parts alone.
 """
 
@@ -60,7 +61,7 @@ class PartStore:
         manifest = self.folder / MANIFEST
         if manifest.exists():
             self._check(json.loads(manifest.read_text()))
-        elif self.folder.exists() and any(not p.name.startswith(".") for p in self.folder.iterdir()):
+        elif self.folder.exists() and any(not p.name.startswith((".", "_")) for p in self.folder.iterdir()):
             raise InputError(f"{self.folder}: exists and is not an output folder of embed or predict (no {MANIFEST}); "
                              "choose another --output")
         paths.make_dirs(self._done)
@@ -97,27 +98,19 @@ class PartStore:
         paths.write_atomic(self._done / f"{self.part_name(part)}.json",
                            json.dumps({"rows": rows, "failures": failures}).encode())
 
-    def finished(self, parts: int) -> list[int]:
-        return [p for p in range(parts) if (self._done / f"{self.part_name(p)}.json").exists()]
-
     def iter_tables(self, parts: int) -> Iterator:
         """Every finished part's rows, in part order (the input order)."""
         import pyarrow.parquet as pq
 
         for part in range(parts):
             path = self.folder / f"{self.part_name(part)}.parquet"
-            if self.done(part) and self.done(part)["rows"]:
+            if (self.done(part) or {}).get("rows"):
                 yield pq.read_table(io.BytesIO(path.read_bytes()))
 
-    def failures(self, parts: int) -> dict[str, str]:
-        merged: dict[str, str] = {}
-        for part in range(parts):
-            merged.update((self.done(part) or {}).get("failures", {}))
-        return merged
-
-    def write_failures(self, failures: dict[str, str]) -> str | None:
-        """_failures.csv (file_name, error) when any input failed; the path written, else None."""
-        path = self.folder / FAILURES
+    def write_failures(self, failures: dict[str, str], path: str | None = None) -> str | None:
+        """A CSV (file_name, error) of the inputs that failed, by default the folder's _failures.csv -> its path,
+        None when nothing failed."""
+        path = paths.resolve(path) if path else self.folder / FAILURES
         if not failures:
             path.unlink(missing_ok=True)
             return None
@@ -142,7 +135,8 @@ def _short(value) -> str:
 
 # ------------------------------------------------------------------------------------- single files from the parts
 def assemble(store: PartStore, parts: int, output: str, fmt: str, model_source: str) -> int:
-    """Writes the finished parts as one .npy (+ NAME.ids.csv), .csv or .json file, atomically -> rows written."""
+    """Writes the finished parts as one .npy (+ NAME.ids.csv), .csv or .json file, atomically -> rows written
+    (nothing is written for none)."""
     tables = list(store.iter_tables(parts))
     rows = sum(t.num_rows for t in tables)
     if not rows:

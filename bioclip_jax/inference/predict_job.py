@@ -135,9 +135,10 @@ def prediction_rows(bank: ClassBank, logit_scale: float, k: int, column_names: l
 
 def predict_job(classifier, inputs: Inputs, output: str, *, rank: str = SPECIES_LABEL, k: int | None = None,
                 min_prob: float = 1e-9, batch_size: int = 32, part_size: int = DEFAULT_PART_SIZE,
-                encode_fn: EncodeFn | None = None, progress: bool = True) -> Summary:
+                encode_fn: EncodeFn | None = None, lockstep: bool = False, progress: bool = True) -> Summary:
     """Classifies every input into `output` (.parquet part folder, resumable) with a classifier's model and classes:
-    TreeOfLifeClassifier (at `rank`, k default 5), CustomLabelsClassifier or its binning form (k default: all)."""
+    TreeOfLifeClassifier (at `rank`, k default 5), CustomLabelsClassifier or its binning form (k default: all).
+    encode_fn and lockstep as for `jobs.embed_job`."""
     if isinstance(classifier, TreeOfLifeClassifier):
         bank = tree_of_life_bank(classifier, rank, min_prob)
         k = k or 5
@@ -155,4 +156,5 @@ def predict_job(classifier, inputs: Inputs, output: str, *, rank: str = SPECIES_
                         "columns": inputs.column_names}}
     rows = prediction_rows(bank, model.logit_scale, k, inputs.column_names)
     return run_job(inputs, output, job, rows, encode_fn or default_encoder(model, batch_size), classifier.preprocess,
-                   batch_size, part_size, progress, model.source, formats=(".parquet",), desc="predict")
+                   batch_size, part_size, progress, model.source, formats=(".parquet",), desc="predict",
+                   lockstep=lockstep)

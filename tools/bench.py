@@ -6,7 +6,7 @@
     python tools/bench.py train [--model demo] [--batch 64] [--iters 10] [--dtype bfloat16 --attn cudnn --remat dots]
     python tools/bench.py gpu [--out gpu_bench.md]                # every GPU measurement, one table
     python tools/bench.py cli [--iters 5]                         # wall time of the CLI's answers that start no JAX
-    python tools/bench.py embed [--model ViT-B-16] [--batch 32] [--images 128]   # folder of JPEGs -> Parquet
+    python tools/bench.py embed [--model ViT-B-16] [--batch 32] [--images 128] [--iters 1]   # JPEGs -> Parquet
     python tools/bench.py decode [--images 200]                   # host decode + preprocess per core; TPU hosts
 
 encode: image and text embedding throughput on the same model config, batch, precision and device (open_clip runs
@@ -377,8 +377,8 @@ def _open_clip_embed(model, preprocess, files: list[str], out: str, batch: int) 
     pq.write_table(pa.table({"uuid": ids, "emb": emb, "file_name": ids}), out)
 
 
-def bench_embed(model_name: str, batch: int, images: int) -> list[tuple[str, str, float]]:
-    """images/s of the whole job on each side, one after the other, each after a warm-up batch."""
+def bench_embed(model_name: str, batch: int, images: int, iters: int = 1) -> list[tuple[str, str, float]]:
+    """images/s of the whole job on each side: a warm-up batch each, then `iters` runs alternating sides (median)."""
     import tempfile
 
     import open_clip
@@ -391,25 +391,27 @@ def bench_embed(model_name: str, batch: int, images: int) -> list[tuple[str, str
     with tempfile.TemporaryDirectory() as tmp:
         folder = _photo_folder(os.path.join(tmp, "photos"), images)
         warm = _photo_folder(os.path.join(tmp, "warm"), batch)
-        files = sorted(os.path.join(folder, f) for f in os.listdir(folder))
         ours = bioclip_jax.create_model(model_name)
         theirs, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None)
         theirs.eval()
         torch.manual_seed(0)
-        rows = []
+
+        def run(side, src, out):
+            if side == "bioclip_jax":
+                embed_job(ours, collect_inputs([src]), out, batch_size=batch, preprocess="open_clip", progress=False)
+            else:
+                _open_clip_embed(theirs, preprocess, sorted(os.path.join(src, f) for f in os.listdir(src)), out,
+                                 batch)
+
+        seconds: dict[str, list[float]] = {side: [] for side in SIDES}
         for side in SIDES:
-            def run(src, out):
-                if side == "bioclip_jax":
-                    embed_job(ours, collect_inputs([src]), out, batch_size=batch, preprocess="open_clip",
-                              progress=False)
-                else:
-                    listed = sorted(os.path.join(src, f) for f in os.listdir(src))
-                    _open_clip_embed(theirs, preprocess, listed, out, batch)
-            run(warm, os.path.join(tmp, f"warm-{side}.parquet"))
-            start = time.perf_counter()
-            run(folder, os.path.join(tmp, f"{side}.parquet"))
-            rows.append((f"embed {len(files)} JPEGs", side, len(files) / (time.perf_counter() - start)))
-        return rows
+            run(side, warm, os.path.join(tmp, f"warm-{side}.parquet"))
+        for i in range(iters):
+            for side in SIDES if i % 2 == 0 else SIDES[::-1]:
+                start = time.perf_counter()
+                run(side, folder, os.path.join(tmp, f"{side}-{i}.parquet"))
+                seconds[side].append(time.perf_counter() - start)
+        return [(f"embed {images} JPEGs", side, images / float(np.median(seconds[side]))) for side in SIDES]
 
 
 def bench_decode(images: int) -> None:
@@ -506,7 +508,7 @@ def main() -> None:
                            args.torch_grad_checkpointing)
         what = f"{args.model}, batch {args.batch}, {args.dtype}, AdamW"
     elif args.mode == "embed":
-        rows = bench_embed(args.model, args.batch, args.images)
+        rows = bench_embed(args.model, args.batch, args.images, args.iters)
         what = f"{args.model} random weights, batch {args.batch}, fp32, 500x375 JPEGs -> Parquet"
     else:
         rows = bench_pipeline(args.batch, args.iters)

@@ -7,6 +7,8 @@
     python tools/bench.py gpu [--out gpu_bench.md]                # every GPU measurement, one table
     python tools/bench.py cli [--iters 5]                         # wall time of the CLI's answers that start no JAX
     python tools/bench.py search [--rows 1000000] [--queries 500]   # exact (device) against faiss, queries/s, recall@10
+    python tools/bench.py embed [--model ViT-B-16] [--batch 32] [--images 128] [--iters 1]   # JPEGs -> Parquet
+    python tools/bench.py decode [--images 200]                   # host decode + preprocess per core; TPU hosts
 
 encode: image and text embedding throughput on the same model config, batch, precision and device (open_clip runs
 on CUDA when there is one); weights are random (speed does not depend on them). pipeline: the training input pipeline
@@ -23,6 +25,11 @@ time plus a few milliseconds. search: nearest neighbours among synthetic 768-d e
 are; stored float16), the queries fresh points from the same clusters: `bioclip-jax search`'s exact top-k on device
 (float32 and bf16 banks), its faiss IVF index at a few nprobe, and numpy brute force in blocks (what a user writes
 by hand), each with queries/s and recall@10 against exact float32 search.
+embed: `bioclip-jax embed FOLDER --output X.parquet` end to end (decode, open_clip's
+eval preprocessing, encode, normalise, Parquet) against open_clip with a torch DataLoader (2 worker processes) doing
+the same job into the same Parquet layout; both warmed up on one batch first (compiles). decode: CPU time per image
+of one thread decoding and preprocessing JPEG photos (both preprocessings), and the cores a TPU host needs to feed
+its chips when embedding (forward only, 40% MFU).
 """
 
 from __future__ import annotations
@@ -391,13 +398,141 @@ def bench_search(rows: int, queries: int, k: int = 10) -> list[tuple[str, float,
     return results
 
 
+def _photo_folder(folder: str, n: int, size: tuple[int, int] = (500, 375)) -> str:
+    """`n` JPEGs of a real photo (matplotlib's grace_hopper.jpg), shifted crops at `size` (typical of iNaturalist /
+    TreeOfLife images), quality 90."""
+    import matplotlib.cbook
+    from PIL import Image
+
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+        photo = Image.open(f).convert("RGB")
+    os.makedirs(folder, exist_ok=True)
+    for i in range(n):
+        x, y = (7 * i) % (photo.width // 4), (11 * i) % (photo.height // 4)
+        crop = photo.crop((x, y, x + 3 * photo.width // 4, y + 3 * photo.height // 4)).resize(size)
+        crop.save(os.path.join(folder, f"img{i:05d}.jpg"), quality=90)
+    return folder
+
+
+class _Files:
+    """open_clip's side: a map-style dataset of (preprocessed image, index), as torchvision's ImageFolder reads."""
+
+    def __init__(self, files: list[str], preprocess):
+        self.files, self.preprocess = files, preprocess
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        with Image.open(self.files[i]) as image:
+            return self.preprocess(image.convert("RGB")), i
+
+
+def _open_clip_embed(model, preprocess, files: list[str], out: str, batch: int) -> None:
+    """open_clip's side of `embed`: a DataLoader with 2 worker processes, encode, normalise, the same Parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    # spawn: forking a process that runs JAX's threads can deadlock the children.
+    loader = torch.utils.data.DataLoader(_Files(files, preprocess), batch_size=batch, num_workers=2,
+                                         multiprocessing_context="spawn", persistent_workers=False)
+    ids, feats = [], []
+    with torch.no_grad():
+        for pixels, index in loader:
+            feats.append(torch.nn.functional.normalize(model.encode_image(pixels), dim=-1).numpy())
+            ids += [files[i] for i in index.tolist()]
+    matrix = np.concatenate(feats)
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1]).cast(pa.list_(pa.float32()))
+    pq.write_table(pa.table({"uuid": ids, "emb": emb, "file_name": ids}), out)
+
+
+def bench_embed(model_name: str, batch: int, images: int, iters: int = 1) -> list[tuple[str, str, float]]:
+    """images/s of the whole job on each side: a warm-up batch each, then `iters` runs alternating sides (median)."""
+    import tempfile
+
+    import open_clip
+    import torch
+
+    import bioclip_jax
+    from bioclip_jax.inference.inputs import collect_inputs
+    from bioclip_jax.inference.jobs import embed_job
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = _photo_folder(os.path.join(tmp, "photos"), images)
+        warm = _photo_folder(os.path.join(tmp, "warm"), batch)
+        ours = bioclip_jax.create_model(model_name)
+        theirs, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None)
+        theirs.eval()
+        torch.manual_seed(0)
+
+        def run(side, src, out):
+            if side == "bioclip_jax":
+                embed_job(ours, collect_inputs([src]), out, batch_size=batch, preprocess="open_clip", progress=False)
+            else:
+                _open_clip_embed(theirs, preprocess, sorted(os.path.join(src, f) for f in os.listdir(src)), out,
+                                 batch)
+
+        seconds: dict[str, list[float]] = {side: [] for side in SIDES}
+        for side in SIDES:
+            run(side, warm, os.path.join(tmp, f"warm-{side}.parquet"))
+        for i in range(iters):
+            for side in SIDES if i % 2 == 0 else SIDES[::-1]:
+                start = time.perf_counter()
+                run(side, folder, os.path.join(tmp, f"{side}-{i}.parquet"))
+                seconds[side].append(time.perf_counter() - start)
+        return [(f"embed {images} JPEGs", side, images / float(np.median(seconds[side]))) for side in SIDES]
+
+
+def bench_decode(images: int) -> None:
+    """Prints CPU ms per image of one thread (load + preprocess), and the cores each TPU host needs."""
+    import tempfile
+
+    from bioclip_jax import hardware
+    from bioclip_jax.data.transforms import Preprocess, load_image
+    from bioclip_jax.models.config import get_model_config
+    from bioclip_jax.train.metrics import forward_flops
+
+    cases = [("500x375 JPEG, open_clip resize + crop", (500, 375), "shortest"),
+             ("500x375 JPEG, pybioclip squash", (500, 375), "pybioclip"),
+             ("224x224 JPEG (make-shards --resize 224), open_clip", (224, 224), "shortest")]
+    rates = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, size, mode in cases:
+            folder = _photo_folder(os.path.join(tmp, f"{size[0]}"), images, size)
+            files = [os.path.join(folder, f) for f in sorted(os.listdir(folder))]
+            preprocess = Preprocess(size=224, resize_mode=mode)
+            best = float("inf")
+            for _ in range(3):
+                start = time.thread_time()
+                for f in files:
+                    preprocess(load_image(f))
+                best = min(best, (time.thread_time() - start) / len(files))
+            rates.append(1 / best)
+            print(f"{label}: {best * 1e3:.2f} ms CPU / image, {1 / best:.0f} images/s per core")
+    print("\n| chip | model | images/s per chip (40% MFU) | chips per host | images/s per host | cores needed: "
+          + " / ".join(f"{r:.0f}/s" for r in rates) + " |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name in ("v5e", "v6e", "v5p"):
+        chip = hardware.TPUS[name]
+        for model in ("ViT-B-16", "ViT-L-14"):
+            per_chip = chip.peak_bf16_flops * 0.4 / forward_flops(get_model_config(model))[0]
+            host = per_chip * chip.chips_per_host
+            print(f"| {name} | {model} | {per_chip:,.0f} | {chip.chips_per_host} | {host:,.0f} | "
+                  + " / ".join(f"{host / r:.0f}" for r in rates) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["encode", "pipeline", "train", "gpu", "gpu-side", "cli", "search"])
+    parser.add_argument("mode", choices=["encode", "pipeline", "train", "gpu", "gpu-side", "cli", "search", "embed",
+                                         "decode"])
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # gpu-side: one side's runs, as JSON
     parser.add_argument("--model", default="ViT-B-16")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--images", type=int, default=128, help="embed / decode: JPEGs in the folder")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="compute precision (bfloat16: bf16 compute for bioclip_jax, AMP bf16 for open_clip)")
     parser.add_argument("--attn", choices=["xla", "cudnn"], default="xla", help="bioclip_jax attention")
@@ -423,6 +558,10 @@ def main() -> None:
         from bioclip_jax.runtime import tune_for_cpu
 
         tune_for_cpu()  # as bioclip-jax's CLI does; it applies to open_clip in this process too
+
+    if args.mode == "decode":
+        bench_decode(args.images)
+        return
 
     import jax
 
@@ -454,6 +593,9 @@ def main() -> None:
         rows = bench_train(args.model, args.batch, args.iters, args.dtype, args.attn, args.remat,
                            args.torch_grad_checkpointing)
         what = f"{args.model}, batch {args.batch}, {args.dtype}, AdamW"
+    elif args.mode == "embed":
+        rows = bench_embed(args.model, args.batch, args.images, args.iters)
+        what = f"{args.model} random weights, batch {args.batch}, fp32, 500x375 JPEGs -> Parquet"
     else:
         rows = bench_pipeline(args.batch, args.iters)
         what = f"224 px RandomResizedCrop + tokenize, batch {args.batch}, 1 process; tokenizer: 10,000 captions"

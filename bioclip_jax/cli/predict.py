@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bioclip_jax.cli import common
+from bioclip_jax.cli import common, embed
 from bioclip_jax.errors import InputError
 
 RANKS = ["kingdom", "phylum", "class", "order", "family", "genus", "species"]
@@ -11,7 +11,7 @@ RANKS = ["kingdom", "phylum", "class", "order", "family", "genus", "species"]
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("predict", help="classify images: the tree of life (default), custom labels or label "
                                               "bins (pybioclip's predict)")
-    p.add_argument("image_file", nargs="+", help="input image file(s)")
+    p.add_argument("image_file", nargs="+", help=embed.INPUT_HELP)
     common.add_model_options(p, "weights: open_clip folder/file, bioclip_jax folder or run, transformers CLIP "
                                 "folder, hf-hub:ORG/NAME, bioclip or bioclip-2")
     # pybioclip's group: one mode at most, refused while parsing with argparse's "not allowed with" message.
@@ -31,8 +31,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--k", type=int, help="predictions per image (default: 5 for the tree of life, all labels for "
                                          "--cls/--bins)")
     p.add_argument("--format", choices=["table", "csv"], default="csv", help="format of the output (default: csv)")
-    p.add_argument("--output", help="write here instead of standard output")
+    p.add_argument("--output", help="write here instead of standard output: OUT.parquet is a folder of part files "
+                                    "(resumable, multi-host, carried columns, top-k on the device); any other name "
+                                    "gets --format (pybioclip's)")
     p.add_argument("--batch-size", type=int, default=10)
+    embed.add_scale_options(p)
     p.add_argument("--log", metavar="LOG_FILE", help="record the run (model, settings, images): a new JSON file if "
                                                      "the name ends in .json, else text appended (pybioclip's logs)")
     p.set_defaults(func=run)
@@ -45,20 +48,52 @@ def run(args) -> int:
     if tree_of_life and not args.txt_emb:
         check_tree_of_life_model(args)
     output = io.check_output(args.output)
+    scale = bool(output) and output.rstrip("/").lower().endswith(".parquet")
+    if output and not scale and output.lower().endswith((".json", ".npy")):
+        raise InputError(f"--output {output}: predict writes .parquet (parts) or --format {args.format} text; "
+                         f"name the file .parquet, .csv or .txt")
     if args.log:
+        if scale:
+            raise InputError("--log records pybioclip-style runs; it is not allowed with --output .parquet")
         recorder.verify_recorder_path(args.log)
+    common.initialize_distributed(args)
+    inputs = embed._collect(args.image_file)
     classifier = _custom_labels(args) if not tree_of_life else _tree_of_life(args)
+    if scale:
+        return _predict_parts(classifier, inputs, output, args, tree_of_life)
+    images = _paths_only(inputs)
     if args.log:
         recorder.attach_cli_recorder(classifier, cls=args.cls, bins_path=args.bins, subset=args.subset)
     if tree_of_life:
-        rows = classifier.predict(args.image_file, rank=args.rank or "species", min_prob=args.min_prob,
+        rows = classifier.predict(images, rank=args.rank or "species", min_prob=args.min_prob,
                                   k=args.k or 5, batch_size=args.batch_size)
     else:
-        rows = classifier.predict(args.image_file, k=args.k, batch_size=args.batch_size)
+        rows = classifier.predict(images, k=args.k, batch_size=args.batch_size)
     if args.log:
         recorder.save_recorded_predictions(classifier, args.log)
     common.emit(io.format_rows(rows, args.format), output)
     return common.report_failures(classifier.failures)
+
+
+def _predict_parts(classifier, inputs, output: str, args, tree_of_life: bool) -> int:
+    import sys
+
+    from bioclip_jax.inference.jobs import describe
+    from bioclip_jax.inference.predict_job import predict_job
+
+    summary = predict_job(classifier, inputs, output, rank=(args.rank or "species") if tree_of_life else "species",
+                          k=args.k, min_prob=args.min_prob, batch_size=args.batch_size, part_size=args.part_size,
+                          progress=not args.quiet)
+    print(f"bioclip-jax predict: {describe(summary)}", file=sys.stderr)
+    return embed.report(summary.failures, summary.failures_file)
+
+
+def _paths_only(inputs) -> list[str]:
+    """pybioclip's outputs name each image by its path; shard records have none."""
+    if inputs.shard_paths:
+        raise InputError(f"{inputs.shard_paths[0]}: shard records are predicted into parts: use --output "
+                         "OUT.parquet")
+    return list(inputs.refs)
 
 
 def check_tree_of_life_model(args) -> None:

@@ -99,17 +99,26 @@ def read_subset(path: str | os.PathLike) -> tuple[str, list[str]]:
     return rank, values
 
 
-def check_output(path: str | None) -> str | None:
-    """An --output path checked before any work: None (or pybioclip's 'stdout') for standard output."""
+def check_output(path: str | None, formats: tuple[str, ...] | None = None) -> str | None:
+    """An --output path checked before any work: None (or pybioclip's 'stdout') for standard output. With
+    `formats`, its suffix must be one of them (a .parquet output is a folder of parts and may exist already)."""
     if not path or path == "stdout":
         return None
-    if os.path.isdir(path):
-        raise InputError(f"--output {path}: is a directory; expected a file name")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise InputError(f"--output {path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise InputError(f"--output {path}: not writable")
+    if paths.is_url(path):
+        paths.check_reachable(path)
+    else:
+        folder_output = bool(formats) and path.rstrip("/").lower().endswith(".parquet")
+        if os.path.isdir(path) and not folder_output:
+            raise InputError(f"--output {path}: is a directory; expected a file name")
+        parent = os.path.dirname(os.path.abspath(path.rstrip("/")))
+        if not os.path.isdir(parent):
+            raise InputError(f"--output {path}: folder {parent} does not exist")
+        if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+            raise InputError(f"--output {path}: not writable")
+    if formats:
+        from bioclip_jax.inference.outputs import output_format
+
+        output_format(path, formats)
     return path
 
 

@@ -12,6 +12,7 @@ from bioclip_jax.cli import (
     demo,
     embed,
     eval,
+    finetune,
     list_models,
     list_tol_taxa,
     make_shards,
@@ -21,7 +22,8 @@ from bioclip_jax.cli import (
     train,
 )
 
-COMMANDS = (convert, predict, list_tol_taxa, eval, make_txt_emb, embed, list_models, train, plan, demo, make_shards)
+COMMANDS = (convert, predict, list_tol_taxa, eval, make_txt_emb, embed, list_models, train, plan, demo, make_shards,
+            finetune)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,7 +35,8 @@ from bioclip_jax.train import metrics as metrics_lib
 from bioclip_jax.train import sharding
 from bioclip_jax.train import workdir as workdir_lib
 from bioclip_jax.train.device_batch import normalize_images, to_global
-from bioclip_jax.train.optimizer import clamp_logit_scale, make_optimizer, skipped_updates
+from bioclip_jax.train.lora import add_lora, merge_lora
+from bioclip_jax.train.optimizer import clamp_logit_scale, make_optimizer, skipped_updates, trainable_mask
 from bioclip_jax.train.skipped_records import SkippedRecords
 from bioclip_jax.train.stopping import StopSignals
 
@@ -54,12 +55,12 @@ class TrainResult:
     stopped_by: str | None = None  # "SIGTERM" or "SIGINT" when a signal stopped the run early (it saved first)
 
     def model(self, attn_implementation: str = "xla") -> Model:
-        return Model(self.model_config, unstack_layers(host_params(self.params)), self.preprocess,
+        return Model(self.model_config, unstack_layers(merge_lora(host_params(self.params))), self.preprocess,
                      attn_implementation=attn_implementation, source="trained")
 
 
 def make_train_step(module: CLIP, tx, schedule, normalization: str, accum_steps: int = 1, replicated=None,
-                    grad_sharding=None):
+                    grad_sharding=None, trainable=None):
     """(state, batch) -> (state, metrics). With accum_steps > 1 the global batch is processed in micro-batches with
     open_clip's feature cache: features of all micro-batches are computed without gradients, then each micro-batch
     is recomputed with gradients against the cached rest, so the loss still contrasts the whole global batch and the
@@ -68,7 +69,9 @@ def make_train_step(module: CLIP, tx, schedule, normalization: str, accum_steps:
     for the forward (left to itself, XLA split the batch's activations along the sharded param dimensions instead:
     all-to-alls and gathers of activations), and `grad_sharding` (the params' shardings) puts each gradient where
     its param lives: FSDP reduce-scatters gradients. A module with `gather_layer_params` gathers its scanned blocks
-    itself, one layer at a time inside the loop (gathered here, before the loop, every layer would be held at once)."""
+    itself, one layer at a time inside the loop (gathered here, before the loop, every layer would be held at once).
+    `trainable` (optimizer.trainable_mask): frozen params pass through stop_gradient, so no gradient is computed for
+    them; LoRA pairs (train/lora.py) are merged into their kernels before every forward pass."""
     gather_layers = module.gather_layer_params is not None
 
     def gather(path, param):
@@ -77,6 +80,9 @@ def make_train_step(module: CLIP, tx, schedule, normalization: str, accum_steps:
         return jax.lax.with_sharding_constraint(param, replicated)
 
     def encode(params, images, tokens):
+        if trainable is not None:
+            params = jax.tree_util.tree_map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
+        params = merge_lora(params)
         if replicated is not None:  # FSDP: gather each param where it is used, keep activations batch-sharded
             params = jax.tree_util.tree_map_with_path(gather, params)
         images = normalize_images(images, normalization, module.dtype)
@@ -152,10 +158,13 @@ def build_train_step(config: ml_collections.ConfigDict, model_config: CLIPConfig
     module = CLIP(model_config, dtype=DTYPES[config.dtype], attn_implementation=config.attn_implementation or None,
                   remat=config.remat or None, scan_layers=config.scan_layers,
                   gather_layer_params=sharding.layer_gather(mesh) if gather_layers else None)
+    if t.trainable == "lora":  # here, so that the trainer and the planner (train/plan.py) both get the pairs
+        make_params = _with_lora(make_params, t.lora_rank, t.seed)
     abstract_params = jax.eval_shape(make_params)
+    trainable = trainable_mask(abstract_params, t.trainable)
     tx, schedule = make_optimizer(abstract_params, lr=t.lr, warmup_steps=t.warmup_steps,
                                   total_steps=total_steps or t.steps, weight_decay=t.weight_decay, b1=t.b1, b2=t.b2,
-                                  eps=t.eps, grad_clip_norm=t.grad_clip_norm or None)
+                                  eps=t.eps, grad_clip_norm=t.grad_clip_norm or None, trainable=trainable)
 
     def init_state():
         params = make_params()
@@ -165,10 +174,15 @@ def build_train_step(config: ml_collections.ConfigDict, model_config: CLIPConfig
     state_sharding = sharding.state_shardings(abstract_state, mesh, fsdp=t.fsdp)
     batch_sharding = sharding.batch_sharding(mesh)
     step = jax.jit(make_train_step(module, tx, schedule, config.data.normalization, t.accum_steps,
-                                   replicated=sharding.replicated(mesh), grad_sharding=state_sharding["params"]),
+                                   replicated=sharding.replicated(mesh), grad_sharding=state_sharding["params"],
+                                   trainable=trainable),
                    in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None),
                    donate_argnums=(0,))
     return TrainStep(module, tx, schedule, init_state, abstract_state, state_sharding, batch_sharding, step)
+
+
+def _with_lora(make_params, rank: int, seed: int):
+    return lambda: add_lora(make_params(), rank, seed)
 
 
 def _initial_params(config: ml_collections.ConfigDict, model_config: CLIPConfig, seed: int):
@@ -379,7 +393,7 @@ def _raise_with_memory_advice(error: Exception, config) -> None:
 
 def _eval_model(eval_model: Model | None, model_config: CLIPConfig, state, preprocess: Preprocess) -> Model:
     """One Model reused across evaluations (its jitted encoders compile once); params swapped in each time."""
-    params = unstack_layers(host_params(state["params"]))  # a Model holds per-layer params
+    params = unstack_layers(merge_lora(host_params(state["params"])))  # a Model holds plain per-layer params
     if eval_model is None:
         eval_model = Model(model_config, params, preprocess)
     eval_model.params = params

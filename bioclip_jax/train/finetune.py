@@ -109,7 +109,8 @@ def finetune(data: str | os.PathLike, out: str | os.PathLike, options: Options |
     else:
         config = finetune_config(start, out, summary["splits"]["train"]["records"], images.has_ranks, o)
         result = train(config, os.path.join(out, "train"), progress=progress)
-        model = dataclasses.replace(result.model(), preprocess=start.preprocess, source=f"finetune:{out}")
+        model = start  # its jitted encoders compiled for the "before" evaluation serve the fine-tuned params too
+        model.params, model.source = result.model().params, f"finetune:{out}"
         after = evaluate(model, held_out, classes, prompts, o.templates, o.retention)
         run = {"method": o.method, "train_images": summary["splits"]["train"]["records"], "steps": result.step,
                "global_batch_size": config.train.global_batch_size, "accum_steps": config.train.accum_steps,

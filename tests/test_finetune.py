@@ -227,13 +227,21 @@ def test_lora_finetune_exports_plain_weights_that_open_clip_and_pybioclip_read(l
 
 
 @pytest.mark.integration  # embeds and fits end to end
-def test_probe_method_saves_a_probe_that_predict_uses(lora_run, tmp_path):
+def test_probe_method_from_the_command_line_and_predict_probe(lora_run, tmp_path, capsys):
+    from bioclip_jax.cli import main
+
     root, data, options, _ = lora_run
-    probe_options = Options(start=options.start, method="probe", templates="single")
-    result = finetune(data, tmp_path / "probe", probe_options, progress=False, workers=1)
-    assert result.results["after"]["heldout"]["top1"] == 1.0  # three colours: linearly separable
+    assert main(["finetune", str(data), "--out", str(tmp_path / "probe"), "--start", options.start, "--method",
+                 "probe", "--templates", "single", "--workers", "1"]) == 0
+    assert "| held-out top-1 |" in capsys.readouterr().out
+    result = json.loads((tmp_path / "probe" / "results.json").read_text())
+    assert result["after"]["heldout"]["top1"] == 1.0  # three colours: linearly separable
     with open(tmp_path / "probe" / "split.csv", newline="") as f:
         held = [r for r in csv.DictReader(f) if r["split"] == "val"]
-    rows = ProbeClassifier(result.model_dir, model_str=result.model_dir, progress=False).predict(
-        [r["filepath"] for r in held], k=1)
+    model_dir = str(tmp_path / "probe" / "model")
+    rows = ProbeClassifier(model_dir, model_str=model_dir, progress=False).predict([r["filepath"] for r in held], k=1)
     assert [r["classification"] for r in rows] == [r["class"] for r in held]
+    assert main(["predict", *[r["filepath"] for r in held], "--probe", model_dir, "--k", "1", "--output",
+                 str(tmp_path / "predictions.csv")]) == 0
+    with open(tmp_path / "predictions.csv", newline="") as f:
+        assert [r["classification"] for r in csv.DictReader(f)] == [r["class"] for r in held]

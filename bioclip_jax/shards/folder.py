@@ -139,7 +139,7 @@ def _class_folders(root: str) -> tuple[list[dict], list[str]]:
             for name in sorted(n for n in names if not n.startswith(".")):
                 file = os.path.join(folder, name)
                 if name.lower().endswith(IMAGE_EXTENSIONS):
-                    rows.append({"filepath": file, "class": " ".join(entry.name.split()),
+                    rows.append({"filepath": os.path.abspath(file), "class": " ".join(entry.name.split()),
                                  "taxon": class_taxon(entry.name), "split": ""})
                 else:
                     other.append(os.path.relpath(file, root))

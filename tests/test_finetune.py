@@ -96,6 +96,19 @@ def test_shards_of_class_names_caption_every_record(tmp_path):
     np.testing.assert_array_equal(tokens, bioclip_jax.tokenize(expected))
 
 
+def test_images_that_cannot_be_read_are_a_named_warning(tmp_path):
+    from bioclip_jax.inference.io import InputWarning
+    from bioclip_jax.train.finetune import _unusable_images
+
+    data = _photos(tmp_path / "photos", per_class=2, extra=False)
+    (data / "red fox" / "broken.jpg").write_bytes(b"not a jpeg")
+    images = read_labelled_images(str(data))
+    summary = make_shards(LabelledSource({"train": images.rows}), str(tmp_path / "shards"), workers=1,
+                          progress=False)
+    with pytest.warns(InputWarning, match=r"skipped 1 image\(s\) that could not be used \(undecodable image: 1"):
+        assert len(_unusable_images(summary, str(data))) == 1
+
+
 def _tiny_params():
     rng = np.random.default_rng(0)
     block = {"mlp": {"c_fc": {"kernel": rng.normal(size=(4, 8)), "bias": np.zeros(8)}},

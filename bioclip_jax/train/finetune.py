@@ -98,6 +98,7 @@ def finetune(data: str | os.PathLike, out: str | os.PathLike, options: Options |
     summary = make_shards(LabelledSource({"train": train_rows, "val": held_rows}), os.path.join(out, "shards"),
                           resize=start.config.vision.image_size, workers=workers, progress=progress)
     log.info("%s", summary.report())
+    notes += _unusable_images(summary, os.fspath(data))
     held_out = os.path.join(out, "shards", "val")
     classes, prompts = class_prompts(images)
     before = evaluate(start, held_out, classes, prompts, o.templates, o.retention)
@@ -167,6 +168,20 @@ def _check_split(data, images: LabelledImages, train_rows: list, held_rows: list
         raise InputError(f"{data}: no image can be held out to evaluate (every class has one image); add images")
     if not train_rows:
         raise InputError(f"{data}: every image is in the held-out split; nothing to train on")
+
+
+def _unusable_images(summary, data: str) -> list[str]:
+    """Images make-shards had to skip (undecodable, missing), as warnings: they neither train nor count."""
+    reasons: dict[str, int] = {}
+    for info in summary["splits"].values():
+        for reason, n in info["skipped"]["reasons"].items():
+            reasons[reason] = reasons.get(reason, 0) + n
+    if not reasons:
+        return []
+    line = (f"{data}: skipped {sum(reasons.values())} image(s) that could not be used ("
+            f"{', '.join(f'{r}: {n}' for r, n in reasons.items())}; listed in shards/summary.json)")
+    warnings.warn(line, InputWarning, stacklevel=3)
+    return [line]
 
 
 def _load_start(start: str, arch: str | None) -> Model:

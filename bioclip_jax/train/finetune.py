@@ -46,7 +46,7 @@ from bioclip_jax.train.trainer import train
 
 log = logging.getLogger(__name__)
 METHODS = ("full", "vision", "lora", "probe")
-TRAINABLE = {"full": "all", "vision": "vision", "lora": "lora"}
+METHOD_TRAINABLE = {"full": "all", "vision": "vision", "lora": "lora"}
 DEFAULT_LR = {"full": 1e-5, "vision": 1e-5, "lora": 1e-4}
 WARMUP_FRACTION = 0.1
 MAX_BATCH = 256  # a fine-tune's global batch: contrastive batches of a few classes gain little from more
@@ -306,7 +306,7 @@ def finetune_config(start: Model, out: str, n_train: int, has_ranks: bool, o: Op
     normalization = _normalization(start)
     values = {"model": model_json, "init": o.start, "init_model": o.arch or "", "data.train": os.path.join(
         out, "shards", "train"), "data.val": "", "data.normalization": normalization, "eval.normalization":
-        normalization, "data.text_type": "mixed" if has_ranks else "com", "train.trainable": TRAINABLE[o.method],
+        normalization, "data.text_type": "mixed" if has_ranks else "com", "train.trainable": METHOD_TRAINABLE[o.method],
         "train.lora_rank": o.lora_rank, "train.lr": o.lr or DEFAULT_LR[o.method], "train.seed": o.seed,
         **default_settings(n_train, start.config, o.method, memory=device_memory(), devices=jax.device_count(),
                            epochs=o.epochs, batch_size=o.batch_size)}

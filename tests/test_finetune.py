@@ -189,6 +189,7 @@ def test_a_start_model_that_is_not_clip_is_one_line(tmp_path):
     with pytest.raises(InputError, match="start model .*vit.safetensors.* is not a CLIP model"):
         finetune(data, tmp_path / "out", Options(start=str(tmp_path / "vit.safetensors"), arch="tiny"),
                  progress=False, workers=1)
+    assert not (tmp_path / "out").exists()  # inputs are checked before anything is written
 
 
 @pytest.fixture(scope="module")

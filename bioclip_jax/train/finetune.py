@@ -87,13 +87,14 @@ def finetune(data: str | os.PathLike, out: str | os.PathLike, options: Options |
     started = time.perf_counter()
     _check_options(o)
     out = os.path.abspath(os.fspath(out))
-    _claim(out, os.path.abspath(os.fspath(data)), o)
+    _check_finished(out)
     images = read_labelled_images(os.fspath(data))
     train_rows, held_rows, notes = stratified_split(images.rows, o.heldout_fraction, o.seed)
     for line in images.warnings + notes:
         warnings.warn(line, InputWarning, stacklevel=2)
     _check_split(data, images, train_rows, held_rows)
     start = _load_start(o.start, o.arch)
+    _claim(out, os.path.abspath(os.fspath(data)), o)  # the inputs are checked: now OUT may be written
     _write_split(os.path.join(out, "split.csv"), train_rows, held_rows)
     summary = make_shards(LabelledSource({"train": train_rows, "val": held_rows}), os.path.join(out, "shards"),
                           resize=start.config.vision.image_size, workers=workers, progress=progress)
@@ -140,14 +141,17 @@ def _check_options(o: Options) -> None:
         raise FileNotFoundError(f"retention set {o.retention!r}: no such shards folder or file")
 
 
-def _claim(out: str, data: str, o: Options) -> None:
-    """Refuses an OUT that holds a finished fine-tune, or one started with other settings; records this request so
-    that the same call, rerun, resumes."""
-    request = {"data": data, **{k: v for k, v in dataclasses.asdict(o).items()}}
-    request["overrides"] = list(o.overrides)
+def _check_finished(out: str) -> None:
     if os.path.exists(os.path.join(out, "results.md")):
         raise InputError(f"{out} already holds a finished fine-tune (results.md): nothing was changed; pass another "
                          "output folder, or delete this one to redo it")
+
+
+def _claim(out: str, data: str, o: Options) -> None:
+    """Refuses an OUT that holds a fine-tune started with other settings; records this request so that the same
+    call, rerun, resumes."""
+    request = {"data": data, **{k: v for k, v in dataclasses.asdict(o).items()}}
+    request["overrides"] = list(o.overrides)
     path = os.path.join(out, "request.json")
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:

@@ -17,7 +17,7 @@ LOCAL_PATH = re.compile(r"(/tmp/|/work/|/home/|/root/|/Users/|/content/|[A-Z]:\\
 
 
 @pytest.mark.integration  # executes the notebooks
-@pytest.mark.parametrize("name", ["quickstart", "train"])
+@pytest.mark.parametrize("name", ["quickstart", "train", "finetune"])
 def test_notebook_runs(name, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
@@ -36,7 +36,7 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
         "expected the notebook's figure"
 
 
-@pytest.mark.parametrize("name", ["quickstart", "train"])
+@pytest.mark.parametrize("name", ["quickstart", "train", "finetune"])
 def test_notebook_reads_well_on_github(name):
     """Committed with the outputs of a real run, kept small: no giant cells or outputs."""
     nbformat = pytest.importorskip("nbformat")
@@ -55,7 +55,7 @@ def _repository() -> str:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
 
 
-@pytest.mark.parametrize("name", ["quickstart", "train"])
+@pytest.mark.parametrize("name", ["quickstart", "train", "finetune"])
 def test_notebook_opens_on_colab(name):
     """A README badge opens it on Colab; its first cell clones the repository named in pyproject.toml and installs
     it, the next one installs JAX's accelerator build on GPU and TPU runtimes; figures are readable."""

@@ -6,7 +6,7 @@
     python tools/bench.py train [--model demo] [--batch 64] [--iters 10] [--dtype bfloat16 --attn cudnn --remat dots]
     python tools/bench.py gpu [--out gpu_bench.md]                # every GPU measurement, one table
     python tools/bench.py cli [--iters 5]                         # wall time of the CLI's answers that start no JAX
-    python tools/bench.py search [--rows 1000000] [--queries 500]   # exact (device) against faiss, queries/s, recall@10
+    python tools/bench.py finetune [--out runs/bench_finetune]    # zero-shot, probe, vision-only, LoRA, full
     python tools/bench.py embed [--model ViT-B-16] [--batch 32] [--images 128] [--iters 1]   # JPEGs -> Parquet
     python tools/bench.py decode [--images 200]                   # host decode + preprocess per core; TPU hosts
 
@@ -30,6 +30,10 @@ eval preprocessing, encode, normalise, Parquet) against open_clip with a torch D
 the same job into the same Parquet layout; both warmed up on one batch first (compiles). decode: CPU time per image
 of one thread decoding and preprocessing JPEG photos (both preprocessings), and the cores a TPU host needs to feed
 its chips when embedding (forward only, 40% MFU).
+finetune: the demo recipe's model (trained on the synthetic tree of life, or
+--base FOLDER) fine-tuned on the species the demo never trained on (the tree's held-out species, 20 new images
+each, a CSV with their ranks) by each method of `bioclip-jax finetune`, one after the other: held-out accuracy,
+retention (zero-shot species top-1 on new images of the 180 species the demo trained on) and wall time.
 """
 
 from __future__ import annotations
@@ -524,10 +528,85 @@ def bench_decode(images: int) -> None:
                   + " / ".join(f"{host / r:.0f}" for r in rates) + " |")
 
 
+FINETUNE_LR = {"full": 1e-4, "vision": 1e-4, "lora": 1e-3}  # the demo model trained at 2e-3 (configs/demo.py)
+
+
+def _new_species_csv(folder: str, images_per_species: int = 20) -> str:
+    """The demo tree's held-out species (never trained on), drawn afresh (image indices from 1000), as PNGs and a
+    CSV with their ranks and common names: the user's data of the bench."""
+    import csv
+
+    from bioclip_jax.data.synthetic import SyntheticConfig, SyntheticTreeOfLife
+
+    tree = SyntheticTreeOfLife(SyntheticConfig(seed=0, image_size=64))
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "new_species.csv")
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["filepath", "kingdom", "phylum", "cls", "order", "family", "genus", "species",
+                         "common_name"])
+        for taxon in tree.heldout_species:
+            for i in range(images_per_species):
+                name = f"{taxon.genus}_{taxon.species}_{i:02d}.png"
+                tree.draw(taxon, 1000 + i).save(os.path.join(folder, name))
+                writer.writerow([name, *taxon.ranks, taxon.common_name])
+    return path
+
+
+def bench_finetune(out: str, base: str | None) -> list[tuple[str, dict, float]]:
+    """[(method, results.json, seconds)] for probe, vision, lora and full fine-tuning of the demo model."""
+    import json
+
+    from bioclip_jax.train.config import load_config
+    from bioclip_jax.train.finetune import Options, finetune
+
+    if base is None:
+        base = os.path.join(out, "demo", "open_clip")
+        if not os.path.exists(base):
+            from bioclip_jax.demo import run_demo
+
+            run_demo(load_config("demo"), os.path.join(out, "demo"))
+    data = _new_species_csv(os.path.join(out, "new_species"))
+    retention = os.path.join(os.path.dirname(base), "data", "val")
+    rows = []
+    for method in ("probe", "vision", "lora", "full"):
+        folder = os.path.join(out, method)
+        if not os.path.exists(os.path.join(folder, "results.json")):
+            start = time.perf_counter()
+            finetune(data, folder, Options(start=base, method=method, lr=FINETUNE_LR.get(method, 0.0),
+                                           templates="single", retention=retention), progress=False)
+            with open(os.path.join(folder, "seconds.txt"), "w") as f:
+                f.write(f"{time.perf_counter() - start:.1f}")
+        with open(os.path.join(folder, "results.json")) as f:
+            results = json.load(f)
+        with open(os.path.join(folder, "seconds.txt")) as f:
+            rows.append((method, results, float(f.read())))
+    return rows
+
+
+def print_finetune(rows: list[tuple[str, dict, float]]) -> None:
+    first = rows[0][1]
+    print(f"# finetune: demo model -> {len(first['classes'])} new species x 20 images "
+          f"({first['run']['train_images']} train / {first['heldout_images']} held out), CPU "
+          f"({os.cpu_count()} cores), {time.strftime('%Y-%m-%d')}")
+    print("| method | held-out top-1 | mean per-class top-1 | retention top-1 | steps | lr | wall s |")
+    print("|---|---|---|---|---|---|---|")
+    before = first["before"]
+    print(f"| zero-shot | {100 * before['heldout']['top1']:.1f}% | "
+          f"{100 * before['heldout']['mean_per_class_top1']:.1f}% | {100 * before['retention']['top1']:.1f}% | "
+          "- | - | - |")
+    for method, r, seconds in rows:
+        after, run = r["after"], r["run"]
+        held = after["heldout"]
+        print(f"| {method} | {100 * held['top1']:.1f}% | {100 * held['mean_per_class_top1']:.1f}%"
+              f" | {100 * after['retention']['top1']:.1f}% | {run.get('steps', '-')} | {run.get('lr', '-')} | "
+              f"{seconds:.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=["encode", "pipeline", "train", "gpu", "gpu-side", "cli", "search", "embed",
-                                         "decode"])
+                                         "decode", "finetune"])
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # gpu-side: one side's runs, as JSON
     parser.add_argument("--model", default="ViT-B-16")
     parser.add_argument("--batch", type=int, default=32)
@@ -538,7 +617,9 @@ def main() -> None:
     parser.add_argument("--attn", choices=["xla", "cudnn"], default="xla", help="bioclip_jax attention")
     parser.add_argument("--remat", default="", help="bioclip_jax remat policy for train (full, dots, dots_all)")
     parser.add_argument("--torch-grad-checkpointing", action="store_true")
-    parser.add_argument("--out", default="gpu_bench.md", help="gpu mode: where to write the table")
+    parser.add_argument("--out", default=None, help="gpu mode: where to write the table (gpu_bench.md); finetune: "
+                                                    "the runs' folder (runs/bench_finetune)")
+    parser.add_argument("--base", help="finetune: the start model (default: train the demo recipe first)")
     parser.add_argument("--rows", type=int, default=1_000_000, help="search: index rows")
     parser.add_argument("--queries", type=int, default=500, help="search: queries")
     parser.add_argument("--default-allocator", action="store_true",
@@ -578,8 +659,11 @@ def main() -> None:
 
     import torch
 
+    if args.mode == "finetune":
+        print_finetune(bench_finetune(args.out or "runs/bench_finetune", args.base))
+        return
     if args.mode == "gpu":
-        bench_gpu(args.iters, args.out, args.model)
+        bench_gpu(args.iters, args.out or "gpu_bench.md", args.model)
         return
     if args.mode == "gpu-side":
         import json

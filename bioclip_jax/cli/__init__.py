@@ -12,6 +12,7 @@ from bioclip_jax.cli import (
     demo,
     embed,
     eval,
+    finetune,
     list_models,
     list_tol_taxa,
     make_shards,
@@ -23,7 +24,7 @@ from bioclip_jax.cli import (
 )
 
 COMMANDS = (convert, predict, list_tol_taxa, eval, make_txt_emb, embed, list_models, train, plan, demo, make_shards,
-            search)
+            search, finetune)
 
 
 def build_parser() -> argparse.ArgumentParser:

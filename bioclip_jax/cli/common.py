@@ -15,7 +15,7 @@ PYBIOCLIP_MODEL = "hf-hub:imageomics/bioclip-2"  # pybioclip's default --model
 USER_ERRORS = (InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 # Commands whose unknown arguments are config overrides (--config.KEY=VALUE) rather than errors.
-TAKES_OVERRIDES = ("train", "demo", "plan")
+TAKES_OVERRIDES = ("train", "demo", "plan", "finetune")
 
 
 def add_model_options(p, weights_help: str) -> None:

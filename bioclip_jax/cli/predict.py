@@ -25,6 +25,8 @@ def add_parser(subparsers) -> None:
     group.add_argument("--subset", help="CSV whose first column's header names a rank and whose rows the taxa to "
                                         "keep (binomials at species rank): tree of life at species rank among them; "
                                         "not allowed with --rank, --cls or --bins")
+    group.add_argument("--probe", help="a linear probe written by `finetune --method probe` (probe.json, or the model "
+                                       "folder holding it): its classes, scored from the image embeddings")
     p.add_argument("--txt-emb", help="folder with txt_emb_species.npy/.json (pybioclip format) for the tree of life; "
                                      "default for bioclip / bioclip-2: the TreeOfLife embeddings on the hub")
     p.add_argument("--min-prob", type=float, default=1e-9, help="species below this are not summed, for --rank")
@@ -44,7 +46,7 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from bioclip_jax.inference import io, recorder
 
-    tree_of_life = not (args.cls or args.bins)
+    tree_of_life = not (args.cls or args.bins or args.probe)
     if tree_of_life and not args.txt_emb:
         check_tree_of_life_model(args)
     output = io.check_output(args.output)
@@ -56,9 +58,11 @@ def run(args) -> int:
         if scale:
             raise InputError("--log records pybioclip-style runs; it is not allowed with --output .parquet")
         recorder.verify_recorder_path(args.log)
+    if args.probe and scale:
+        raise InputError("--probe scores images on the host; it is not allowed with --output .parquet (use .csv)")
     common.initialize_distributed(args)
     inputs = embed._collect(args.image_file)
-    classifier = _custom_labels(args) if not tree_of_life else _tree_of_life(args)
+    classifier = _probe(args) if args.probe else _custom_labels(args) if not tree_of_life else _tree_of_life(args)
     if scale:
         return _predict_parts(classifier, inputs, output, args, tree_of_life)
     images = _paths_only(inputs)
@@ -104,6 +108,18 @@ def check_tree_of_life_model(args) -> None:
     if args.pretrained:
         raise InputError("Custom checkpoints are currently not supported for TreeOfLife prediction")
     ensure_tol_supported_model(args.model)
+
+
+def _probe(args):
+    """--probe: a fine-tune's linear probe over the embeddings of the model it was fitted on: --model, or by default
+    the model folder the probe lies in (`predict --probe OUT/model IMAGES`)."""
+    import os
+
+    from bioclip_jax.inference.probe import ProbeClassifier
+
+    if args.model == common.PYBIOCLIP_MODEL and not args.pretrained and os.path.isdir(args.probe):
+        args.model = args.probe
+    return ProbeClassifier(args.probe, **common.classifier_model(args), preprocess=args.preprocess)
 
 
 def _custom_labels(args):

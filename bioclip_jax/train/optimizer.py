@@ -1,4 +1,5 @@
-"""AdamW with open_clip's weight-decay mask, linear warmup then cosine to zero, and a guard on non-finite grads."""
+"""AdamW with open_clip's weight-decay mask, linear warmup then cosine to zero, and a guard on non-finite grads; for
+fine-tuning, a mask of the params that train (the rest frozen: no update, no optimizer state)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,13 @@ import optax
 from flax import traverse_util
 
 from bioclip_jax.convert.state_dict import torch_key
+from bioclip_jax.errors import InputError
 from bioclip_jax.models.scan import STACKED_BLOCKS
+from bioclip_jax.train.lora import LORA_A, LORA_B
+
+# What trains (train.trainable): every param; the image tower only (text tower and logit_scale frozen, open_clip's
+# --lock-text); or only the LoRA pairs (train/lora.py).
+TRAINABLE = ("all", "vision", "lora")
 
 MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -30,6 +37,19 @@ def decay_mask(params) -> dict:
     return traverse_util.unflatten_dict({path: decays(path, value) for path, value in flat.items()})
 
 
+def trainable_mask(params, trainable: str = "all") -> dict:
+    """True for the params that train under `trainable` (one of TRAINABLE), False for frozen ones."""
+    if trainable not in TRAINABLE:
+        raise InputError(f"train.trainable={trainable!r}: expected one of {', '.join(TRAINABLE)}")
+    flat = traverse_util.flatten_dict(params)
+    rules = {"all": lambda path: True, "vision": lambda path: path[0] == "visual",
+             "lora": lambda path: path[-1] in (LORA_A, LORA_B)}
+    mask = {path: rules[trainable](path) for path in flat}
+    if not any(mask.values()):
+        raise InputError(f"train.trainable={trainable!r}: no param trains (LoRA needs train.lora_rank > 0)")
+    return traverse_util.unflatten_dict(mask)
+
+
 def warmup_cosine(base_lr: float, warmup_steps: int, total_steps: int):
     """open_clip's cosine_lr: lr = base * (step + 1) / warmup during warmup, then half a cosine down to 0."""
 
@@ -44,13 +64,19 @@ def warmup_cosine(base_lr: float, warmup_steps: int, total_steps: int):
 
 
 def make_optimizer(params, *, lr: float, warmup_steps: int, total_steps: int, weight_decay: float = 0.2,
-                   b1: float = 0.9, b2: float = 0.98, eps: float = 1e-6, grad_clip_norm: float | None = None):
+                   b1: float = 0.9, b2: float = 0.98, eps: float = 1e-6, grad_clip_norm: float | None = None,
+                   trainable: dict | None = None):
     """The BioCLIP recipe's AdamW. Updates with non-finite gradients are skipped (params and moments untouched) and
-    counted in the state (`optax.apply_if_finite`'s total_notfinite)."""
+    counted in the state (`optax.apply_if_finite`'s total_notfinite). `trainable` (a `trainable_mask`): frozen
+    params get no update and no Adam moments (optax.multi_transform), what makes LoRA's optimizer state small."""
     schedule = warmup_cosine(lr, warmup_steps, total_steps)
     chain = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm else []
     chain.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask(params)))
-    return optax.apply_if_finite(optax.chain(*chain), max_consecutive_errors=1_000_000), schedule
+    tx = optax.chain(*chain)
+    if trainable is not None and not all(jax.tree_util.tree_leaves(trainable)):
+        labels = jax.tree_util.tree_map(lambda t: "train" if t else "frozen", trainable)
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    return optax.apply_if_finite(tx, max_consecutive_errors=1_000_000), schedule
 
 
 def skipped_updates(opt_state) -> jax.Array:

@@ -37,7 +37,8 @@ from bioclip_jax.train import metrics as metrics_lib
 from bioclip_jax.train import preflight
 from bioclip_jax.train import workdir as workdir_lib
 from bioclip_jax.train.device_batch import interleave_replay, normalize_images, to_global
-from bioclip_jax.train.optimizer import clamp_logit_scale, make_optimizer, skipped_updates
+from bioclip_jax.train.lora import add_lora, merge_lora
+from bioclip_jax.train.optimizer import clamp_logit_scale, make_optimizer, skipped_updates, trainable_mask
 from bioclip_jax.train.skipped_records import SkippedRecords
 from bioclip_jax.train.stopping import StopSignals
 
@@ -56,13 +57,14 @@ class TrainResult:
     stopped_by: str | None = None  # "SIGTERM" or "SIGINT" when a signal stopped the run early (it saved first)
 
     def model(self, attn_implementation: str = "xla") -> Model:
-        params = without_continual_proj(unstack_layers(host_params(self.params)))  # the replay head is not exported
+        # LoRA merged into plain weights; the replay head is not exported
+        params = without_continual_proj(unstack_layers(merge_lora(host_params(self.params))))
         return Model(self.model_config, params, self.preprocess, attn_implementation=attn_implementation,
                      source="trained")
 
 
 def make_train_step(module: CLIP, tx, schedule, normalization: str, accum_steps: int = 1, replicated=None,
-                    grad_sharding=None, replay: tuple[int, int] | None = None):
+                    grad_sharding=None, replay: tuple[int, int] | None = None, trainable=None):
     """(state, batch) -> (state, metrics). With accum_steps > 1 the global batch is processed in micro-batches with
     open_clip's feature cache: features of all micro-batches are computed without gradients, then each micro-batch
     is recomputed with gradients against the cached rest, so the loss still contrasts the whole global batch and the
@@ -74,10 +76,15 @@ def make_train_step(module: CLIP, tx, schedule, normalization: str, accum_steps:
     itself, one layer at a time inside the loop (gathered here, before the loop, every layer would be held at once).
     `replay` = (shards, replay rows per shard): the batch holds BioCLIP 2's replay rows in that layout
     (`device_batch.interleave_replay`) and the loss is its two-head objective (`continual_clip_loss`; the module's
-    `continual_proj` head if it has one, else `proj`), with "contrastive_loss" and "continual_loss" in the metrics."""
+    `continual_proj` head if it has one, else `proj`), with "contrastive_loss" and "continual_loss" in the metrics.
+    `trainable` (optimizer.trainable_mask): frozen params pass through stop_gradient, so no gradient is computed for
+    them; LoRA pairs (train/lora.py) are merged into their kernels before every forward pass."""
     gather_layers = module.gather_layer_params is not None
 
     def encode(params, images, tokens):
+        if trainable is not None:
+            params = jax.tree_util.tree_map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
+        params = merge_lora(params)
         if replicated is not None:  # FSDP: gather each param where it is used, keep activations batch-sharded
             params = mesh_lib.gather_params(params, replicated.mesh, gather_layers)
         images = normalize_images(images, normalization, module.dtype)
@@ -184,10 +191,13 @@ def build_train_step(config: ml_collections.ConfigDict, model_config: CLIPConfig
                   continual_proj=_continual_head(config))
     if _continual_head(config):  # e.g. the planner's random-init shapes: add the head where they lack it
         make_params = _with_continual_proj(make_params)
+    if t.trainable == "lora":  # here, so that the trainer and the planner (train/plan.py) both get the pairs
+        make_params = _with_lora(make_params, t.lora_rank, t.seed)
     abstract_params = jax.eval_shape(make_params)
+    trainable = trainable_mask(abstract_params, t.trainable)
     tx, schedule = make_optimizer(abstract_params, lr=t.lr, warmup_steps=t.warmup_steps,
                                   total_steps=total_steps or t.steps, weight_decay=t.weight_decay, b1=t.b1, b2=t.b2,
-                                  eps=t.eps, grad_clip_norm=t.grad_clip_norm or None)
+                                  eps=t.eps, grad_clip_norm=t.grad_clip_norm or None, trainable=trainable)
 
     def init_state():
         params = make_params()
@@ -198,7 +208,7 @@ def build_train_step(config: ml_collections.ConfigDict, model_config: CLIPConfig
     batch_sharding = mesh_lib.batch_sharding(mesh)
     step = jax.jit(make_train_step(module, tx, schedule, config.data.normalization, t.accum_steps,
                                    replicated=mesh_lib.replicated(mesh), grad_sharding=state_sharding["params"],
-                                   replay=replay),
+                                   replay=replay, trainable=trainable),
                    in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None),
                    donate_argnums=(0,))
     return TrainStep(module, tx, schedule, init_state, abstract_state, state_sharding, batch_sharding, step)
@@ -235,6 +245,10 @@ def _replay_layout(config, mesh) -> tuple[int, int] | None:
         raise InputError(f"train.accum_steps={t.accum_steps} with replay: each device's {main} main and "
                          f"{rows // shards} replay rows must split into {t.accum_steps} equal micro-batches")
     return shards, rows // shards
+
+
+def _with_lora(make_params, rank: int, seed: int):
+    return lambda: add_lora(make_params(), rank, seed)
 
 
 def _initial_params(config: ml_collections.ConfigDict, model_config: CLIPConfig, seed: int):
@@ -460,7 +474,8 @@ def _eval_encoder(encoder: MeshEncoder | None, model_config: CLIPConfig, state, 
                   mesh) -> MeshEncoder:
     """The evaluators' encoder: the train state's params where they are (sharded over the mesh, stacked or per
     layer), no host copy, every chip encoding; one encoder reused across evaluations (it compiles once)."""
-    params = without_continual_proj(state["params"])  # evaluation uses `proj`, as export does
+    # Evaluation uses `proj` (as export does) and LoRA merged into the kernels (as the exported model).
+    params = merge_lora(without_continual_proj(state["params"]))
     if encoder is None:
         encoder = MeshEncoder(model_config, params, preprocess, mesh)
     encoder.params = params

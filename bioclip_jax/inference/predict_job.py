@@ -68,9 +68,9 @@ def bank_dtype():
 
 
 def _device_bank(matrix, mesh, batch_size: int) -> DeviceBank:
-    """The classifier's [D, C] text matrix as a bank of C rows. Its columns are already unit length: scores are
-    the classifiers' own products, not re-normalised ones."""
-    return DeviceBank(np.asarray(matrix).T, mesh, bank_dtype(), normalize=False, batch_size=batch_size)
+    """The classifier's [D, C] text matrix as a bank of C rows, transposed on device. Its columns are already unit
+    length: scores are the classifiers' own products, not re-normalised ones."""
+    return DeviceBank(matrix, mesh, bank_dtype(), normalize=False, batch_size=batch_size, columns=True)
 
 
 def _groups(keys: list) -> tuple[np.ndarray, list[int]]:

@@ -109,9 +109,10 @@ def test_faiss_index_recall_saved_and_reused(planted_index, tmp_path):
 
 @pytest.fixture(scope="module")
 def model_index(tmp_path_factory):
-    """A tiny model saved to a folder, three images, and an index of them whose manifest names the model."""
+    """A tiny random model saved to a folder, three PNGs listed with ids and a carried column, and what the real
+    `embed` writes of them (float16 Parquet parts over two parts): search reads exactly embed's output."""
     from bioclip_jax.convert.checkpoint import save_model
-    from bioclip_jax.inference.model import create_model, encode
+    from bioclip_jax.inference.model import create_model, encode, load
 
     root = tmp_path_factory.mktemp("model_index")
     model_dir = str(save_model(create_model("tiny"), root / "model"))
@@ -120,12 +121,18 @@ def model_index(tmp_path_factory):
     for i in range(3):
         images.append(str(root / f"img{i}.png"))
         Image.fromarray(rng.integers(0, 256, (40 + 10 * i, 50, 3), dtype=np.uint8)).save(images[-1])
-    from bioclip_jax.inference.model import load
-
+    (root / "images.csv").write_text("path,uuid,species\n" + "".join(
+        f"{path},{name},x\n" for path, name in zip(images, "abc")))
+    folder = root / "imgs.parquet"
+    assert main(["embed", str(root / "images.csv"), "--model", model_dir, "--output", str(folder), "--float16",
+                 "--part-size", "2", "--quiet"]) == 0
+    index = read_index(folder)
     model = load(model_dir)
-    emb = encode(model, images=images, preprocess="pybioclip")
-    folder = _write_parts(root / "imgs.parquet", emb, ["a", "b", "c"], model=model_dir, parts=1)
-    return folder, images, model, emb
+    assert index.model == model.source and index.preprocess["size"] == model.config.vision.image_size
+    assert index.embeddings.dtype == np.float16 and index.table.column_names == ["uuid", "file_name", "species"]
+    assert index.table.column("uuid").to_pylist() == ["a", "b", "c"]
+    np.testing.assert_allclose(index.embeddings, encode(model, images=images, preprocess="pybioclip"), atol=2e-3)
+    return folder, images, model, index.embeddings.astype(np.float32)
 
 
 def test_text_and_image_queries_through_the_cli(model_index, tmp_path, capsys):

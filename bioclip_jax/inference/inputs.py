@@ -21,13 +21,12 @@ from bioclip_jax import paths
 from bioclip_jax.data.records import SHARD_SUFFIX, Unreadable, decode_record, open_shards
 from bioclip_jax.data.transforms import decode_image, load_image
 from bioclip_jax.errors import InputError
+from bioclip_jax.inference.outputs import EMB_COLUMN, FILE_COLUMN, ID_COLUMN, ID_COLUMNS
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 LISTING_SUFFIXES = (".txt", ".csv", ".parquet")
 # A listing's path column: the first of these names present (case-insensitive).
 PATH_COLUMNS = ("path", "file_path", "filepath", "image_path", "img_path", "file_name", "filename", "image")
-ID_COLUMNS = ("uuid", "id")
-ID_COLUMN, EMB_COLUMN, FILE_COLUMN = "uuid", "emb", "file_name"  # emb-explorer's layout
 RECORD_COLUMNS = ("kingdom", "phylum", "class", "order", "family", "genus", "species", "common_name")
 _GLOB_CHARS = "*?["
 

@@ -7,7 +7,9 @@ exactly once across hosts, and a rerun with another host count finds the same pa
 
 Worker threads decode and preprocess the next images while the device encodes the current batch. `encode_fn`
 (preprocessed pixels [B, H, W, 3] -> unnormalised features [B, D]) is the one place the device is used: by default
-the model on its one device, or any other encoder (e.g. one sharded over a mesh) with the same signature.
+the model on a mesh of this process's own devices (`host_encoder`), each batch split over them. The mesh is
+host-local because hosts do unequal work (host i runs parts i, i + n, ...; a host whose parts were finished before
+runs none): with no collective between hosts, none waits for another's call.
 """
 
 from __future__ import annotations
@@ -24,11 +26,22 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from bioclip_jax import mesh as mesh_lib
 from bioclip_jax.data.transforms import Preprocess
 from bioclip_jax.errors import InputError
-from bioclip_jax.inference.inputs import EMB_COLUMN, FILE_COLUMN, ID_COLUMN, Inputs
+from bioclip_jax.inference.encoder import mesh_encoder
+from bioclip_jax.inference.inputs import Inputs
 from bioclip_jax.inference.model import IMAGE_ERRORS, Model, _run_padded, normalize_features, pick_preprocess
-from bioclip_jax.inference.outputs import PartStore, assemble, output_format, parts_folder
+from bioclip_jax.inference.outputs import (
+    EMB_COLUMN,
+    FILE_COLUMN,
+    ID_COLUMN,
+    PartStore,
+    assemble,
+    job_manifest,
+    output_format,
+    parts_folder,
+)
 
 DEFAULT_PART_SIZE = 8192
 EncodeFn = Callable[[np.ndarray], np.ndarray]
@@ -49,9 +62,19 @@ class Summary:
     total_rows: int = 0     # rows in the output (process 0 after the last part)
 
 
-def default_encoder(model: Model, batch_size: int) -> EncodeFn:
-    """The model on its own device, each batch padded to one of a few compiled sizes."""
-    return lambda pixels: _run_padded(model.encode_pixels, pixels, batch_size)
+def host_mesh() -> jax.sharding.Mesh:
+    """This process's own devices: what embed and predict encode and score on."""
+    return mesh_lib.make_mesh(jax.local_devices())
+
+
+def host_encoder(model: Model, batch_size: int, mesh: jax.sharding.Mesh | None = None) -> EncodeFn:
+    """The model replicated on `mesh` (default `host_mesh()`), each batch split over its devices and padded to one
+    of a few compiled sizes. Every call must be this process's own: the mesh may not span hosts."""
+    mesh = host_mesh() if mesh is None else mesh
+    if len(mesh.local_devices) != mesh.devices.size:
+        raise InputError("embed and predict encode on one host's devices; the mesh given spans several hosts")
+    encoder = mesh_encoder(model, mesh)
+    return lambda pixels: _run_padded(encoder.encode_pixels, pixels, batch_size)
 
 
 def model_fingerprint(model: Model) -> dict:
@@ -87,59 +110,29 @@ def _result(i, future):
         return i, None, None, None, str(e)
 
 
-@dataclasses.dataclass
-class _Encoder:
-    """Calls encode_fn; in lockstep mode every call has exactly `batch_size` rows (zeros after the real ones) and
-    each part slot makes the same number of calls on every host, as an encoder sharded over all hosts' devices needs
-    (each call is one global batch)."""
-    encode_fn: EncodeFn
-    batch_size: int
-    image_size: int
-    lockstep: bool
-    calls: int = 0
-
-    def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        self.calls += 1
-        n = len(pixels)
-        if self.lockstep and n < self.batch_size:
-            pixels = np.concatenate([pixels, np.zeros((self.batch_size - n, *pixels.shape[1:]), pixels.dtype)])
-        return np.asarray(self.encode_fn(pixels), np.float32)[:n]
-
-    def idle(self, calls: int) -> None:
-        """Lockstep: the calls a slot without work (a finished part, no part) still makes."""
-        while self.lockstep and self.calls < calls:
-            self(np.zeros((0, self.image_size, self.image_size, 3), np.float32))
-
-
 def run_parts(inputs: Inputs, store: PartStore, parts: Sequence[int], part_size: int, rows_fn: RowsFn,
               encode_fn: EncodeFn, preprocess: Preprocess, batch_size: int, progress: bool = True,
-              workers: int | None = None, desc: str = "images", slots: int | None = None,
-              lockstep: bool = False) -> Summary:
+              workers: int | None = None, desc: str = "images") -> Summary:
     """Runs the given parts (skipping finished ones): decode, encode in batches, rows, one atomic write per part.
-    lockstep: every one of `slots` part slots (a host's parts, padded to the largest host's count) makes
-    ceil(part_size / batch_size) encode calls of batch_size rows, finished or not (see `_Encoder`)."""
+    encode_fn is called per batch of this process's readable images, as many times as this host's work needs."""
     summary = Summary(output=str(store.folder))
     todo = [p for p in parts if store.done(p) is None]
     summary.parts_skipped = len(parts) - len(todo)
     spans = {p: range(p * part_size, min((p + 1) * part_size, len(inputs))) for p in todo}
     workers = workers or max(1, min(16, os.cpu_count() or 1))
     items = _iter_items(inputs, (i for p in todo for i in spans[p]), preprocess, workers, 2 * batch_size + workers)
-    encoder = _Encoder(encode_fn, batch_size, preprocess.size, lockstep)
-    per_slot = -(-part_size // batch_size)
     with tqdm(total=sum(len(s) for s in spans.values()), desc=desc, unit="img", disable=not progress,
               smoothing=0.1) as bar:
-        for slot, part in enumerate(list(parts) + [None] * max(0, (slots or 0) - len(parts))):
-            if part in spans:
-                table, failures = _run_part(inputs, spans[part], items, encoder, rows_fn, batch_size, bar)
-                store.write(part, table, failures)
-                summary.rows += table.num_rows if table is not None else 0
-                summary.images += len(spans[part]) - len(failures)
-                summary.parts_done += 1
-            encoder.idle((slot + 1) * per_slot)
+        for part in todo:
+            table, failures = _run_part(inputs, spans[part], items, encode_fn, rows_fn, batch_size, bar)
+            store.write(part, table, failures)
+            summary.rows += table.num_rows if table is not None else 0
+            summary.images += len(spans[part]) - len(failures)
+            summary.parts_done += 1
     return summary
 
 
-def _run_part(inputs: Inputs, span: range, items, encoder: _Encoder, rows_fn: RowsFn, batch_size: int, bar):
+def _run_part(inputs: Inputs, span: range, items, encode_fn: EncodeFn, rows_fn: RowsFn, batch_size: int, bar):
     """One part's items, in batches of readable images -> (pyarrow Table or None, failures)."""
     columns: dict[str, list] = collections.defaultdict(list)
     failures: dict[str, str] = {}
@@ -151,7 +144,7 @@ def _run_part(inputs: Inputs, span: range, items, encoder: _Encoder, rows_fn: Ro
         else:
             batch.append((i, pixels, item_id, carried))
         if len(batch) == batch_size or (n == len(span) and batch):
-            _encode_batch(batch, inputs, encoder, rows_fn, columns)
+            _encode_batch(batch, inputs, encode_fn, rows_fn, columns)
             bar.set_postfix_str(f"{len(failures)} unreadable" if failures else "", refresh=False)
             batch = []
         bar.update(1)
@@ -212,11 +205,9 @@ def barrier(name: str) -> None:
 
 def run_job(inputs: Inputs, output: str, job: dict, rows_fn: RowsFn, encode_fn: EncodeFn, preprocess: Preprocess,
             batch_size: int, part_size: int = DEFAULT_PART_SIZE, progress: bool = True, model_source: str = "",
-            formats: tuple[str, ...] = (".parquet", ".npy", ".csv", ".json"), desc: str = "images",
-            lockstep: bool = False) -> Summary:
+            formats: tuple[str, ...] = (".parquet", ".npy", ".csv", ".json"), desc: str = "images") -> Summary:
     """The shared loop of embed and predict: this host's parts, then (process 0) the failures file and, for
-    single-file formats, the assembled file (the part folder is removed once it is written). lockstep: for an
-    `encode_fn` whose every call is one global batch over all hosts (see `run_parts`)."""
+    single-file formats, the assembled file (the part folder is removed once it is written)."""
     if batch_size < 1 or part_size < 1:
         raise InputError(f"batch size and part size must be >= 1; got {batch_size} and {part_size}")
     fmt = output_format(output, formats)
@@ -226,7 +217,7 @@ def run_job(inputs: Inputs, output: str, job: dict, rows_fn: RowsFn, encode_fn: 
                                                                "items": len(inputs), "part_size": part_size}})
     store.open(index)
     summary = run_parts(inputs, store, range(index, parts, count), part_size, rows_fn, encode_fn, preprocess,
-                        batch_size, progress, desc=desc, slots=-(-parts // count), lockstep=lockstep)
+                        batch_size, progress, desc=desc)
     barrier("bioclip_jax.jobs.parts")
     records = [store.done(p) for p in range(parts)] if index == 0 else []
     if index == 0 and all(records):  # the whole job's summary, from every host's records
@@ -248,18 +239,18 @@ def run_job(inputs: Inputs, output: str, job: dict, rows_fn: RowsFn, encode_fn: 
 
 def embed_job(model: Model, inputs: Inputs, output: str, *, batch_size: int = 32, part_size: int = DEFAULT_PART_SIZE,
               preprocess: str | Preprocess | None = "pybioclip", normalize: bool = True, float16: bool = False,
-              encode_fn: EncodeFn | None = None, lockstep: bool = False, progress: bool = True) -> Summary:
+              encode_fn: EncodeFn | None = None, progress: bool = True) -> Summary:
     """Embeds every input into `output` (.parquet part folder, .npy + .ids.csv, .csv or .json); resumable.
-    encode_fn: pixels [B, H, W, 3] -> unnormalised features [B, D] (default: `model` on its device); lockstep=True
-    when each call is one global batch of an encoder sharded over every host (each call then gets batch_size rows
-    and every host the same number of calls)."""
+    encode_fn: this process's pixels [B, H, W, 3] -> unnormalised features [B, D] (default: `host_encoder`, the
+    model on this host's devices); it is called as often as this host's parts need, so it may not be a collective
+    over several hosts."""
     preprocess = pick_preprocess(model, preprocess)
-    job = {"command": "embed", "model": model_fingerprint(model),
-           "settings": {"normalize": normalize, "float16": float16, "preprocess": json.loads(
-               json.dumps(dataclasses.asdict(preprocess))), "columns": inputs.column_names}}
+    settings = {"normalize": normalize, "float16": float16,
+                "preprocess": json.loads(json.dumps(dataclasses.asdict(preprocess))), "columns": inputs.column_names}
+    job = job_manifest("embed", model_fingerprint(model), settings)
     return run_job(inputs, output, job, embed_rows(normalize, float16, inputs.column_names),
-                   encode_fn or default_encoder(model, batch_size), preprocess, batch_size, part_size, progress,
-                   model.source, lockstep=lockstep)
+                   encode_fn or host_encoder(model, batch_size), preprocess, batch_size, part_size, progress,
+                   model.source)
 
 
 def describe(summary: Summary) -> str:

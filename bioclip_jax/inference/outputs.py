@@ -26,6 +26,8 @@ from bioclip_jax import paths
 from bioclip_jax.errors import InputError
 
 FORMATS = (".parquet", ".npy", ".csv", ".json")
+ID_COLUMN, EMB_COLUMN, FILE_COLUMN = "uuid", "emb", "file_name"  # emb-explorer's layout; search reads these names
+ID_COLUMNS = (ID_COLUMN, "id")  # what names the rows of a listing or an index: embed's own, or a hand-made `id`
 MANIFEST, DONE, FAILURES = "_manifest.json", "_done", "_failures.csv"
 MANIFEST_VERSION = 1
 
@@ -38,6 +40,24 @@ def output_format(output: str, allowed: tuple[str, ...] = FORMATS) -> str:
         raise InputError(f"--output {output}: the suffix chooses the format; expected one of {', '.join(allowed)} "
                          f"(got {suffix or 'no suffix'})")
     return suffix
+
+
+def job_manifest(command: str, model: dict, settings: dict) -> dict:
+    """What a part folder's manifest records of its job (PartStore adds "version" and "inputs"): the model (its
+    "source": where it was loaded from) and the settings (embed's "preprocess"); search reads them back with
+    `manifest_source` and `manifest_preprocess`."""
+    return {"command": command, "model": model, "settings": settings}
+
+
+def manifest_source(manifest: dict) -> str | None:
+    """The model that wrote a part folder (a hand-made manifest may give the source as a plain string)."""
+    model = manifest.get("model")
+    return model.get("source") if isinstance(model, dict) else model
+
+
+def manifest_preprocess(manifest: dict) -> dict | None:
+    """embed's image preprocessing (data.transforms.Preprocess's fields), from a part folder's manifest."""
+    return (manifest.get("settings") or {}).get("preprocess")
 
 
 def parts_folder(output: str) -> str:
@@ -116,7 +136,7 @@ class PartStore:
             return None
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(["file_name", "error"])
+        writer.writerow([FILE_COLUMN, "error"])
         writer.writerows(failures.items())
         paths.write_atomic(path, buf.getvalue().encode())
         return str(path)
@@ -144,7 +164,7 @@ def assemble(store: PartStore, parts: int, output: str, fmt: str, model_source: 
     target = paths.resolve(output)
     if fmt == ".npy":
         _write_npy(tables, target)
-        _write_csv([t.drop_columns(["emb"]) for t in tables], paths.resolve(_ids_path(output)))
+        _write_csv([t.drop_columns([EMB_COLUMN]) for t in tables], paths.resolve(_ids_path(output)))
     elif fmt == ".csv":
         _write_csv(tables, target)
     else:
@@ -158,8 +178,8 @@ def _ids_path(output: str) -> str:
 
 def _write_npy(tables, target) -> None:
     rows = sum(t.num_rows for t in tables)
-    width = len(tables[0].column("emb")[0])
-    dtype = np.float16 if str(tables[0].schema.field("emb").type.value_type) == "halffloat" else np.float32
+    width = len(tables[0].column(EMB_COLUMN)[0])
+    dtype = np.float16 if str(tables[0].schema.field(EMB_COLUMN).type.value_type) == "halffloat" else np.float32
     if paths.is_url(target):
         out = np.empty((rows, width), dtype)
     else:  # memory-mapped: a file larger than memory is written one part at a time
@@ -180,7 +200,7 @@ def _write_npy(tables, target) -> None:
 
 
 def _emb_matrix(table, dtype=np.float32) -> np.ndarray:
-    column = table.column("emb").combine_chunks()
+    column = table.column(EMB_COLUMN).combine_chunks()
     return column.values.to_numpy(zero_copy_only=False).reshape(len(column), -1).astype(dtype, copy=False)
 
 
@@ -189,8 +209,8 @@ def _write_csv(tables, target) -> None:
     buf = io.StringIO()
     writer = None
     for t in tables:
-        names = [n for n in t.column_names if n != "emb"]
-        emb = _emb_matrix(t) if "emb" in t.column_names else None
+        names = [n for n in t.column_names if n != EMB_COLUMN]
+        emb = _emb_matrix(t) if EMB_COLUMN in t.column_names else None
         if writer is None:
             writer = csv.writer(buf, lineterminator="\n")
             writer.writerow(names + ([f"emb_{i}" for i in range(emb.shape[1])] if emb is not None else []))
@@ -203,10 +223,10 @@ def _write_csv(tables, target) -> None:
 
 def _write_json(tables, target, model_source: str) -> None:
     """Embeddings: pybioclip's {"model", "embeddings": {id: [floats]}}; prediction rows: a list of objects."""
-    if "emb" in tables[0].column_names:
+    if EMB_COLUMN in tables[0].column_names:
         embeddings = {}
         for t in tables:
-            for item_id, vector in zip(t.column("uuid").to_pylist(), _emb_matrix(t)):
+            for item_id, vector in zip(t.column(ID_COLUMN).to_pylist(), _emb_matrix(t)):
                 embeddings[item_id] = [float(v) for v in vector]
         text = json.dumps({"model": model_source, "embeddings": embeddings}, indent=4)
     else:

@@ -1,8 +1,9 @@
-"""`predict` over collections (inputs.py, jobs.py): the class text bank stays on the device (bf16 on accelerators,
-float32 on CPU) and each batch's softmax over every class, the sums per taxon or bin, and the top k are taken there;
-only [B, k] scores and indices reach the host, never an images x classes matrix.
+"""`predict` over collections (inputs.py, jobs.py): the class text bank stays on the device (topk.DeviceBank, split
+over this host's devices; bf16 on accelerators, float32 on CPU) and each batch's softmax over every class, the sums
+per taxon or bin, and the top k are taken there; only [B, k] scores and indices reach the host, never an images x
+classes matrix.
 
-Rows are pybioclip's, row for row (tests/test_predict_scale.py checks them against the classifiers): softmax over all
+Rows are pybioclip's, row for row (tests/test_embed_scale.py checks them against the classifiers): softmax over all
 classes, then the k best species; at a higher rank the species above `min_prob` summed per taxon (its whole
 lineage), then the k best; bins sum their labels. Ties keep the first class, as pybioclip's stable sorts do.
 
@@ -21,39 +22,55 @@ import numpy as np
 
 from bioclip_jax.errors import InputError
 from bioclip_jax.inference.classify import CustomLabelsBinningClassifier, CustomLabelsClassifier
-from bioclip_jax.inference.inputs import FILE_COLUMN, ID_COLUMN, Inputs
+from bioclip_jax.inference.inputs import Inputs
 from bioclip_jax.inference.jobs import (
     DEFAULT_PART_SIZE,
     EncodeFn,
     Summary,
-    default_encoder,
+    host_encoder,
+    host_mesh,
     model_fingerprint,
     run_job,
 )
 from bioclip_jax.inference.model import normalize_features
+from bioclip_jax.inference.outputs import FILE_COLUMN, ID_COLUMN, job_manifest
+from bioclip_jax.inference.topk import DeviceBank, DeviceGroups
 from bioclip_jax.inference.tree_of_life import SPECIES_LABEL, TreeOfLifeClassifier, join_names, rank_label
 
 
 @dataclasses.dataclass
 class ClassBank:
-    """The classes on the device: `matrix` [D, C]; `groups` [C] (taxon or bin of each class, numbered in order of
-    first appearance) or None; `columns(j)` the output columns of result j (a class, or a group)."""
-    matrix: jax.Array
-    groups: jax.Array | None
-    num_groups: int
+    """The classes on the device (`topk.DeviceBank`: rows split over the host's devices): `device` holds the text
+    embeddings [C, D]; `groups` the taxon or bin of each class (numbered in order of first appearance) or None;
+    `columns(j)` the output columns of result j (a class, or a group)."""
+    device: DeviceBank
+    groups: DeviceGroups | None
     min_prob: float | None
     columns: Callable[[int], dict]
     names: dict  # a description for the job's manifest
 
     @property
     def size(self) -> int:
-        return self.num_groups if self.groups is not None else int(self.matrix.shape[1])
+        return self.groups.count if self.groups is not None else self.device.size
+
+    def top_k(self, features: np.ndarray, k: int, logit_scale: float) -> tuple[np.ndarray, np.ndarray]:
+        """pybioclip's scores of normalised image features: class probabilities, or group sums (of the classes above
+        min_prob for tree-of-life ranks), the k best -> (scores [B, k], indices [B, k])."""
+        if self.groups is None:
+            return self.device.top_k_probs(features, k, logit_scale)
+        return self.device.top_k_groups(features, k, logit_scale, self.groups, self.min_prob or 0.0)
 
 
 def bank_dtype():
     """bf16 where the encoder computes in bf16 (accelerators); float32 on CPU, where bf16 is slower and rows must
     match the classifiers' exactly."""
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+def _device_bank(matrix, mesh, batch_size: int) -> DeviceBank:
+    """The classifier's [D, C] text matrix as a bank of C rows, transposed on device. Its columns are already unit
+    length: scores are the classifiers' own products, not re-normalised ones."""
+    return DeviceBank(matrix, mesh, bank_dtype(), normalize=False, batch_size=batch_size, columns=True)
 
 
 def _groups(keys: list) -> tuple[np.ndarray, list[int]]:
@@ -69,10 +86,11 @@ def _groups(keys: list) -> tuple[np.ndarray, list[int]]:
     return ids, firsts
 
 
-def tree_of_life_bank(classifier: TreeOfLifeClassifier, rank: str = SPECIES_LABEL, min_prob: float = 1e-9) -> ClassBank:
+def tree_of_life_bank(classifier: TreeOfLifeClassifier, rank: str = SPECIES_LABEL, min_prob: float = 1e-9,
+                      mesh=None, batch_size: int = 256) -> ClassBank:
     label = rank_label(rank)
-    matrix = jnp.asarray(classifier.get_txt_embeddings(), bank_dtype())
-    names = {"txt_emb": str(classifier.tree_of_life_version), "rank": label, "classes": int(matrix.shape[1])}
+    device = _device_bank(classifier.get_txt_embeddings(), mesh, batch_size)
+    names = {"txt_emb": str(classifier.tree_of_life_version), "rank": label, "classes": device.size}
 
     @functools.lru_cache(maxsize=65536)
     def columns(j: int) -> dict:
@@ -80,36 +98,21 @@ def tree_of_life_bank(classifier: TreeOfLifeClassifier, rank: str = SPECIES_LABE
 
     firsts = None
     if label == SPECIES_LABEL:
-        return ClassBank(matrix, None, 0, None, columns, names)
-    keys = [join_names(classifier.get_classification_dict(c, label)) for c in range(matrix.shape[1])]
+        return ClassBank(device, None, None, columns, names)
+    keys = [join_names(classifier.get_classification_dict(c, label)) for c in range(device.size)]
     ids, firsts = _groups(keys)
-    return ClassBank(matrix, jnp.asarray(ids), len(firsts), min_prob, columns, {**names, "min_prob": min_prob})
+    return ClassBank(device, device.put_groups(ids), min_prob, columns, {**names, "min_prob": min_prob})
 
 
-def custom_labels_bank(classifier: CustomLabelsClassifier) -> ClassBank:
-    matrix = jnp.asarray(classifier.txt_embeddings, bank_dtype())
+def custom_labels_bank(classifier: CustomLabelsClassifier, mesh=None, batch_size: int = 256) -> ClassBank:
+    device = _device_bank(classifier.txt_embeddings, mesh, batch_size)
     names = {"classes": list(classifier.classes)}
     if isinstance(classifier, CustomLabelsBinningClassifier):
         bins = [classifier.cls_to_bin[c] for c in classifier.classes]
         ids, firsts = _groups(bins)
-        return ClassBank(matrix, jnp.asarray(ids), len(firsts), None,
-                         lambda j: {"classification": bins[firsts[j]]}, {**names, "bins": [str(b) for b in bins]})
-    return ClassBank(matrix, None, 0, None, lambda j: {"classification": classifier.classes[j]}, names)
-
-
-@functools.partial(jax.jit, static_argnames=("k", "num_groups", "thresholded"))
-def top_k_classes(features, matrix, logit_scale, k: int, groups=None, num_groups: int = 0, min_prob=0.0,
-                  thresholded: bool = False):
-    """On the device: softmax(logit_scale * features @ matrix) over all classes [B, C] in float32, summed per group
-    (classes at or below `min_prob` left out when `thresholded`), then the k best -> (scores [B, k], indices [B, k]).
-    The one call a sharded top-k (inference/topk.py) replaces for banks sharded over chips."""
-    logits = logit_scale * jnp.dot(features.astype(matrix.dtype), matrix, preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1)
-    if groups is not None:
-        if thresholded:
-            probs = jnp.where(probs > min_prob, probs, 0.0)
-        probs = jax.vmap(lambda p: jax.ops.segment_sum(p, groups, num_segments=num_groups))(probs)
-    return jax.lax.top_k(probs, k)
+        return ClassBank(device, device.put_groups(ids), None, lambda j: {"classification": bins[firsts[j]]},
+                         {**names, "bins": [str(b) for b in bins]})
+    return ClassBank(device, None, None, lambda j: {"classification": classifier.classes[j]}, names)
 
 
 def prediction_rows(bank: ClassBank, logit_scale: float, k: int, column_names: list[str]):
@@ -117,9 +120,7 @@ def prediction_rows(bank: ClassBank, logit_scale: float, k: int, column_names: l
     k = min(k, bank.size)
 
     def rows(features, ids, file_names, carried):
-        scores, indices = top_k_classes(normalize_features(features), bank.matrix, logit_scale, k, bank.groups,
-                                        bank.num_groups, bank.min_prob or 0.0, bank.min_prob is not None)
-        scores, indices = np.asarray(scores), np.asarray(indices)
+        scores, indices = bank.top_k(normalize_features(features), k, logit_scale)
         out: dict[str, list] = {}
         for b in range(len(ids)):
             for j in range(k):
@@ -135,15 +136,17 @@ def prediction_rows(bank: ClassBank, logit_scale: float, k: int, column_names: l
 
 def predict_job(classifier, inputs: Inputs, output: str, *, rank: str = SPECIES_LABEL, k: int | None = None,
                 min_prob: float = 1e-9, batch_size: int = 32, part_size: int = DEFAULT_PART_SIZE,
-                encode_fn: EncodeFn | None = None, lockstep: bool = False, progress: bool = True) -> Summary:
+                encode_fn: EncodeFn | None = None, progress: bool = True) -> Summary:
     """Classifies every input into `output` (.parquet part folder, resumable) with a classifier's model and classes:
     TreeOfLifeClassifier (at `rank`, k default 5), CustomLabelsClassifier or its binning form (k default: all).
-    encode_fn and lockstep as for `jobs.embed_job`."""
+    The images are encoded and the classes scored on this host's devices (`jobs.host_mesh`): the class bank is
+    split over them. encode_fn as for `jobs.embed_job`."""
+    mesh = host_mesh()
     if isinstance(classifier, TreeOfLifeClassifier):
-        bank = tree_of_life_bank(classifier, rank, min_prob)
+        bank = tree_of_life_bank(classifier, rank, min_prob, mesh, batch_size)
         k = k or 5
     elif isinstance(classifier, CustomLabelsClassifier):
-        bank = custom_labels_bank(classifier)
+        bank = custom_labels_bank(classifier, mesh, batch_size)
         k = k or bank.size
     else:
         raise InputError(f"predict_job needs a TreeOfLifeClassifier or CustomLabelsClassifier, got "
@@ -151,10 +154,9 @@ def predict_job(classifier, inputs: Inputs, output: str, *, rank: str = SPECIES_
     if k < 1:
         raise InputError(f"k must be >= 1, got {k}")
     model = classifier.model
-    job = {"command": "predict", "model": model_fingerprint(model),
-           "settings": {"classes": bank.names, "k": k, "preprocess": repr(classifier.preprocess),
-                        "columns": inputs.column_names}}
+    job = job_manifest("predict", model_fingerprint(model), {"classes": bank.names, "k": k, "preprocess": repr(
+        classifier.preprocess), "columns": inputs.column_names})
     rows = prediction_rows(bank, model.logit_scale, k, inputs.column_names)
-    return run_job(inputs, output, job, rows, encode_fn or default_encoder(model, batch_size), classifier.preprocess,
-                   batch_size, part_size, progress, model.source, formats=(".parquet",), desc="predict",
-                   lockstep=lockstep)
+    return run_job(inputs, output, job, rows, encode_fn or host_encoder(model, batch_size, mesh),
+                   classifier.preprocess, batch_size, part_size, progress, model.source, formats=(".parquet",),
+                   desc="predict")

@@ -24,10 +24,15 @@ import numpy as np
 
 from bioclip_jax import paths
 from bioclip_jax.errors import InputError
-
-ID_COLUMNS = ("uuid", "id")  # embed writes emb-explorer's `uuid`; a hand-made index may say `id`
-EMB_COLUMN = "emb"
-MANIFEST = "_manifest.json"
+from bioclip_jax.inference.outputs import (
+    EMB_COLUMN,
+    FILE_COLUMN,
+    ID_COLUMN,
+    ID_COLUMNS,
+    MANIFEST,
+    manifest_preprocess,
+    manifest_source,
+)
 
 
 @dataclasses.dataclass(eq=False)
@@ -103,11 +108,8 @@ def _read_folder(path: str, folder) -> Index:
         raise InputError(f"index {path}: the folder holds no .parquet parts (is it an output of `embed`?)")
     table = pa.concat_tables([_read_parquet(p) for p in parts], promote_options="default")
     manifest = json.loads((folder / MANIFEST).read_text()) if (folder / MANIFEST).exists() else {}
-    model = manifest.get("model")
-    settings = manifest.get("settings") or {}
-    return _from_table(path, table, [(p.name, _size(p)) for p in parts],
-                       model=model.get("source") if isinstance(model, dict) else model,
-                       preprocess=settings.get("preprocess"))
+    return _from_table(path, table, [(p.name, _size(p)) for p in parts], model=manifest_source(manifest),
+                       preprocess=manifest_preprocess(manifest))
 
 
 def _read_npy(path: str, location) -> Index:
@@ -144,8 +146,8 @@ def _read_json(path: str, location) -> Index:
                          f"({type(e).__name__}: {e})") from None
     if matrix.ndim != 2 or not len(matrix):
         raise InputError(f"index {path}: expected embeddings of one dimension, got shape {matrix.shape}")
-    table = pa.table({"uuid": list(embeddings), "file_name": list(embeddings)})
-    return _validated(Index(path, matrix, table, "uuid", document.get("model"),
+    table = pa.table({ID_COLUMN: list(embeddings), FILE_COLUMN: list(embeddings)})
+    return _validated(Index(path, matrix, table, ID_COLUMN, document.get("model"),
                             files=[(location.name, _size(location))]))
 
 

@@ -65,30 +65,48 @@ class DeviceBank:
     bank: [C, D] array (numpy or anything np.asarray takes). mesh: a jax Mesh whose devices all share the rows
     (every axis is used), or None for one device (this process's first). dtype: the bank's device dtype, bf16 by
     default (half the memory; see the module docstring for the precision). normalize: L2-normalise bank rows and
-    queries, so scores are cosine similarities. batch_size: queries per device step.
+    queries, so scores are cosine similarities. batch_size: queries per device step. columns: `bank` is [D, C]
+    (pybioclip's text embeddings), turned into rows on device.
     """
 
     def __init__(self, bank, mesh: Mesh | None = None, dtype: Any = jnp.bfloat16, normalize: bool = True,
-                 batch_size: int = 256):
+                 batch_size: int = 256, columns: bool = False):
         bank = np.asarray(bank)
-        if bank.ndim != 2 or not bank.shape[0]:
-            raise InputError(f"bank: expected a non-empty [classes, dim] matrix, got shape {bank.shape}")
+        if bank.ndim != 2 or not bank.shape[0] or not bank.shape[1]:
+            raise InputError(f"bank: expected a non-empty [{'dim, classes' if columns else 'classes, dim'}] matrix, "
+                             f"got shape {bank.shape}")
         self.mesh = mesh if mesh is not None else Mesh(np.array(jax.local_devices()[:1]), ("bank",))
         self.axes = tuple(self.mesh.axis_names)
-        self.size, self.dim = bank.shape
+        self.size, self.dim = bank.shape[::-1] if columns else bank.shape
         self.normalize, self.batch_size, self.dtype = normalize, batch_size, jnp.dtype(dtype)
         shards = self.mesh.devices.size
         self.padded = -(-self.size // shards) * shards
+        self.rows_sharding = NamedSharding(self.mesh, P(self.axes))
+        self.replicated = NamedSharding(self.mesh, P())
+        local = len(self.mesh.local_devices) == shards
+        self.array = self._from_columns(bank) if columns and local else self._from_rows(bank.T if columns else bank)
+        self._functions: dict = {}
+
+    def _from_rows(self, bank: np.ndarray) -> jax.Array:
         rows = np.zeros((self.padded, self.dim), self.dtype)
         for start in range(0, self.size, _HOST_BLOCK):  # never a float32 copy of a million-row bank
             block = np.asarray(bank[start:start + _HOST_BLOCK], np.float32)
-            if normalize:
+            if self.normalize:
                 block = block / np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
             rows[start:start + len(block)] = block
-        self.rows_sharding = NamedSharding(self.mesh, P(self.axes))
-        self.replicated = NamedSharding(self.mesh, P())
-        self.array = jax.make_array_from_callback(rows.shape, self.rows_sharding, lambda index: rows[index])
-        self._functions: dict = {}
+        return jax.make_array_from_callback(rows.shape, self.rows_sharding, lambda index: rows[index])
+
+    def _from_columns(self, bank: np.ndarray) -> jax.Array:
+        """A [D, C] matrix (pybioclip's text bank layout) onto one device as it is, then transposed, normalised, padded
+        and split over the mesh there: no host copy of the bank (the mesh must be this process's devices)."""
+        def place(columns):
+            rows = columns.T.astype(jnp.float32)
+            if self.normalize:
+                rows = rows / jnp.maximum(jnp.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+            return jnp.pad(rows, ((0, self.padded - self.size), (0, 0))).astype(self.dtype)
+
+        on_device = jax.device_put(bank, self.mesh.devices.flat[0])
+        return jax.jit(place, out_shardings=self.rows_sharding)(on_device)
 
     def put_groups(self, groups) -> "DeviceGroups":
         """Group ids [C] (ints in [0, G), e.g. each species' genus) on device beside the rows, for `top_k_groups`;

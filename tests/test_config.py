@@ -9,7 +9,7 @@ from bioclip_jax.train.config import apply_override, base_config, config_names, 
 
 
 def test_recipes_load_by_name_by_file_name_and_by_path(tmp_path, monkeypatch):
-    assert config_names() == ["bioclip2_vitl14", "bioclip_vitb16", "demo"]
+    assert config_names() == ["bioclip2_vitl14", "bioclip_vitb16", "demo", "finetune"]
     monkeypatch.chdir(tmp_path)  # no configs/ folder here: names resolve to the packaged recipes
     for name in ("demo", "demo.py", "configs/demo.py"):
         assert load_config(name).model == "demo"

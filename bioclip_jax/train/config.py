@@ -104,6 +104,9 @@ def _suggestions(config: ml_collections.ConfigDict, parts: list[str], i: int) ->
     found = [".".join(parts[:i] + [c]) for c in _close(parts[i], options, 0.5, substrings=True)]
     leaves = _leaf_keys(config)
     lasts = sorted({k.rsplit(".", 1)[-1] for k in leaves})
+    exact = [k for k in leaves if k.rsplit(".", 1)[-1] == parts[-1] and k not in found]
+    if exact:  # lr -> train.lr, not also the keys whose initials are "lr" (train.lora_rank)
+        return (found + exact)[:5]
     for last in _close(parts[-1], lasts, 0.8, substrings=False):
         found += [k for k in leaves if k.rsplit(".", 1)[-1] == last and k not in found]
     return found[:5]

@@ -21,9 +21,10 @@ from bioclip_jax.data.records import Record, find_shards, open_shards
 from bioclip_jax.errors import InputError
 from bioclip_jax.inference.probe import ProbeClassifier, fit_probe, load_probe
 from bioclip_jax.models.config import get_model_config
+from bioclip_jax.models.loss import clip_loss
 from bioclip_jax.shards import make_shards
 from bioclip_jax.shards.folder import LabelledSource, read_labelled_images, stratified_split
-from bioclip_jax.train.finetune import Options, default_settings, finetune
+from bioclip_jax.train.finetune import Options, default_settings, finetune, wise_ft
 from bioclip_jax.train.lora import LORA_A, LORA_B, add_lora, merge_lora
 from bioclip_jax.train.optimizer import make_optimizer, trainable_mask
 
@@ -192,12 +193,53 @@ def test_a_start_model_that_is_not_clip_is_one_line(tmp_path):
     assert not (tmp_path / "out").exists()  # inputs are checked before anything is written
 
 
+def test_distinct_captions_loss_matches_numpy():
+    rng = np.random.default_rng(0)
+    image, text = (rng.normal(size=(6, 4)) for _ in range(2))
+    image, text = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (image, text))
+    labels = np.array([0, 1, 0, 2, 1, 0])
+    tokens = np.stack([np.full(5, 7 + lab) for lab in labels]).astype(np.int32)
+    logits = 10.0 * image @ text.T
+
+    def cross_entropy(rows):  # each row against its own column and the columns of other labels
+        terms = []
+        for i in range(6):
+            keep = (labels != labels[i]) | (np.arange(6) == i)
+            terms.append(np.log(np.exp(rows[i, keep]).sum()) - rows[i, i])
+        return np.mean(terms)
+    expected = (cross_entropy(logits) + cross_entropy(logits.T)) / 2
+    got = clip_loss(jnp.asarray(image), jnp.asarray(text), jnp.float32(10.0), tokens=jnp.asarray(tokens))
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    plain = clip_loss(jnp.asarray(image), jnp.asarray(text), jnp.float32(10.0))  # BioCLIP's loss: every row
+    assert not np.isclose(got, plain)
+    distinct = np.arange(6)[:, None] + np.zeros(5, np.int32)  # all captions differ: the two losses agree
+    np.testing.assert_allclose(clip_loss(jnp.asarray(image), jnp.asarray(text), jnp.float32(10.0),
+                                         tokens=jnp.asarray(distinct)), plain, rtol=1e-6)
+
+
+def test_wise_ft_interpolates_from_the_start_to_the_fine_tuned_weights():
+    start = {"a": np.array([1.0, 2.0], np.float32), "b": {"c": np.array([[0.0]], np.float32)}}
+    tuned = {"a": np.array([3.0, -2.0], np.float32), "b": {"c": np.array([[4.0]], np.float32)}}
+    for alpha, expected in ((0.0, start), (1.0, tuned)):
+        jax.tree_util.tree_map(np.testing.assert_array_equal, wise_ft(start, tuned, alpha), expected)
+    half = wise_ft(start, tuned, 0.5)
+    np.testing.assert_array_equal(half["a"], [2.0, 0.0])
+    assert half["b"]["c"].dtype == np.float32 and half["b"]["c"][0, 0] == 2.0
+    with pytest.raises(ValueError, match="structure"):
+        wise_ft(start, {"a": tuned["a"]}, 0.5)
+
+
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("finetune")
     start = bioclip_jax.export_open_clip(bioclip_jax.create_model("tiny", seed=1), root / "start")
     data = _photos(root / "photos", per_class=5, extra=False)
-    options = Options(start=str(start), method="lora", steps=3, lr=1e-2, templates="single")
+    # Replay: shards of other classes, captioned by their names (records without a caption of their own)
+    other = _photos(root / "other", per_class=2, extra=False)
+    rows = read_labelled_images(str(other)).rows
+    make_shards(LabelledSource({"train": rows}), root / "replay", resize=32, workers=1, progress=False)
+    options = Options(start=str(start), method="lora", steps=3, lr=1e-2, templates="single",
+                      replay=str(root / "replay" / "train"), replay_per_batch=4)
     return root, data, options, finetune(data, root / "out", options, progress=False, workers=1)
 
 
@@ -212,6 +254,10 @@ def test_lora_finetune_exports_plain_weights_that_open_clip_and_pybioclip_read(l
         split = list(csv.DictReader(f))
     assert sorted({r["class"] for r in split if r["split"] == "val"}) == sorted(COLOURS)
     assert result.results["run"]["steps"] == 3 and "held-out top-1" in (root / "out" / "results.md").read_text()
+    run = result.results["run"]
+    assert run["replay_per_batch"] == 4 and run["distinct_captions"] and run["wise_alpha"] == 0.5
+    metrics = [json.loads(line) for line in (root / "out" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert any("continual_loss" in m for m in metrics)  # the replay rows trained, with their own loss
     ours = bioclip_jax.load(result.model_dir)
     start = bioclip_jax.load(options.start)
     assert jax.tree_util.tree_structure(ours.params) == jax.tree_util.tree_structure(start.params)  # merged

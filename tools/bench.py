@@ -553,8 +553,21 @@ def _new_species_csv(folder: str, images_per_species: int = 20) -> str:
     return path
 
 
+# (row name, method, Options fields): the recipe before label-aware loss, replay and WiSE-FT ("plain"), then the
+# defaults (distinct captions, replay of the demo's own training shards, WiSE-FT at the default alpha)
+PLAIN = {"wise_alpha": 1.0, "overrides": ("train.distinct_captions=False",)}
+FINETUNE_RUNS = [("probe", "probe", {}), ("LoRA, default", "lora", {"replay": True}),
+                 ("full, default", "full", {"replay": True}), ("LoRA, plain", "lora", PLAIN),
+                 ("full, plain", "full", PLAIN),
+                 ("LoRA, distinct + replay", "lora", {"wise_alpha": 1.0, "replay": True}),
+                 ("full, distinct + replay", "full", {"wise_alpha": 1.0, "replay": True}),
+                 ("vision, default", "vision", {"replay": True}), ("vision, plain", "vision", PLAIN),
+                 ("LoRA, distinct captions", "lora", {"wise_alpha": 1.0}),
+                 ("full, distinct captions", "full", {"wise_alpha": 1.0})]
+
+
 def bench_finetune(out: str, base: str | None) -> list[tuple[str, dict, float]]:
-    """[(method, results.json, seconds)] for probe, vision, lora and full fine-tuning of the demo model."""
+    """[(row, results.json, seconds)] for the probe and each fine-tune of FINETUNE_RUNS, from the demo model."""
     import json
 
     from bioclip_jax.train.config import load_config
@@ -568,19 +581,21 @@ def bench_finetune(out: str, base: str | None) -> list[tuple[str, dict, float]]:
             run_demo(load_config("demo"), os.path.join(out, "demo"))
     data = _new_species_csv(os.path.join(out, "new_species"))
     retention = os.path.join(os.path.dirname(base), "data", "val")
+    replay = os.path.join(os.path.dirname(base), "data", "train")  # the 180 species the demo trained on
     rows = []
-    for method in ("probe", "vision", "lora", "full"):
-        folder = os.path.join(out, method)
+    for name, method, fields in FINETUNE_RUNS:
+        folder = os.path.join(out, name.replace(", ", "_").replace(" + ", "_").replace(" ", "_"))
         if not os.path.exists(os.path.join(folder, "results.json")):
             start = time.perf_counter()
+            fields = {**fields, "replay": replay if fields.get("replay") else None}
             finetune(data, folder, Options(start=base, method=method, lr=FINETUNE_LR.get(method, 0.0),
-                                           templates="single", retention=retention), progress=False)
+                                           templates="single", retention=retention, **fields), progress=False)
             with open(os.path.join(folder, "seconds.txt"), "w") as f:
                 f.write(f"{time.perf_counter() - start:.1f}")
         with open(os.path.join(folder, "results.json")) as f:
             results = json.load(f)
         with open(os.path.join(folder, "seconds.txt")) as f:
-            rows.append((method, results, float(f.read())))
+            rows.append((name, results, float(f.read())))
     return rows
 
 
@@ -589,18 +604,19 @@ def print_finetune(rows: list[tuple[str, dict, float]]) -> None:
     print(f"# finetune: demo model -> {len(first['classes'])} new species x 20 images "
           f"({first['run']['train_images']} train / {first['heldout_images']} held out), CPU "
           f"({os.cpu_count()} cores), {time.strftime('%Y-%m-%d')}")
-    print("| method | held-out top-1 | mean per-class top-1 | retention top-1 | steps | lr | wall s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| method | held-out top-1 | mean per-class top-1 | retention top-1 | steps | lr | WiSE alpha | replay rows "
+          "| wall s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     before = first["before"]
     print(f"| zero-shot | {100 * before['heldout']['top1']:.1f}% | "
           f"{100 * before['heldout']['mean_per_class_top1']:.1f}% | {100 * before['retention']['top1']:.1f}% | "
-          "- | - | - |")
-    for method, r, seconds in rows:
+          "- | - | - | - | - |")
+    for name, r, seconds in rows:
         after, run = r["after"], r["run"]
         held = after["heldout"]
-        print(f"| {method} | {100 * held['top1']:.1f}% | {100 * held['mean_per_class_top1']:.1f}%"
+        print(f"| {name} | {100 * held['top1']:.1f}% | {100 * held['mean_per_class_top1']:.1f}%"
               f" | {100 * after['retention']['top1']:.1f}% | {run.get('steps', '-')} | {run.get('lr', '-')} | "
-              f"{seconds:.0f} |")
+              f"{run.get('wise_alpha', '-')} | {run.get('replay_per_batch', '-')} | {seconds:.0f} |")
 
 
 def main() -> None:

@@ -36,7 +36,13 @@ def add_parser(subparsers) -> None:
                    help="prompts of the zero-shot evaluation (default openai: pybioclip's CustomLabelsClassifier)")
     p.add_argument("--retention", metavar="SHARDS", help="shards of other species (with ranks): zero-shot species "
                                                          "accuracy before and after, what the fine-tune must keep")
-    p.add_argument("--replay", metavar="SHARDS", help="shards mixed into every batch (config.replay.data)")
+    p.add_argument("--replay", metavar="SHARDS", help="shards of other taxa or image-text pairs mixed into every "
+                                                      "batch (config.replay.data), to keep what the start model knows")
+    p.add_argument("--replay-per-batch", type=int, default=0,
+                   help="replay rows added to each batch (default: a quarter of the batch)")
+    p.add_argument("--wise-alpha", type=float, default=None,
+                   help="WiSE-FT: export (1 - alpha) x start + alpha x fine-tuned weights (default 0.5; 1: plain "
+                        "fine-tuning)")
     p.add_argument("--workers", type=int, help="processes that make the shards (default: up to 4)")
     p.set_defaults(func=run)
 
@@ -54,7 +60,8 @@ def run(args) -> int:
     options = Options(start=args.start, method=args.method, arch=args.arch, heldout_fraction=args.heldout,
                       seed=args.seed, epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       lora_rank=args.lora_rank, templates=args.templates, retention=args.retention,
-                      replay=args.replay, overrides=tuple(overrides))
+                      replay=args.replay, replay_per_batch=args.replay_per_batch, overrides=tuple(overrides),
+                      **({} if args.wise_alpha is None else {"wise_alpha": args.wise_alpha}))
     with common.warnings_as_lines(args.command):
         result = finetune(args.data, args.out, options, workers=args.workers)
     sys.stdout.write(result.report)

@@ -23,6 +23,7 @@ def get_config():
     c.log_every_steps = 10
     c.train.trainable = "all"  # "all" (full CLIP), "vision" (text tower frozen) or "lora"
     c.train.lora_rank = 8
+    c.train.distinct_captions = True  # a batch of few classes: images sharing a caption are no negatives (FLYP)
     c.train.global_batch_size = 32
     c.train.steps = 200
     c.train.lr = 1e-5  # pretrained weights: a small step; LoRA trains at 1e-4 (finetune's default)

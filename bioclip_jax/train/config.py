@@ -174,6 +174,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eps = 1e-6
     c.train.grad_clip_norm = 0.0  # 0 = no clipping (BioCLIP)
     c.train.accum_steps = 1
+    # True: images that share a caption (one class, in a fine-tune of few classes) are no negatives of each other in
+    # the CLIP loss (FLYP-style); False: BioCLIP's loss, every other row a negative
+    c.train.distinct_captions = False
     c.train.fsdp = False
     # A command whose model or optimizer structure differs from the run in its workdir is refused; True starts it in a
     # new sub-folder (workdir/restart-N) instead, never over the old run.

@@ -29,6 +29,7 @@ import numpy as np
 
 from bioclip_jax import hardware, paths
 from bioclip_jax.convert.checkpoint import export_open_clip
+from bioclip_jax.data import pipeline
 from bioclip_jax.data.taxonomy import Taxon
 from bioclip_jax.data.transforms import NORMALIZATION
 from bioclip_jax.errors import InputError
@@ -51,6 +52,8 @@ DEFAULT_LR = {"full": 1e-5, "vision": 1e-5, "lora": 1e-4}
 WARMUP_FRACTION = 0.1
 MAX_BATCH = 256  # a fine-tune's global batch: contrastive batches of a few classes gain little from more
 MEMORY_USE = 0.7  # of a device's memory, for params, optimizer state and activations (the rest: XLA's own)
+WISE_ALPHA = 0.5  # WiSE-FT's mixing weight (docs/finetune.md: measured against 1.0, plain fine-tuning)
+REPLAY_FRACTION = 0.25  # --replay's rows per batch, as a fraction of the global batch
 
 
 @dataclasses.dataclass
@@ -77,6 +80,8 @@ class Options:
     templates: str = "openai"  # prompt templates of the zero-shot evaluation (pybioclip's CustomLabelsClassifier)
     retention: str | None = None  # shards of other taxa: zero-shot on them before and after
     replay: str | None = None  # shards mixed into every batch (config.replay.data)
+    replay_per_batch: int = 0  # replay rows on top of each global batch; 0: a quarter of the batch
+    wise_alpha: float = WISE_ALPHA  # WiSE-FT: the exported weights are (1 - alpha) start + alpha fine-tuned
     overrides: tuple[str, ...] = ()  # config overrides KEY=VALUE, applied last
 
 
@@ -112,12 +117,15 @@ def finetune(data: str | os.PathLike, out: str | os.PathLike, options: Options |
         config = finetune_config(start, out, summary["splits"]["train"]["records"], images.has_ranks, o)
         result = train(config, os.path.join(out, "train"), progress=progress)
         model = start  # its jitted encoders compiled for the "before" evaluation serve the fine-tuned params too
-        model.params, model.source = result.model().params, f"finetune:{out}"
+        model.params = wise_ft(start.params, result.model().params, o.wise_alpha)
+        model.source = f"finetune:{out}"
         after = evaluate(model, held_out, classes, prompts, o.templates, o.retention)
         run = {"method": o.method, "train_images": summary["splits"]["train"]["records"], "steps": result.step,
                "global_batch_size": config.train.global_batch_size, "accum_steps": config.train.accum_steps,
                "remat": config.remat or "off", "dtype": config.dtype, "lr": config.train.lr,
                "warmup_steps": config.train.warmup_steps, "text_type": config.data.text_type,
+               "distinct_captions": config.train.distinct_captions, "wise_alpha": o.wise_alpha,
+               "replay": config.replay.data or None, "replay_per_batch": config.replay.per_batch,
                "final_loss": result.history[-1]["loss"] if result.history else None}
         probe = None
     _export(model, model_dir, classes, prompts, o.templates, probe)
@@ -137,6 +145,11 @@ def _check_options(o: Options) -> None:
         raise InputError(f"heldout fraction {o.heldout_fraction}: expected a number between 0 and 1")
     if o.templates not in TEMPLATE_SETS:
         raise InputError(f"templates {o.templates!r}: expected one of {', '.join(TEMPLATE_SETS)}")
+    if not 0.0 <= o.wise_alpha <= 1.0:
+        raise InputError(f"wise alpha {o.wise_alpha}: expected a number from 0 (the start model) to 1 (the "
+                         "fine-tuned weights)")
+    if o.replay and not os.path.exists(o.replay):
+        raise FileNotFoundError(f"replay set {o.replay!r}: no such shards folder or file")
     if o.retention and not os.path.exists(o.retention):
         raise FileNotFoundError(f"retention set {o.retention!r}: no such shards folder or file")
 
@@ -322,13 +335,36 @@ def finetune_config(start: Model, out: str, n_train: int, has_ranks: bool, o: Op
         target = config if not parts else config[node]
         target[parts[0] if parts else node] = value
     if o.replay:
-        if "replay" not in config:
-            raise InputError("--replay needs replay mixing in the input pipeline (config.replay.data), which this "
-                             "build of bioclip_jax does not have")
-        config.replay.data = o.replay
+        _set_replay(config, o.replay, o.replay_per_batch, jax.device_count())
     for override in o.overrides:
         apply_override(config, override)
     return config
+
+
+def _set_replay(config: ml_collections.ConfigDict, data: str, per_batch: int, devices: int) -> None:
+    """Replay of `data` in every batch: `per_batch` rows (default a quarter of the global batch, a multiple of the
+    devices x accumulation steps) through the one visual head `proj` (no second head: the export is a plain CLIP),
+    captioned by their own text where the records have one, else by their ranks as the main stream is."""
+    unit = devices * config.train.accum_steps
+    rows = per_batch or max(unit, round(REPLAY_FRACTION * config.train.global_batch_size / unit) * unit)
+    source = pipeline.open_source(data)
+    if not len(source):
+        raise InputError(f"replay set {data!r}: no records")
+    record, _ = pipeline.decode_example(source, 0, source[0])
+    config.replay.update({"data": data, "per_batch": rows, "continual_proj": False,
+                          "text_type": "text" if record.get("text") else config.data.text_type})
+
+
+def wise_ft(start: dict, tuned: dict, alpha: float) -> dict:
+    """WiSE-FT (Wortsman et al. 2022): every weight (1 - alpha) * start + alpha * tuned; alpha 1 is the fine-tuned
+    model, 0 the start. LoRA's merged kernels are start + delta, so this scales the delta by alpha."""
+    if jax.tree_util.tree_structure(start) != jax.tree_util.tree_structure(tuned):
+        raise ValueError("WiSE-FT: the fine-tuned params do not have the start model's structure")
+    if alpha == 1.0:
+        return tuned
+    return jax.tree_util.tree_map(
+        lambda s, t: (np.asarray(s, np.float32) * (1.0 - alpha) + np.asarray(t, np.float32) * alpha).astype(
+            np.asarray(t).dtype), start, tuned)
 
 
 def _normalization(model: Model) -> str:

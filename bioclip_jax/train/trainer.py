@@ -64,7 +64,8 @@ class TrainResult:
 
 
 def make_train_step(module: CLIP, tx, schedule, normalization: str, accum_steps: int = 1, replicated=None,
-                    grad_sharding=None, replay: tuple[int, int] | None = None, trainable=None):
+                    grad_sharding=None, replay: tuple[int, int] | None = None, trainable=None,
+                    distinct_captions: bool = False):
     """(state, batch) -> (state, metrics). With accum_steps > 1 the global batch is processed in micro-batches with
     open_clip's feature cache: features of all micro-batches are computed without gradients, then each micro-batch
     is recomputed with gradients against the cached rest, so the loss still contrasts the whole global batch and the
@@ -78,7 +79,8 @@ def make_train_step(module: CLIP, tx, schedule, normalization: str, accum_steps:
     (`device_batch.interleave_replay`) and the loss is its two-head objective (`continual_clip_loss`; the module's
     `continual_proj` head if it has one, else `proj`), with "contrastive_loss" and "continual_loss" in the metrics.
     `trainable` (optimizer.trainable_mask): frozen params pass through stop_gradient, so no gradient is computed for
-    them; LoRA pairs (train/lora.py) are merged into their kernels before every forward pass."""
+    them; LoRA pairs (train/lora.py) are merged into their kernels before every forward pass. `distinct_captions`
+    (train.distinct_captions): rows with the same caption are no negatives of each other (models/loss.py)."""
     gather_layers = module.gather_layer_params is not None
 
     def encode(params, images, tokens):
@@ -92,15 +94,20 @@ def make_train_step(module: CLIP, tx, schedule, normalization: str, accum_steps:
 
     def loss_and_grads(params, batch):
         if accum_steps == 1:
+            tokens = batch["tokens"] if distinct_captions else None
+
             def loss_fn(p):
                 image, text, scale, *continual = encode(p, batch["image"], batch["tokens"])
                 if replay is None:
-                    return clip_loss(image, text, scale, replicated), {}
-                return continual_clip_loss(image, (continual or [image])[0], text, scale, *replay, replicated)
+                    return clip_loss(image, text, scale, replicated, tokens), {}
+                return continual_clip_loss(image, (continual or [image])[0], text, scale, *replay, replicated,
+                                           tokens)
             return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
         micro = _micro_batches(batch, accum_steps, replay)
         cached = jax.lax.map(lambda mb: encode(params, mb["image"], mb["tokens"]), micro)
+        # The rows in the order of the cache's [micro-batch, row] reshape below.
+        all_tokens = micro["tokens"].reshape(-1, micro["tokens"].shape[-1]) if distinct_captions else None
         # The replay head's features are cached too (a one-head model: proj's again).
         cached_image, cached_text, cached_continual = jax.lax.stop_gradient(
             (cached[0], cached[1], cached[3] if len(cached) > 3 else cached[0]))
@@ -115,11 +122,11 @@ def make_train_step(module: CLIP, tx, schedule, normalization: str, accum_steps:
                     return cache.at[k].set(features).reshape(-1, features.shape[-1])
                 all_image, all_text = whole(cached_image, image), whole(cached_text, text)
                 if replay is None:
-                    return clip_loss(all_image, all_text, scale, replicated), {}
+                    return clip_loss(all_image, all_text, scale, replicated, all_tokens), {}
                 # Each (micro-batch, device) block holds its main rows, then its replay rows (_micro_batches).
                 shards, rows = replay
                 return continual_clip_loss(all_image, whole(cached_continual, (continual or [image])[0]), all_text,
-                                           scale, shards * accum_steps, rows // accum_steps, replicated)
+                                           scale, shards * accum_steps, rows // accum_steps, replicated, all_tokens)
             (loss, parts), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
             return jax.tree_util.tree_map(jnp.add, grads, g), (loss, parts)
 
@@ -208,7 +215,7 @@ def build_train_step(config: ml_collections.ConfigDict, model_config: CLIPConfig
     batch_sharding = mesh_lib.batch_sharding(mesh)
     step = jax.jit(make_train_step(module, tx, schedule, config.data.normalization, t.accum_steps,
                                    replicated=mesh_lib.replicated(mesh), grad_sharding=state_sharding["params"],
-                                   replay=replay, trainable=trainable),
+                                   replay=replay, trainable=trainable, distinct_captions=t.distinct_captions),
                    in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None),
                    donate_argnums=(0,))
     return TrainStep(module, tx, schedule, init_state, abstract_state, state_sharding, batch_sharding, step)

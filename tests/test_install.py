@@ -59,4 +59,5 @@ def test_demo_and_train_by_recipe_name_from_an_empty_directory(installed, tmp_pa
     assert done.returncode == 0, done.stderr[-3000:]
     assert "step 1: loss" in done.stdout
     done = _run(python, ["train", "--config", "no_such_recipe", "--workdir", "x"], empty, env)
-    assert done.returncode == 2 and "not a recipe name (recipes: bioclip2_vitl14, bioclip_vitb16, demo, finetune)" in done.stderr
+    recipes = "bioclip2_vitl14, bioclip_vitb16, demo, finetune"
+    assert done.returncode == 2 and f"not a recipe name (recipes: {recipes})" in done.stderr

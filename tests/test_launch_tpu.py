@@ -116,8 +116,8 @@ def test_a_recipe_name_travels_in_the_wheel_without_a_note(capsys, config):
 def test_config_must_travel_or_be_said_to_exist_on_the_workers(capsys):
     for config in ("configs/bioclip_vitb61.py", "bioclip_vitb61"):
         code, _, err = _dry_run(capsys, "--accelerator", "v4-8", "--workdir", "gs://b/r", train=["--config", config])
-        assert code == 2 and f"--config {config}: no such recipe (recipes: bioclip2_vitl14, bioclip_vitb16, demo, finetune)" \
-            in err
+        recipes = "bioclip2_vitl14, bioclip_vitb16, demo, finetune"
+        assert code == 2 and f"--config {config}: no such recipe (recipes: {recipes})" in err
     code, out, err = _dry_run(capsys, "--accelerator", "v4-8", "--workdir", "gs://b/r",
                               train=["--config=/mnt/shared/my_config.py"])
     assert code == 0 and "note: --config /mnt/shared/my_config.py is not a recipe" in err

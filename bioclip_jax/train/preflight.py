@@ -54,7 +54,7 @@ def check_validation_split(config: ml_collections.ConfigDict) -> None:
 
 
 def _text_types(text_type: str) -> tuple[str, ...]:
-    return MIXED_TEXT_TYPES if text_type in ("mixed", "mixed_per_sample") else (text_type,)
+    return MIXED_TEXT_TYPES if text_type in pipeline.PER_STEP_TEXT_TYPES + ("mixed_per_sample",) else (text_type,)
 
 
 def _names_something(taxon: Taxon, text_type: str) -> bool:
@@ -67,15 +67,18 @@ def check_captions(source, where, text_type: str, sample: int = CAPTION_SAMPLE) 
     """Captions are built from each record's ranks and common name; a record without them trains on "a photo of ."
     under every text type the run uses. Refused when no record read has a name (a warning when only some lack one)."""
     n = len(source)
-    if n == 0:
-        return  # the pipeline names an empty split
+    if n == 0 or text_type == "text":
+        return  # the pipeline names an empty split; "text" captions are the records' own (image-text pairs)
     types = _text_types(text_type)
     read, nameless, labels = 0, 0, []
     for index in sorted({i * n // min(n, sample) for i in range(min(n, sample))}):
         element = source[index]
         if isinstance(element, Unreadable):
             continue  # counted and replaced by the pipeline
-        record = decode_record(element, f"{where} record {index}") if isinstance(element, bytes) else element
+        try:
+            record = decode_record(element, f"{where} record {index}") if isinstance(element, bytes) else element
+        except InputError:
+            continue  # a damaged record: the pipeline counts and replaces it (data.max_skipped_fraction)
         read += 1
         taxon = Taxon.from_ranks(record["ranks"], record.get("common", ""))
         if all(not _names_something(taxon, t) for t in types):

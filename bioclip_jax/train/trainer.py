@@ -81,27 +81,22 @@ def make_train_step(module: CLIP, tx, schedule, normalization: str, accum_steps:
     `trainable` (optimizer.trainable_mask): frozen params pass through stop_gradient, so no gradient is computed for
     them; LoRA pairs (train/lora.py) are merged into their kernels before every forward pass. `distinct_captions`
     (train.distinct_captions): rows with the same caption are no negatives of each other (models/loss.py)."""
-    gather_layers = module.gather_layer_params is not None
+    encode = _make_encode(module, normalization, replicated, trainable)
 
-    def encode(params, images, tokens):
-        if trainable is not None:
-            params = jax.tree_util.tree_map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
-        params = merge_lora(params)
-        if replicated is not None:  # FSDP: gather each param where it is used, keep activations batch-sharded
-            params = mesh_lib.gather_params(params, replicated.mesh, gather_layers)
-        images = normalize_images(images, normalization, module.dtype)
-        return module.apply({"params": params}, images, tokens)
+    def loss_of(image, continual, text, scale, tokens, micro_batches: int = 1):
+        if replay is None:
+            return clip_loss(image, text, scale, replicated, tokens), {}
+        # Each (micro-batch, device) block holds its main rows, then its replay rows (_micro_batches).
+        shards, rows = replay
+        return continual_clip_loss(image, continual, text, scale, shards * micro_batches, rows // micro_batches,
+                                   replicated, tokens)
 
     def loss_and_grads(params, batch):
         if accum_steps == 1:
-            tokens = batch["tokens"] if distinct_captions else None
-
             def loss_fn(p):
                 image, text, scale, *continual = encode(p, batch["image"], batch["tokens"])
-                if replay is None:
-                    return clip_loss(image, text, scale, replicated, tokens), {}
-                return continual_clip_loss(image, (continual or [image])[0], text, scale, *replay, replicated,
-                                           tokens)
+                return loss_of(image, (continual or [image])[0], text, scale,
+                               batch["tokens"] if distinct_captions else None)
             return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
         micro = _micro_batches(batch, accum_steps, replay)
@@ -120,13 +115,8 @@ def make_train_step(module: CLIP, tx, schedule, normalization: str, accum_steps:
 
                 def whole(cache, features):
                     return cache.at[k].set(features).reshape(-1, features.shape[-1])
-                all_image, all_text = whole(cached_image, image), whole(cached_text, text)
-                if replay is None:
-                    return clip_loss(all_image, all_text, scale, replicated, all_tokens), {}
-                # Each (micro-batch, device) block holds its main rows, then its replay rows (_micro_batches).
-                shards, rows = replay
-                return continual_clip_loss(all_image, whole(cached_continual, (continual or [image])[0]), all_text,
-                                           scale, shards * accum_steps, rows // accum_steps, replicated, all_tokens)
+                return loss_of(whole(cached_image, image), whole(cached_continual, (continual or [image])[0]),
+                               whole(cached_text, text), scale, all_tokens, accum_steps)
             (loss, parts), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
             return jax.tree_util.tree_map(jnp.add, grads, g), (loss, parts)
 
@@ -147,6 +137,22 @@ def make_train_step(module: CLIP, tx, schedule, normalization: str, accum_steps:
         return new_state, step_metrics
 
     return train_step
+
+
+def _make_encode(module: CLIP, normalization: str, replicated, trainable):
+    """(params, uint8 images, tokens) -> the module's outputs, as the step runs it: frozen params behind
+    stop_gradient, LoRA pairs merged, FSDP params gathered where used (scanned blocks by the module, per layer)."""
+    gather_layers = module.gather_layer_params is not None
+
+    def encode(params, images, tokens):
+        if trainable is not None:
+            params = jax.tree_util.tree_map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
+        params = merge_lora(params)
+        if replicated is not None:  # FSDP: gather each param where it is used, keep activations batch-sharded
+            params = mesh_lib.gather_params(params, replicated.mesh, gather_layers)
+        images = normalize_images(images, normalization, module.dtype)
+        return module.apply({"params": params}, images, tokens)
+    return encode
 
 
 def _micro_batches(batch: dict, accum_steps: int, replay: tuple[int, int] | None) -> dict:

@@ -23,6 +23,7 @@ from bioclip_jax.models.layers import attention, splash_attention
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.integration  # the Pallas kernel in interpret mode: slow compiles
 @pytest.mark.parametrize("length, causal", [(5, False), (7, True)])
 def test_splash_kernel_matches_xla_attention(length, causal):
     """Token counts that are not multiples of the kernel's 128-lane blocks (ViT-L/14 has 257): the padding must be
@@ -42,6 +43,7 @@ def test_splash_kernel_matches_xla_attention(length, causal):
         np.testing.assert_allclose(ours, reference, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.integration  # compiles two tiny CLIPs
 def test_splash_off_tpu_is_the_xla_path():
     """A recipe that asks for splash still trains on CPU/GPU: the same model, through XLA's attention."""
     config = get_model_config("tiny")

@@ -130,6 +130,7 @@ def per_layer_grads(tiny_open_clip, inputs):
     return params, jax.jit(jax.value_and_grad(lambda p: _loss(p, images, tokens)))(params)
 
 
+@pytest.mark.integration  # a gradient compile per remat policy
 @pytest.mark.parametrize("policy", [None, *sorted(REMAT_POLICIES)])
 def test_remat_inside_scan_keeps_loss_and_grads(per_layer_grads, inputs, policy):
     """nn.remat of the block, then nn.scan: the gradient's scan bodies hold the rematerialised forward (and a scan

@@ -196,6 +196,31 @@ def test_two_hosts_embed_the_union_of_one(data, tmp_path):
     assert one.column("species").to_pylist()[:2] == ["sp0", "sp1"] and set(one.column("genus").to_pylist()) == {"Pica"}
 
 
+@pytest.mark.integration  # a process with 8 devices
+def test_embed_and_predict_over_8_devices_equal_one(data, tmp_path):
+    """The CLI on a host of 8 (fake) devices: each batch split over them by the mesh encoder, the class bank split
+    along its classes; the same rows and embeddings as the one-device run of this process."""
+    folder, images, _ = data
+    bank = _bank(tmp_path / "bank", 64, 1_003)  # a class count that does not divide by 8: the bank is padded
+    jobs = {"emb": ["embed", str(images), "--model", str(folder), "--batch-size", "8", "--part-size", "5"],
+            "pred": ["predict", str(images), "--model", str(folder), "--txt-emb", str(bank), "--rank", "family",
+                     "--k", "3", "--batch-size", "8"]}
+    env = {**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    for name, argv in jobs.items():
+        proc = subprocess.run([sys.executable, "-m", "bioclip_jax.cli", *argv, "--quiet", "--output",
+                               str(tmp_path / f"{name}8.parquet")], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert main([*argv, "--quiet", "--output", str(tmp_path / f"{name}1.parquet")]) == 0
+    eight, one = _read(tmp_path / "emb8.parquet"), _read(tmp_path / "emb1.parquet")
+    assert eight.column("uuid").to_pylist() == one.column("uuid").to_pylist() and eight.num_rows == 11
+    np.testing.assert_allclose(eight.column("emb").to_pylist(), one.column("emb").to_pylist(), atol=1e-5)
+    eight, one = _read(tmp_path / "pred8.parquet").to_pylist(), _read(tmp_path / "pred1.parquet").to_pylist()
+    assert len(one) == 33 and [{k: v for k, v in r.items() if k != "score"} for r in eight] == \
+        [{k: v for k, v in r.items() if k != "score"} for r in one]
+    np.testing.assert_allclose([r["score"] for r in eight], [r["score"] for r in one], rtol=1e-4)
+
+
 @pytest.mark.integration  # kills a process
 def test_kill_9_then_rerun_equals_an_uninterrupted_run(data, tmp_path):
     folder, images, _ = data

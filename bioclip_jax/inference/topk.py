@@ -105,8 +105,10 @@ class DeviceBank:
                 rows = rows / jnp.maximum(jnp.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
             return jnp.pad(rows, ((0, self.padded - self.size), (0, 0))).astype(self.dtype)
 
-        on_device = jax.device_put(bank, self.mesh.devices.flat[0])
-        return jax.jit(place, out_shardings=self.rows_sharding)(on_device)
+        # Prepared on the first device, then split over the mesh (a jit from a committed one-device input straight to
+        # the mesh's sharding is refused: incompatible devices).
+        rows = jax.jit(place)(jax.device_put(bank, self.mesh.devices.flat[0]))
+        return jax.device_put(rows, self.rows_sharding)
 
     def put_groups(self, groups) -> "DeviceGroups":
         """Group ids [C] (ints in [0, G), e.g. each species' genus) on device beside the rows, for `top_k_groups`;

@@ -137,6 +137,17 @@ class _LazyFiles:
     def __init__(self):
         self._local = _Handles()
 
+    def _count(self, indexes: Sequence, counts: list[int]) -> None:
+        """The files' item counts, where each file's items start, and the keys their indexes left out, by reason."""
+        self.counts = counts
+        self._starts = _starts(counts)
+        self.skipped = collections.Counter()
+        for i in indexes:
+            self.skipped.update(i.missing)
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "_local"}
 
@@ -313,15 +324,8 @@ class TarPairSource(_LazyFiles):
             raise InputError("no tars given")
         indexes = _open_all(index_tar, [os.fspath(p) for p in paths])
         self.paths = [os.fspath(p) for p in paths]
-        self.counts = [len(i.entries) for i in indexes]
-        self._starts = _starts(self.counts)
+        self._count(indexes, [len(i.entries) for i in indexes])
         self._entries = np.concatenate([i.entries for i in indexes])
-        self.skipped = collections.Counter()
-        for i in indexes:
-            self.skipped.update(i.missing)
-
-    def __len__(self) -> int:
-        return self._starts[-1]
 
     def _locate(self, index: int) -> tuple[int, int]:
         tar = bisect.bisect_right(self._starts, index) - 1
@@ -494,14 +498,7 @@ class ParquetPairSource(_LazyFiles):
         self._columns = [i.columns for i in indexes]
         self._group_starts = [i.group_starts for i in indexes]
         self._rows = [i.rows for i in indexes]
-        self.counts = [len(i.rows) for i in indexes]
-        self._starts = _starts(self.counts)
-        self.skipped = collections.Counter()
-        for i in indexes:
-            self.skipped.update(i.missing)
-
-    def __len__(self) -> int:
-        return self._starts[-1]
+        self._count(indexes, [len(i.rows) for i in indexes])
 
     def _locate(self, index: int) -> tuple[int, int]:
         file = bisect.bisect_right(self._starts, index) - 1

@@ -322,7 +322,7 @@ def _train(config, workdir, max_steps, progress, evaluate_fn) -> TrainResult:
         bar = tqdm(total=total_steps, initial=step, desc="train", disable=not progress or jax.process_index() != 0)
         window = _Throughput(model_config, device_batch_size(config), mesh.devices.size)
         skipped = SkippedRecords(config.data.max_skipped_fraction, t.global_batch_size)
-        with StopSignals() as stop:
+        with StopSignals() as stop, bar:  # the bar closes on every way out, an error's too
             while step < last_step:
                 fetch_start = time.perf_counter()
                 host_batch = next(data_iter)
@@ -353,7 +353,6 @@ def _train(config, workdir, max_steps, progress, evaluate_fn) -> TrainResult:
                     log.warning("%s: saving step %d and stopping (rerun the same command to resume)", stop.received,
                                 step)
                     break
-        bar.close()
         _save(checkpoints, step, state, data_iter, force=checkpoints.latest_step() != step, wait=True)
     writer.close()
     return TrainResult(step, state["params"], model_config, preprocess, history, workdir, stop.received)

@@ -24,7 +24,7 @@ from bioclip_jax.models.config import get_model_config
 from bioclip_jax.models.loss import clip_loss
 from bioclip_jax.shards import make_shards
 from bioclip_jax.shards.folder import LabelledSource, read_labelled_images, stratified_split
-from bioclip_jax.train.finetune import Options, default_settings, finetune, wise_ft
+from bioclip_jax.train.finetune import Options, default_settings, finetune, wise_alpha, wise_ft
 from bioclip_jax.train.lora import LORA_A, LORA_B, add_lora, merge_lora
 from bioclip_jax.train.optimizer import make_optimizer, trainable_mask
 
@@ -133,7 +133,7 @@ def test_lora_pairs_merge_exactly_in_both_layouts():
     np.testing.assert_allclose(merged, fc["kernel"] + fc[LORA_A] @ fc[LORA_B], rtol=1e-6)
 
 
-@pytest.mark.parametrize("trainable, changed", [("vision", {"visual"}), ("lora", {LORA_A, LORA_B})])
+@pytest.mark.parametrize("trainable, changed", [("vision", {"visual", "logit_scale"}), ("lora", {LORA_A, LORA_B})])
 def test_only_the_trainable_params_move_and_hold_optimizer_state(trainable, changed):
     params = add_lora(_tiny_params(), rank=2) if trainable == "lora" else _tiny_params()
     mask = trainable_mask(params, trainable)
@@ -155,7 +155,7 @@ def test_only_the_trainable_params_move_and_hold_optimizer_state(trainable, chan
 def test_defaults_come_from_the_data_and_the_device():
     b16, l14 = get_model_config("ViT-B-16-quickgelu"), get_model_config("ViT-L-14")
     cpu = default_settings(45, b16, "full", memory=None, devices=1)
-    assert (cpu["train.global_batch_size"], cpu["train.steps"], cpu["train.warmup_steps"]) == (32, 15, 2)
+    assert (cpu["train.global_batch_size"], cpu["train.steps"], cpu["train.warmup_steps"]) == (32, 43, 4)  # 30 epochs
     assert (cpu["dtype"], cpu["remat"]) == ("float32", "")
     assert default_settings(10, b16, "full", memory=None, devices=1)["train.global_batch_size"] == 10  # <= split
     t4 = default_settings(5000, l14, "full", memory=15 * 2 ** 30, devices=1)
@@ -227,6 +227,9 @@ def test_wise_ft_interpolates_from_the_start_to_the_fine_tuned_weights():
     assert half["b"]["c"].dtype == np.float32 and half["b"]["c"][0, 0] == 2.0
     with pytest.raises(ValueError, match="structure"):
         wise_ft(start, {"a": tuned["a"]}, 0.5)
+    # the default alpha: the fine-tuned weights where replay keeps what the start knows, the half mix where nothing does
+    assert (wise_alpha(Options(replay="shards")), wise_alpha(Options()), wise_alpha(Options(wise_alpha=0.3))) == (
+        1.0, 0.5, 0.3)
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +258,7 @@ def test_lora_finetune_exports_plain_weights_that_open_clip_and_pybioclip_read(l
     assert sorted({r["class"] for r in split if r["split"] == "val"}) == sorted(COLOURS)
     assert result.results["run"]["steps"] == 3 and "held-out top-1" in (root / "out" / "results.md").read_text()
     run = result.results["run"]
-    assert run["replay_per_batch"] == 4 and run["distinct_captions"] and run["wise_alpha"] == 0.5
+    assert run["replay_per_batch"] == 4 and run["distinct_captions"] and run["wise_alpha"] == 1.0  # replay
     metrics = [json.loads(line) for line in (root / "out" / "train" / "metrics.jsonl").read_text().splitlines()]
     assert any("continual_loss" in m for m in metrics)  # the replay rows trained, with their own loss
     ours = bioclip_jax.load(result.model_dir)

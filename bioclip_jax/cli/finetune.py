@@ -27,7 +27,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--method", choices=METHODS, default="full", help="default: full")
     p.add_argument("--heldout", type=float, default=0.2, help="fraction of each class held out (default 0.2)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=float, default=0.0, help="default: 10 under 10K images, 5 under 100K, else 2")
+    p.add_argument("--epochs", type=float, default=0.0,
+                   help="default: 30 under 1K images, 10 under 10K, 5 under 100K, else 2")
     p.add_argument("--steps", type=int, default=0, help="steps instead of epochs")
     p.add_argument("--batch-size", type=int, default=0, help="global batch (default: from the device's memory)")
     p.add_argument("--lr", type=float, default=0.0, help="default 1e-5 (full, vision), 1e-4 (lora)")
@@ -39,10 +40,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--replay", metavar="SHARDS", help="shards of other taxa or image-text pairs mixed into every "
                                                       "batch (config.replay.data), to keep what the start model knows")
     p.add_argument("--replay-per-batch", type=int, default=0,
-                   help="replay rows added to each batch (default: a quarter of the batch)")
+                   help="replay rows added to each batch (default: as many as the batch's own)")
     p.add_argument("--wise-alpha", type=float, default=None,
-                   help="WiSE-FT: export (1 - alpha) x start + alpha x fine-tuned weights (default 0.5; 1: plain "
-                        "fine-tuning)")
+                   help="WiSE-FT: export (1 - alpha) x start + alpha x fine-tuned weights (default: 1, plain "
+                        "fine-tuning, with --replay; 0.5 without)")
     p.add_argument("--workers", type=int, help="processes that make the shards (default: up to 4)")
     p.set_defaults(func=run)
 
@@ -61,7 +62,7 @@ def run(args) -> int:
                       seed=args.seed, epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       lora_rank=args.lora_rank, templates=args.templates, retention=args.retention,
                       replay=args.replay, replay_per_batch=args.replay_per_batch, overrides=tuple(overrides),
-                      **({} if args.wise_alpha is None else {"wise_alpha": args.wise_alpha}))
+                      wise_alpha=args.wise_alpha)
     with common.warnings_as_lines(args.command):
         result = finetune(args.data, args.out, options, workers=args.workers)
     sys.stdout.write(result.report)

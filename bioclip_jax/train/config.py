@@ -181,7 +181,7 @@ def base_config() -> ml_collections.ConfigDict:
     # A command whose model or optimizer structure differs from the run in its workdir is refused; True starts it in a
     # new sub-folder (workdir/restart-N) instead, never over the old run.
     c.train.allow_restart = False
-    c.train.trainable = "all"  # "all"; "vision" (text tower and logit_scale frozen); "lora" (only LoRA pairs train)
+    c.train.trainable = "all"  # "all"; "vision" (text tower frozen, as --lock-text); "lora" (only LoRA pairs train)
     c.train.lora_rank = 8  # rank of the LoRA pairs on attention and MLP weights when trainable="lora"
 
     c.checkpoint = ml_collections.ConfigDict()

@@ -52,8 +52,9 @@ DEFAULT_LR = {"full": 1e-5, "vision": 1e-5, "lora": 1e-4}
 WARMUP_FRACTION = 0.1
 MAX_BATCH = 256  # a fine-tune's global batch: contrastive batches of a few classes gain little from more
 MEMORY_USE = 0.7  # of a device's memory, for params, optimizer state and activations (the rest: XLA's own)
-WISE_ALPHA = 0.5  # WiSE-FT's mixing weight (docs/finetune.md: measured against 1.0, plain fine-tuning)
-REPLAY_FRACTION = 0.25  # --replay's rows per batch, as a fraction of the global batch
+WISE_ALPHA = 0.5  # WiSE-FT's mixing weight without --replay (with it, 1: replay keeps what the start model knows)
+REPLAY_FRACTION = 1.0  # --replay's rows per batch, as a fraction of the global batch (docs/finetune.md: a quarter
+# and a half of it lost 2-4.5 points of retention on the bench, as many rows as the user's kept it)
 
 
 @dataclasses.dataclass
@@ -80,8 +81,8 @@ class Options:
     templates: str = "openai"  # prompt templates of the zero-shot evaluation (pybioclip's CustomLabelsClassifier)
     retention: str | None = None  # shards of other taxa: zero-shot on them before and after
     replay: str | None = None  # shards mixed into every batch (config.replay.data)
-    replay_per_batch: int = 0  # replay rows on top of each global batch; 0: a quarter of the batch
-    wise_alpha: float = WISE_ALPHA  # WiSE-FT: the exported weights are (1 - alpha) start + alpha fine-tuned
+    replay_per_batch: int = 0  # replay rows on top of each global batch; 0: as many as the batch's own
+    wise_alpha: float | None = None  # WiSE-FT: export (1 - alpha) start + alpha fine-tuned; None: `wise_alpha()`
     overrides: tuple[str, ...] = ()  # config overrides KEY=VALUE, applied last
 
 
@@ -117,14 +118,14 @@ def finetune(data: str | os.PathLike, out: str | os.PathLike, options: Options |
         config = finetune_config(start, out, summary["splits"]["train"]["records"], images.has_ranks, o)
         result = train(config, os.path.join(out, "train"), progress=progress)
         model = start  # its jitted encoders compiled for the "before" evaluation serve the fine-tuned params too
-        model.params = wise_ft(start.params, result.model().params, o.wise_alpha)
+        model.params = wise_ft(start.params, result.model().params, wise_alpha(o))
         model.source = f"finetune:{out}"
         after = evaluate(model, held_out, classes, prompts, o.templates, o.retention)
         run = {"method": o.method, "train_images": summary["splits"]["train"]["records"], "steps": result.step,
                "global_batch_size": config.train.global_batch_size, "accum_steps": config.train.accum_steps,
                "remat": config.remat or "off", "dtype": config.dtype, "lr": config.train.lr,
                "warmup_steps": config.train.warmup_steps, "text_type": config.data.text_type,
-               "distinct_captions": config.train.distinct_captions, "wise_alpha": o.wise_alpha,
+               "distinct_captions": config.train.distinct_captions, "wise_alpha": wise_alpha(o),
                "replay": config.replay.data or None, "replay_per_batch": config.replay.per_batch,
                "final_loss": result.history[-1]["loss"] if result.history else None}
         probe = None
@@ -145,7 +146,7 @@ def _check_options(o: Options) -> None:
         raise InputError(f"heldout fraction {o.heldout_fraction}: expected a number between 0 and 1")
     if o.templates not in TEMPLATE_SETS:
         raise InputError(f"templates {o.templates!r}: expected one of {', '.join(TEMPLATE_SETS)}")
-    if not 0.0 <= o.wise_alpha <= 1.0:
+    if o.wise_alpha is not None and not 0.0 <= o.wise_alpha <= 1.0:
         raise InputError(f"wise alpha {o.wise_alpha}: expected a number from 0 (the start model) to 1 (the "
                          "fine-tuned weights)")
     if o.replay and not os.path.exists(o.replay):
@@ -285,7 +286,7 @@ def default_settings(n_train: int, model: CLIPConfig, method: str, *, memory: in
     remat. On an accelerator: bf16; the per-device batch that an estimate of the step's memory allows (params and
     optimizer state of what trains, plus per pair its activations: layers x tokens x width x 24 bytes, a third of
     that with remat "dots"), remat only where 64 pairs would not fit; accumulation where the device holds fewer than
-    32 pairs. Steps: 10 epochs under 10K images, 5 under 100K, else 2; warmup a tenth of them."""
+    32 pairs. Steps: `default_epochs`; warmup a tenth of them."""
     if n_train < devices:
         raise InputError(f"{n_train} training images cannot fill a batch over {devices} devices")
     settings: dict = {"dtype": "float32", "remat": "", "scan_layers": False, "train.accum_steps": 1}
@@ -306,12 +307,18 @@ def default_settings(n_train: int, model: CLIPConfig, method: str, *, memory: in
     wanted = batch_size or min(MAX_BATCH, per_device * accum * devices)
     unit = devices * accum
     global_batch = max(unit, min(wanted, n_train) // unit * unit)
-    epochs = epochs or (10 if n_train < 10_000 else 5 if n_train < 100_000 else 2)
+    epochs = epochs or default_epochs(n_train)
     steps = max(1, math.ceil(epochs * n_train / global_batch))
     settings.update({"train.global_batch_size": global_batch, "train.accum_steps": accum, "train.steps": steps,
                      "train.epochs": 0.0, "train.warmup_steps": max(1, round(WARMUP_FRACTION * steps)),
                      "checkpoint.every_steps": min(steps, 500), "log_every_steps": max(1, min(10, steps // 10))})
     return settings
+
+
+def default_epochs(n_train: int) -> int:
+    """30 epochs under 1,000 training images (a few hundred photos need a few hundred steps: 10 epochs of 320 images,
+    100 steps, stayed under the linear probe on the bench; docs/finetune.md), 10 under 10K, 5 under 100K, else 2."""
+    return 30 if n_train < 1_000 else 10 if n_train < 10_000 else 5 if n_train < 100_000 else 2
 
 
 def finetune_config(start: Model, out: str, n_train: int, has_ranks: bool, o: Options) -> ml_collections.ConfigDict:
@@ -342,7 +349,7 @@ def finetune_config(start: Model, out: str, n_train: int, has_ranks: bool, o: Op
 
 
 def _set_replay(config: ml_collections.ConfigDict, data: str, per_batch: int, devices: int) -> None:
-    """Replay of `data` in every batch: `per_batch` rows (default a quarter of the global batch, a multiple of the
+    """Replay of `data` in every batch: `per_batch` rows (default REPLAY_FRACTION of the global batch, a multiple of the
     devices x accumulation steps) through the one visual head `proj` (no second head: the export is a plain CLIP),
     captioned by their own text where the records have one, else by their ranks as the main stream is."""
     unit = devices * config.train.accum_steps
@@ -353,6 +360,14 @@ def _set_replay(config: ml_collections.ConfigDict, data: str, per_batch: int, de
     record, _ = pipeline.decode_example(source, 0, source[0])
     config.replay.update({"data": data, "per_batch": rows, "continual_proj": False,
                           "text_type": "text" if record.get("text") else config.data.text_type})
+
+
+def wise_alpha(o: Options) -> float:
+    """The WiSE-FT alpha of a fine-tune: as given, else 1 (the fine-tuned weights) with --replay, which keeps what the
+    start model knows by training on it, and WISE_ALPHA without (then the mix is the only thing that keeps it)."""
+    if o.wise_alpha is not None:
+        return o.wise_alpha
+    return 1.0 if o.replay else WISE_ALPHA
 
 
 def wise_ft(start: dict, tuned: dict, alpha: float) -> dict:

@@ -15,8 +15,9 @@ from bioclip_jax.errors import InputError
 from bioclip_jax.models.scan import STACKED_BLOCKS
 from bioclip_jax.train.lora import LORA_A, LORA_B
 
-# What trains (train.trainable): every param; the image tower only (text tower and logit_scale frozen, open_clip's
-# --lock-text); or only the LoRA pairs (train/lora.py).
+# What trains (train.trainable): every param; the image tower and the logit scale (the text tower frozen, as
+# open_clip's --lock-text freezes it: embeddings, blocks, ln_final, text_projection); or only the LoRA pairs
+# (train/lora.py).
 TRAINABLE = ("all", "vision", "lora")
 
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -42,7 +43,7 @@ def trainable_mask(params, trainable: str = "all") -> dict:
     if trainable not in TRAINABLE:
         raise InputError(f"train.trainable={trainable!r}: expected one of {', '.join(TRAINABLE)}")
     flat = traverse_util.flatten_dict(params)
-    rules = {"all": lambda path: True, "vision": lambda path: path[0] == "visual",
+    rules = {"all": lambda path: True, "vision": lambda path: path[0] in ("visual", "logit_scale"),
              "lora": lambda path: path[-1] in (LORA_A, LORA_B)}
     mask = {path: rules[trainable](path) for path in flat}
     if not any(mask.values()):

@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 
 from bioclip_jax.models.config import get_model_config
-from bioclip_jax.runtime import tune_for_cpu
+from bioclip_jax.runtime import quiet_libtpu, tune_for_cpu
 
 tune_for_cpu()  # as the CLI does: the tests run many small CPU training steps
+quiet_libtpu()  # as the CLI does: no libtpu worker-hostname error on every test process's first device use
 
 
 @functools.lru_cache(maxsize=3)

@@ -165,6 +165,15 @@ def test_defaults_come_from_the_data_and_the_device():
     assert h200["train.warmup_steps"] == round(0.1 * h200["train.steps"])
     lora = default_settings(5000, l14, "lora", memory=15 * 2 ** 30, devices=1)
     assert lora["train.global_batch_size"] * lora["train.accum_steps"] >= t4["train.global_batch_size"]
+    # a few hundred photos: steps of 32 on any device, 300 of them (the bench's setting), never a handful of big ones
+    small = default_settings(320, b16, "full", memory=80 * 2 ** 30, devices=1)
+    assert (small["train.global_batch_size"], small["train.steps"]) == (32, 300)
+    assert default_settings(1000, b16, "full", memory=None, devices=1)["train.steps"] == 313  # 10 epochs > 300 steps
+    # replay rows ride along in the same memory: half the pairs per device, twice the accumulation
+    v5e = {"memory": 16 * 2 ** 30, "devices": 8}
+    plain, replay = (default_settings(5000, l14, "full", **v5e, replay=r) for r in (False, True))
+    assert plain["train.global_batch_size"] == replay["train.global_batch_size"] == 256
+    assert replay["train.accum_steps"] == 2 * plain["train.accum_steps"]
 
 
 def test_probe_fits_saves_and_refuses_other_files(tmp_path):
@@ -215,6 +224,15 @@ def test_distinct_captions_loss_matches_numpy():
     distinct = np.arange(6)[:, None] + np.zeros(5, np.int32)  # all captions differ: the two losses agree
     np.testing.assert_allclose(clip_loss(jnp.asarray(image), jnp.asarray(text), jnp.float32(10.0),
                                          tokens=jnp.asarray(distinct)), plain, rtol=1e-6)
+
+
+def test_a_rerun_that_asks_for_the_same_model_resumes(tmp_path):
+    from bioclip_jax.train.finetune import _claim
+
+    _claim(str(tmp_path), "photos", Options(replay="shards"))
+    _claim(str(tmp_path), "photos", Options(replay="shards", wise_alpha=1.0))  # the default, spelled out
+    with pytest.raises(InputError, match=r"other settings \(wise_alpha\)"):
+        _claim(str(tmp_path), "photos", Options(replay="shards", wise_alpha=0.5))
 
 
 def test_wise_ft_interpolates_from_the_start_to_the_fine_tuned_weights():

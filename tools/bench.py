@@ -574,7 +574,7 @@ def _retention_shards(folder: str) -> str:
     from bioclip_jax.shards.folder import LabelledSource, read_labelled_images
 
     shards = os.path.join(folder, "shards")
-    if not os.path.exists(os.path.join(shards, "val")):
+    if not os.path.exists(os.path.join(shards, "summary.json")):  # written last: a finished set
         csv_path = _species_csv(os.path.join(folder, "retention.csv"), lambda tree: tree.seen_species, 2000,
                                 {"val": RETENTION_PER_SPECIES})
         make_shards(LabelledSource({"val": read_labelled_images(csv_path).rows}), shards, progress=False)
@@ -617,6 +617,10 @@ def bench_finetune(out: str, base: str | None) -> list[tuple[str, dict, float]]:
                 f.write(f"{time.perf_counter() - start:.1f}")
         with open(os.path.join(folder, "results.json")) as f:
             results = json.load(f)
+        if results["heldout_images"] != 20 * HELDOUT_PER_SPECIES or results["before"]["retention"]["images"] != \
+                180 * RETENTION_PER_SPECIES:
+            raise SystemExit(f"{folder}: a row of another version of this bench (other held-out or retention sets); "
+                             "pass a new --out")
         with open(os.path.join(folder, "seconds.txt")) as f:
             rows.append((name, results, float(f.read())))
     return rows
@@ -666,6 +670,9 @@ def main() -> None:
     parser.add_argument("--default-allocator", action="store_true",
                         help="skip the host-allocator setting bioclip-jax's CLI makes on CPU (bioclip_jax.runtime)")
     args = parser.parse_args()
+    from bioclip_jax import runtime
+
+    runtime.quiet_libtpu()  # before JAX starts: no libtpu worker-hostname error off a TPU VM, as in the CLI
     if args.mode == "cli":
         rows = bench_cli(args.iters)
         print(f"# cli: median wall time of {args.iters} runs, {platform.processor() or 'cpu'}, {os.cpu_count()} "

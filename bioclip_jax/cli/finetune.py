@@ -28,7 +28,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--heldout", type=float, default=0.2, help="fraction of each class held out (default 0.2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=float, default=0.0,
-                   help="default: 30 under 1K images, 10 under 10K, 5 under 100K, else 2")
+                   help="default: 10 under 10K images (at least 300 steps, at most 30 "
+                        "epochs), 5 under 100K, else 2")
     p.add_argument("--steps", type=int, default=0, help="steps instead of epochs")
     p.add_argument("--batch-size", type=int, default=0, help="global batch (default: from the device's memory)")
     p.add_argument("--lr", type=float, default=0.0, help="default 1e-5 (full, vision), 1e-4 (lora)")

@@ -79,7 +79,7 @@ class Preprocess:
         image = to_8bit(image)  # a no-op for 8-bit images; a 16-bit or float one would otherwise become white
         resample = _INTERPOLATIONS[self.interpolation]
         if self.resize_mode == "pybioclip":
-            pixels = resize_bilinear_antialias(image.convert("RGB"), self.size, self.size) / np.float32(255)
+            pixels = resize_bilinear_antialias(image, self.size, self.size) / np.float32(255)
             return (pixels - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         if self.resize_mode == "squash":
             if image.size != (self.size, self.size):
@@ -116,10 +116,13 @@ def resize_shortest(image: Image.Image, size: int, resample) -> Image.Image:
 
 
 def resize_bilinear_antialias(image: Image.Image, height: int, width: int) -> np.ndarray:
-    """RGB image -> float32 [height, width, 3] in 0..255, as torchvision's Resize((h, w), antialias=True) on the float
-    tensor (pybioclip's ToTensor, then the resize): each channel resized as a 32-bit float image by PIL's antialiased
-    bilinear filter, the scheme torch's antialias follows (within 1.4e-5 of torch after /255, as a dense numpy
-    resampling matrix was, at a seventh of its time: docs/performance.md). No rounding to 8 bits in between."""
+    """Image (converted to RGB) -> float32 [height, width, 3] in 0..255, as torchvision's Resize((h, w),
+    antialias=True) on the float tensor (pybioclip's ToTensor, then the resize): each channel resized as a 32-bit
+    float image by PIL's antialiased bilinear filter, the scheme torch's antialias follows (within 2e-5 of torch after
+    /255, as the dense numpy resampling matrix used before was, in an eighth of its time: docs/performance.md). No
+    rounding to 8 bits in between."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
     bands = [band.convert("F").resize((width, height), Image.BILINEAR) for band in image.split()]
     return np.stack([np.asarray(band, np.float32) for band in bands], axis=-1)
 

@@ -51,7 +51,13 @@ METHOD_TRAINABLE = {"full": "all", "vision": "vision", "lora": "lora"}
 DEFAULT_LR = {"full": 1e-5, "vision": 1e-5, "lora": 1e-4}
 WARMUP_FRACTION = 0.1
 MAX_BATCH = 256  # a fine-tune's global batch: contrastive batches of a few classes gain little from more
+MIN_BATCH = 32  # ... and at least this where the split allows (the cap of a tenth of the split stops here)
+MIN_STEPS = 300  # a small split's steps (default_steps)
 MEMORY_USE = 0.7  # of a device's memory, for params, optimizer state and activations (the rest: XLA's own)
+# Activations kept with remat "dots", as a share of default_settings' per-pair estimate: measured, ViT-L/14 full
+# fine-tuning, 32 pairs per v5e chip, 9.22 GiB of temporaries (docs/finetune.md): 0.29 GiB a pair against the
+# estimate's 0.31 (a third, assumed before, let LoRA with replay plan 64 rows a chip: about 19 GiB on a 16 GiB chip).
+REMAT_DOTS_SHARE = 0.9
 WISE_ALPHA = 0.5  # WiSE-FT's mixing weight without --replay (with it, 1: replay keeps what the start model knows)
 REPLAY_FRACTION = 1.0  # --replay's rows per batch, as a fraction of the global batch (docs/finetune.md: a quarter
 # and a half of it lost 2-4.5 points of retention on the bench, as many rows as the user's kept it)
@@ -127,7 +133,7 @@ def finetune(data: str | os.PathLike, out: str | os.PathLike, options: Options |
                "warmup_steps": config.train.warmup_steps, "text_type": config.data.text_type,
                "distinct_captions": config.train.distinct_captions, "wise_alpha": wise_alpha(o),
                "replay": config.replay.data or None, "replay_per_batch": config.replay.per_batch,
-               "final_loss": result.history[-1]["loss"] if result.history else None}
+               "final_loss": _final_loss(result)}
         probe = None
     _export(model, model_dir, classes, prompts, o.templates, probe)
     results = {"start": o.start, "data": os.path.abspath(os.fspath(data)), "run": run, "before": before,
@@ -166,6 +172,7 @@ def _claim(out: str, data: str, o: Options) -> None:
     call, rerun, resumes."""
     request = {"data": data, **{k: v for k, v in dataclasses.asdict(o).items()}}
     request["overrides"] = list(o.overrides)
+    request["wise_alpha"] = wise_alpha(o)  # resolved: the same model whether the default or its value was asked for
     path = os.path.join(out, "request.json")
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
@@ -281,12 +288,14 @@ def device_memory(device=None) -> int | None:
 
 
 def default_settings(n_train: int, model: CLIPConfig, method: str, *, memory: int | None, devices: int,
-                     epochs: float = 0.0, batch_size: int = 0) -> dict:
+                     epochs: float = 0.0, batch_size: int = 0, replay: bool = False) -> dict:
     """Config values chosen from the data and the device: {config key: value}. On a CPU: float32, batch 32, no
     remat. On an accelerator: bf16; the per-device batch that an estimate of the step's memory allows (params and
-    optimizer state of what trains, plus per pair its activations: layers x tokens x width x 24 bytes, a third of
-    that with remat "dots"), remat only where 64 pairs would not fit; accumulation where the device holds fewer than
-    32 pairs. Steps: `default_epochs`; warmup a tenth of them."""
+    optimizer state of what trains, plus per pair its activations: layers x tokens x width x 48 bytes, REMAT_DOTS_SHARE
+    of that with remat "dots"), remat only where 64 pairs would not fit; accumulation where the device holds fewer than
+    32 pairs. With `replay`, each pair brings REPLAY_FRACTION replay rows along, in the same memory. The global batch
+    is at most a tenth of the training split (at least 32): a few hundred photos train in steps of 32, as measured
+    (docs/finetune.md), not in a handful of large ones. Steps: `default_steps`; warmup a tenth of them."""
     if n_train < devices:
         raise InputError(f"{n_train} training images cannot fill a batch over {devices} devices")
     settings: dict = {"dtype": "float32", "remat": "", "scan_layers": False, "train.accum_steps": 1}
@@ -298,27 +307,32 @@ def default_settings(n_train: int, model: CLIPConfig, method: str, *, memory: in
         params = 12 * (v.layers * v.width ** 2 + t.layers * t.width ** 2)
         state = params * (4 + (12 if method != "lora" else 0))  # fp32 params; grads + Adam moments of what trains
         free = MEMORY_USE * memory - state
+        per_pair *= 1 + (REPLAY_FRACTION if replay else 0.0)
         fits = max(1, int(free // per_pair))
         remat = "" if fits >= 64 else "dots"
-        fits = fits if not remat else max(1, int(free // (per_pair / 3)))
+        fits = fits if not remat else max(1, int(free // (per_pair * REMAT_DOTS_SHARE)))
         per_device = 2 ** int(math.log2(min(fits, MAX_BATCH)))
         accum = 1 if per_device >= 32 else 32 // per_device
         settings.update({"dtype": "bfloat16", "remat": remat, "scan_layers": True})
-    wanted = batch_size or min(MAX_BATCH, per_device * accum * devices)
+    wanted = batch_size or min(MAX_BATCH, per_device * accum * devices, max(MIN_BATCH, n_train // 10))
     unit = devices * accum
     global_batch = max(unit, min(wanted, n_train) // unit * unit)
-    epochs = epochs or default_epochs(n_train)
-    steps = max(1, math.ceil(epochs * n_train / global_batch))
+    steps = math.ceil(epochs * n_train / global_batch) if epochs else default_steps(n_train, global_batch)
+    steps = max(1, steps)
     settings.update({"train.global_batch_size": global_batch, "train.accum_steps": accum, "train.steps": steps,
                      "train.epochs": 0.0, "train.warmup_steps": max(1, round(WARMUP_FRACTION * steps)),
                      "checkpoint.every_steps": min(steps, 500), "log_every_steps": max(1, min(10, steps // 10))})
     return settings
 
 
-def default_epochs(n_train: int) -> int:
-    """30 epochs under 1,000 training images (a few hundred photos need a few hundred steps: 10 epochs of 320 images,
-    100 steps, stayed under the linear probe on the bench; docs/finetune.md), 10 under 10K, 5 under 100K, else 2."""
-    return 30 if n_train < 1_000 else 10 if n_train < 10_000 else 5 if n_train < 100_000 else 2
+def default_steps(n_train: int, global_batch: int) -> int:
+    """10 epochs under 10K training images, raised to MIN_STEPS where that is fewer (at most 30 epochs: 10 epochs of
+    320 images, 100 steps, stayed under the linear probe on the bench, 300 beat it; docs/finetune.md); 5 epochs under
+    100K; else 2."""
+    per_epoch = n_train / global_batch
+    if n_train >= 10_000:
+        return math.ceil((5 if n_train < 100_000 else 2) * per_epoch)
+    return max(math.ceil(10 * per_epoch), min(MIN_STEPS, math.ceil(30 * per_epoch)))
 
 
 def finetune_config(start: Model, out: str, n_train: int, has_ranks: bool, o: Options) -> ml_collections.ConfigDict:
@@ -333,7 +347,7 @@ def finetune_config(start: Model, out: str, n_train: int, has_ranks: bool, o: Op
         normalization, "data.text_type": "mixed" if has_ranks else "com", "train.trainable": METHOD_TRAINABLE[o.method],
         "train.lora_rank": o.lora_rank, "train.lr": o.lr or DEFAULT_LR[o.method], "train.seed": o.seed,
         **default_settings(n_train, start.config, o.method, memory=device_memory(), devices=jax.device_count(),
-                           epochs=o.epochs, batch_size=o.batch_size)}
+                           epochs=o.epochs, batch_size=o.batch_size, replay=bool(o.replay))}
     if o.steps:
         values.update({"train.steps": o.steps, "train.warmup_steps": max(1, round(WARMUP_FRACTION * o.steps)),
                        "checkpoint.every_steps": min(o.steps, 500)})
@@ -402,6 +416,23 @@ def _export(model: Model, folder: str, classes: list[str], prompts: list[str], t
 
 
 # ------------------------------------------------------------------------------------------------- report
+def _final_loss(result) -> float | None:
+    """The run's last logged loss: from this call's history, else (a rerun that found training finished) the
+    run's metrics.jsonl."""
+    if result.history:
+        return result.history[-1]["loss"]
+    path = os.path.join(os.fspath(result.workdir), "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        losses = [json.loads(line).get("loss") for line in f if line.strip()]
+    return next((x for x in reversed(losses) if x is not None), None)
+
+
+def _replay_words(run: dict) -> str:
+    return f"replay {run['replay_per_batch']} rows per batch from {run['replay']}, " if run.get("replay") else ""
+
+
 def format_results(r: dict) -> str:
     before, after, run = r["before"], r["after"], r["run"]
     name = {"probe": "linear probe", "full": "full fine-tuning", "vision": "vision tower only",
@@ -413,8 +444,9 @@ def format_results(r: dict) -> str:
     if "steps" in run:
         lines += [f"{run['steps']} steps at global batch {run['global_batch_size']} (accumulation "
                   f"{run['accum_steps']}, remat {run['remat']}, {run['dtype']}), lr {run['lr']:g}, "
-                  f"{run['warmup_steps']} warmup steps, captions {run['text_type']}, final loss "
-                  f"{run['final_loss']:.3f}.", ""]
+                  f"{run['warmup_steps']} warmup steps, captions {run['text_type']}, "
+                  f"{_replay_words(run)}WiSE-FT alpha {run['wise_alpha']:g}, final loss "
+                  f"{'n/a' if run['final_loss'] is None else format(run['final_loss'], '.3f')}.", ""]
     lines += ["| | before (zero-shot) | after |", "|---|---|---|",
               f"| held-out top-1 | {pct(before['heldout']['top1'])} | {pct(after['heldout']['top1'])} |",
               f"| held-out mean per-class top-1 | {pct(before['heldout']['mean_per_class_top1'])} | "

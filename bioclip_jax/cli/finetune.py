@@ -31,7 +31,9 @@ def add_parser(subparsers) -> None:
                    help="default: 10 under 10K images (at least 300 steps, at most 30 "
                         "epochs), 5 under 100K, else 2")
     p.add_argument("--steps", type=int, default=0, help="steps instead of epochs")
-    p.add_argument("--batch-size", type=int, default=0, help="global batch (default: from the device's memory)")
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="global batch (default: what the device's memory holds, at most 256 and a tenth of the "
+                        "training images, at least 32)")
     p.add_argument("--lr", type=float, default=0.0, help="default 1e-5 (full, vision), 1e-4 (lora)")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--templates", choices=["openai", "bioclip", "single"], default="openai",
